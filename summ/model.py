@@ -1,0 +1,135 @@
+"""Tokenizer and model: 4-bit NF4 (double quant) base + LoRA adapters, ready to train."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from summ.config import ConfigError, RunConfig
+from summ.sources import pretrained_folder, random_folder, resolve_folder
+
+log = logging.getLogger(__name__)
+
+# The attention (and, for Phi, attention output) projections, as in the reference recipes.
+DEFAULT_LORA_TARGETS = {
+    "phi": ("q_proj", "k_proj", "v_proj", "dense"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gemma": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gpt2": ("c_attn", "c_proj"),
+}
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load_tokenizer(cfg: RunConfig):
+    from transformers import AutoTokenizer
+
+    m = cfg.model
+    if m.tokenizer is not None:
+        source = resolve_folder(m.tokenizer)
+    elif m.gguf_file is not None:
+        source = pretrained_folder(m)
+    else:
+        source = resolve_folder(m.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Safe because labels are masked by position, not by token id (see summ.data).
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def lora_targets(cfg: RunConfig, model_type: str) -> tuple[str, ...]:
+    if cfg.lora.target_modules is not None:
+        return cfg.lora.target_modules
+    if model_type not in DEFAULT_LORA_TARGETS:
+        raise ConfigError(f"lora.target_modules: no default for model type '{model_type}'; "
+                          f"list the module names (defaults exist for {sorted(DEFAULT_LORA_TARGETS)})")
+    return DEFAULT_LORA_TARGETS[model_type]
+
+
+def peft_lora_config(cfg: RunConfig, model_type: str):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(lora_targets(cfg, model_type)), bias="none", task_type="CAUSAL_LM")
+
+
+def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype):
+    """Load (or randomly build) the base model, quantize it to 4-bit if asked, and wrap it in LoRA."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    m, q = cfg.model, cfg.quant
+    if m.init == "random":
+        folder = random_folder(m, dtype=compute_dtype, seed=cfg.train.seed)
+    else:
+        folder = pretrained_folder(m)
+    kwargs = dict(dtype=compute_dtype, attn_implementation=m.attn_implementation,
+                  trust_remote_code=m.trust_remote_code, device_map={"": device}, use_safetensors=True)
+    if m.init == "pretrained" and m.revision:
+        kwargs["revision"] = m.revision
+    if q.enabled:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    model.config.use_cache = False
+    checkpointing = {"use_gradient_checkpointing": m.gradient_checkpointing,
+                     "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    if q.enabled:
+        disable_bnb_cpu_repack(model)
+        model = prepare_model_for_kbit_training(model, **checkpointing)
+    elif m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    # peft keeps adapter weights in fp32 on a half-precision base (autocast_adapter_dtype), which
+    # fp16 loss scaling on a T4 needs: its unscale step refuses fp16 gradients.
+    model = get_peft_model(model, peft_lora_config(cfg, model.config.model_type))
+    trainable, total = count_parameters(model)
+    log.info("parameters: %s total, %s trainable (%.3f%%)", f"{total:,}", f"{trainable:,}", 100 * trainable / total)
+    return model
+
+
+def disable_bnb_cpu_repack(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights at the first no-grad forward into
+    a layout with no backward; training after an evaluation then gets wrong LoRA gradients or
+    crashes (../shared/NOTES.md). Switching the repack off keeps train -> eval -> train exact."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total); 4-bit parameters are counted by their real element count."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def lora_on_meta(cfg: RunConfig):
+    """The configured architecture + LoRA on the meta device: parameter counts without weights."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_folder(cfg.model.name_or_path),
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    for key, value in cfg.model.config_overrides.items():
+        setattr(config, key, value)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        return get_peft_model(model, peft_lora_config(cfg, config.model_type))

