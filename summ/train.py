@@ -64,7 +64,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False) -> RunResult:
     train_examples = encode_rows(encoder, train_rows, cfg.data.train_split)
     eval_examples = encode_rows(encoder, eval_rows, cfg.data.eval_split)
     lengths = [len(e.input_ids) for e in train_examples]
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world, rank = accelerator.num_processes, accelerator.process_index  # data is sharded by rank here
 
     def windows_of_epoch(epoch: int) -> list[list[list[int]]]:
         """This rank's accumulation windows (lists of micro-batches of row indices) for one epoch."""
@@ -127,23 +127,9 @@ def train(cfg: RunConfig, resume: bool | str | Path = False) -> RunResult:
                 break
             batches = [collate([train_examples[i] for i in b], tokenizer.pad_token_id) for b in windows[w]]
 
-            # The loss is summed over every label token of the window (all ranks) and divided by
-            # their count once, so batch 1 x accumulation 8 gives the gradient of batch 8 x 1.
-            n_labels = accelerator.reduce(sum(count_label_tokens(b["labels"]) for b in batches)
-                                          .to(accelerator.device), reduction="sum").item()
             model.train()
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for i, batch in enumerate(batches):
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                last = i == len(batches) - 1
-                with nullcontext() if last else accelerator.no_sync(model):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    summed = summed_token_loss(logits, batch["labels"])
-                    # DDP averages gradients over ranks; multiplying by `world` turns that into a sum.
-                    accelerator.backward(summed * world / max(n_labels, 1))
-                loss_sum += summed.detach()
-                window_tokens += int(batch["attention_mask"].sum())
-            window_loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(n_labels, 1)
+            window_loss, tokens = accumulate_gradients(model, batches, accelerator)
+            window_tokens += tokens
 
             grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
             grad_norm = float(grad_norm)
@@ -217,6 +203,31 @@ def train(cfg: RunConfig, resume: bool | str | Path = False) -> RunResult:
     accelerator.end_training()
     return RunResult(run_dir=run_dir, steps=state["step"], train_losses=state["train_losses"],
                      eval_history=state["eval_history"], metrics=metrics)
+
+
+def accumulate_gradients(model, batches: list[dict], accelerator) -> tuple[float, int]:
+    """Backward over one accumulation window; returns (mean loss per label token, non-pad tokens).
+
+    The loss is summed over every label token of the window, on all ranks, and divided by their
+    count once, so batch 1 x accumulation 8 gives the gradient of batch 8 x accumulation 1 (a mean
+    of per-micro-batch means would weight a short summary like a long one).
+    """
+    world = accelerator.num_processes
+    n_labels = accelerator.reduce(sum(count_label_tokens(b["labels"]) for b in batches).to(accelerator.device),
+                                  reduction="sum").item()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    tokens = 0
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        # Gradients are all-reduced once per window, on its last micro-batch.
+        with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            summed = summed_token_loss(logits, batch["labels"])
+            # DDP averages gradients over ranks; multiplying by `world` turns that into a sum.
+            accelerator.backward(summed * world / max(n_labels, 1))
+        loss_sum += summed.detach()
+        tokens += int(batch["attention_mask"].sum())
+    return accelerator.reduce(loss_sum, reduction="sum").item() / max(n_labels, 1), tokens
 
 
 @torch.no_grad()

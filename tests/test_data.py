@@ -1,0 +1,164 @@
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from summ.config import ConfigError, DataConfig
+from summ.data import (IGNORE_INDEX, DataError, Encoder, PromptTemplate, collate, load_rows, plan_batches)
+from tests.conftest import FIXTURES, TINY
+
+XSUM_TEMPLATE = TINY["phi"]["template"]
+CNN_TEMPLATE = TINY["llama"]["template"]
+
+
+@pytest.fixture(scope="module")
+def phi_tok():
+    tok = AutoTokenizer.from_pretrained(FIXTURES / "phi-2")
+    tok.pad_token = tok.eos_token  # Phi-2 has no pad token: pad == eos, the case that hides masking bugs
+    return tok
+
+
+@pytest.fixture(scope="module")
+def llama_tok():
+    return AutoTokenizer.from_pretrained(FIXTURES / "tinyllama")
+
+
+def rows_of(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.mark.parametrize("tok_name, template", [("phi_tok", XSUM_TEMPLATE), ("llama_tok", CNN_TEMPLATE)])
+def test_labels_are_exactly_summary_and_eos(request, tok_name, template):
+    tok = request.getfixturevalue(tok_name)
+    enc = Encoder(tok, DataConfig(dataset="x", template=template, max_length=512))
+    article, summary = "The council approved the plan on Monday. It costs 3.5m.", "Council backs 3.5m plan."
+    ex = enc.encode(article, summary)
+    labelled = [t for t in ex.labels if t != IGNORE_INDEX]
+    assert labelled[-1] == tok.eos_token_id
+    assert tok.decode(labelled[:-1]).strip() == summary
+    prompt = tok.decode(ex.input_ids[:len(ex.input_ids) - len(labelled)])
+    assert prompt.rstrip().endswith("Summary:") and article in prompt
+    # The prompt is one contiguous run of ignored positions, the completion one run of labels.
+    first = ex.labels.index(labelled[0])
+    assert all(t == IGNORE_INDEX for t in ex.labels[:first]) and IGNORE_INDEX not in ex.labels[first:]
+    # Generation sees exactly the prompt tokens the model was trained on.
+    assert enc.encode_prompt(article, max_new_tokens=32) == ex.input_ids[:first]
+
+
+def test_eos_inside_text_keeps_its_label_when_pad_is_eos(phi_tok):
+    # With pad == eos, masking by id would drop the EOS label; masking by position keeps it.
+    enc = Encoder(phi_tok, DataConfig(dataset="x", template=XSUM_TEMPLATE, max_length=256))
+    batch = collate([enc.encode("a b c", "short."), enc.encode("a b c " * 20, "a longer summary here.")],
+                    pad_id=phi_tok.pad_token_id)
+    for row in range(2):
+        labels, mask = batch["labels"][row], batch["attention_mask"][row]
+        n = int(mask.sum())
+        assert labels[n - 1] == phi_tok.eos_token_id  # the real EOS is labelled
+        assert (labels[n:] == IGNORE_INDEX).all() and (batch["input_ids"][row, n:] == phi_tok.eos_token_id).all()
+
+
+@pytest.mark.parametrize("tok_name, template", [("phi_tok", XSUM_TEMPLATE), ("llama_tok", CNN_TEMPLATE)])
+def test_truncation_cuts_article_never_summary(request, tok_name, template):
+    tok = request.getfixturevalue(tok_name)
+    enc = Encoder(tok, DataConfig(dataset="x", template=template, max_length=128, min_article_tokens=16))
+    row = rows_of(FIXTURES / "xsum_tiny" / "train.jsonl")[0]
+    ex = enc.encode(row["document"], row["summary"])
+    assert len(ex.input_ids) == 128 and ex.article_truncated and not ex.summary_truncated
+    labelled = [t for t in ex.labels if t != IGNORE_INDEX]
+    assert tok.decode(labelled[:-1]).strip() == row["summary"]
+    assert tok.decode(ex.input_ids).rstrip().find("Summary:") > 0  # the template tail survived
+
+
+def test_summary_longer_than_budget_is_cut_and_flagged(phi_tok):
+    enc = Encoder(phi_tok, DataConfig(dataset="x", template=XSUM_TEMPLATE, max_length=64, min_article_tokens=8))
+    ex = enc.encode("An article " * 50, "word " * 200)
+    assert ex.summary_truncated and len(ex.input_ids) == 64 and ex.labels[-1] == phi_tok.eos_token_id
+    article_tokens = len(ex.input_ids) - enc.fixed_tokens - sum(t != IGNORE_INDEX for t in ex.labels)
+    assert article_tokens == 8
+
+
+def test_max_length_too_small_for_template(phi_tok):
+    with pytest.raises(ConfigError, match="data.max_length=20 is too small for data.template"):
+        Encoder(phi_tok, DataConfig(dataset="x", template=XSUM_TEMPLATE, max_length=20))
+
+
+def test_template_whitespace_goes_with_completion():
+    t = PromptTemplate.parse("Summarize: {article}\n\nSummary: {summary}")
+    assert (t.head, t.prompt_tail, t.completion_prefix) == ("Summarize: ", "\n\nSummary:", " ")
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_bad_rows_are_skipped_and_counted(tmp_path, caplog):
+    good = json.dumps({"id": "g", "document": "text", "summary": "sum"})
+    write_jsonl(tmp_path / "train.jsonl", [
+        good,
+        json.dumps({"id": "a", "document": "", "summary": "s"}),
+        json.dumps({"id": "b", "document": "t"}),
+        json.dumps({"id": "c", "document": 5, "summary": "s"}),
+        "{not json",
+        json.dumps(["a list"]),
+        good.replace('"g"', '"h"'),
+    ])
+    cfg = DataConfig(dataset=str(tmp_path), article_field="document", summary_field="summary")
+    rows, stats = load_rows(cfg, "train")
+    assert [r["id"] for r in rows] == ["g", "h"] and stats.read == 7 and stats.kept == 2
+    assert sum(stats.skipped.values()) == 5
+    assert stats.skipped["empty article field 'document'"] == 1
+    assert stats.skipped["missing summary field 'summary'"] == 1
+    assert "skipped 5 of 7 rows" in caplog.text
+
+
+def test_strict_mode_names_the_row(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [json.dumps({"id": "x1", "document": "t", "summary": "s"}),
+                                           json.dumps({"id": "x2", "document": "  ", "summary": "s"})])
+    cfg = DataConfig(dataset=str(tmp_path), article_field="document", summary_field="summary", strict=True)
+    with pytest.raises(DataError, match=r"train.jsonl: row 1 \(id x2\): empty article field 'document'"):
+        load_rows(cfg, "train")
+    write_jsonl(tmp_path / "train.jsonl", [json.dumps({"id": "x1", "document": "t", "summary": "s"}), "{oops"])
+    with pytest.raises(DataError, match=r"train.jsonl:2: not valid JSON"):
+        load_rows(cfg, "train")
+
+
+def test_split_spec_wrong_column_and_missing_split():
+    cfg = DataConfig(dataset=str(FIXTURES / "xsum_tiny"), article_field="document", summary_field="summary")
+    rows, _ = load_rows(cfg, "train[2:5]")
+    assert [r["id"] for r in rows] == [json.loads(x)["id"] for x in open(FIXTURES / "xsum_tiny/train.jsonl")][2:5]
+    with pytest.raises(ConfigError, match="data.article_field='article' is not a column"):
+        load_rows(DataConfig(dataset=str(FIXTURES / "xsum_tiny")), "train")
+    with pytest.raises(ConfigError, match="no test.jsonl"):
+        load_rows(cfg, "test")
+
+
+def test_csv_source(tmp_path):
+    (tmp_path / "train.csv").write_text('id,document,summary\n1,"An article, with a comma",A summary\n2,,empty\n')
+    cfg = DataConfig(dataset=str(tmp_path), article_field="document", summary_field="summary")
+    rows, stats = load_rows(cfg, "train")
+    assert rows == [{"id": "1", "article": "An article, with a comma", "summary": "A summary"}]
+    assert sum(stats.skipped.values()) == 1
+
+
+@pytest.mark.parametrize("tokens", [None, 300])
+def test_plan_covers_every_row_once_and_is_deterministic(tokens):
+    lengths = [(i * 37) % 120 + 5 for i in range(101)]
+    kwargs = dict(micro_batch_size=4, micro_batch_tokens=tokens, seed=3, length_grouping=True)
+    plan = plan_batches(lengths, epoch=0, **kwargs)
+    assert sorted(i for b in plan for i in b) == list(range(101))
+    assert plan == plan_batches(lengths, epoch=0, **kwargs)
+    assert plan != plan_batches(lengths, epoch=1, **kwargs)
+    if tokens is None:
+        assert all(len(b) <= 4 for b in plan)
+    else:
+        assert all(len(b) * max(lengths[i] for i in b) <= tokens for b in plan)
+    # Grouping keeps padding low: far less than random batches would pad.
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in plan)
+    assert padded < 1.15 * sum(lengths)
+    assert max(lengths[i] for i in plan[0]) * len(plan[0]) == max(max(lengths[i] for i in b) * len(b) for b in plan)
+
+
+def test_collate_pads_to_longest_not_max_length(phi_tok):
+    enc = Encoder(phi_tok, DataConfig(dataset="x", template=XSUM_TEMPLATE, max_length=512))
+    batch = collate([enc.encode("one two", "s."), enc.encode("one two three four", "s.")], pad_id=0)
+    assert batch["input_ids"].shape[1] % 8 == 0 and batch["input_ids"].shape[1] < 64

@@ -1,0 +1,232 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from summ.checkpoint import latest_checkpoint
+from summ.data import Encoder, collate, encode_rows, load_rows
+from summ.model import build_model, load_tokenizer
+from summ.train import TrainingDiverged, accumulate_gradients, evaluate_loss, make_scheduler, train
+from tests.conftest import TINY, tiny_config
+
+REPO = Path(__file__).parents[1]
+
+
+def examples_for(cfg, n):
+    tok = load_tokenizer(cfg)
+    rows, _ = load_rows(cfg.data, "train", n)
+    return tok, encode_rows(Encoder(tok, cfg.data), rows, "train")
+
+
+def lora_grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch, quant", [("phi", False), ("llama", False), ("phi", True)])
+def test_accumulation_normalises_by_window_tokens(tmp_path, arch, quant):
+    """bs1 x ga4 and bs4 x ga1 give the same gradient; a mean of per-micro-batch means does not."""
+    cfg = tiny_config(tmp_path, arch, quant=quant)
+    tok, ex = examples_for(cfg, 4)
+    accelerator = Accelerator(cpu=True)
+    model = build_model(cfg, accelerator.device, torch.float32)
+    model.train()
+
+    accumulate_gradients(model, [collate([e], tok.pad_token_id) for e in ex], accelerator)
+    one_by_one = lora_grads(model)
+    model.zero_grad()
+    accumulate_gradients(model, [collate(ex, tok.pad_token_id)], accelerator)
+    together = lora_grads(model)
+    assert len(together) > 0
+    for name in together:
+        torch.testing.assert_close(one_by_one[name], together[name], rtol=1e-4, atol=1e-7)
+
+    # The naive recipe (HF-style mean per micro-batch, averaged) weights rows differently.
+    model.zero_grad()
+    for e in ex:
+        b = collate([e], tok.pad_token_id)
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss.div(4).backward()
+    naive = lora_grads(model)
+    flat = lambda grads: torch.cat([g.flatten() for g in grads.values()])  # noqa: E731
+    assert (flat(naive) - flat(together)).norm() / flat(together).norm() > 1e-3
+
+
+def test_train_bs1_ga4_matches_bs4_ga1(tmp_path):
+    runs = []
+    for mbs, ga in ((1, 4), (4, 1)):
+        cfg = tiny_config(tmp_path / f"{mbs}x{ga}", train={"micro_batch_size": mbs, "grad_accum_steps": ga,
+                                                            "length_grouping": False})
+        runs.append(train(cfg))
+    assert runs[0].steps == runs[1].steps == 3
+    torch.testing.assert_close(runs[0].train_losses, runs[1].train_losses, rtol=1e-5, atol=0)
+    assert runs[0].metrics["final_val_loss"] == pytest.approx(runs[1].metrics["final_val_loss"], rel=1e-5)
+
+
+def test_cosine_schedule_with_warmup_shape():
+    from summ.config import TrainConfig
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, TrainConfig(lr=1.0, warmup_steps=5, lr_scheduler="cosine"), total_steps=25)
+    lrs = []
+    for _ in range(25):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:6] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))
+    assert lrs[15] == pytest.approx(0.5)  # half-way through the decay
+    assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["phi", "llama"])
+def test_overfits_a_fixed_batch(tmp_path, arch):
+    # At the default init scale (0.02) a 64-wide random lm_head cannot move logits by more than ~1 nat,
+    # whatever the adapters learn; a larger scale gives the frozen head the range to overfit.
+    overrides = {**TINY[arch]["overrides"], "initializer_range": 0.2}
+    cfg = tiny_config(tmp_path, arch, model={"config_overrides": overrides}, data={"max_train_rows": 4},
+                      train={"epochs": 30, "micro_batch_size": 4, "grad_accum_steps": 1, "lr": 2e-2,
+                             "lr_scheduler": "constant"})
+    result = train(cfg)
+    losses = result.train_losses
+    assert len(losses) == 30
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+@pytest.mark.parametrize("arch", ["phi", "llama"])
+def test_train_eval_train_gradients_stay_exact_in_4bit(tmp_path, arch):
+    """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights at the first no-grad forward, after which
+    LoRA gradients go wrong or crash; summ.model switches that off."""
+    cfg = tiny_config(tmp_path, arch, quant=True)
+    tok, ex = examples_for(cfg, 4)
+    accelerator = Accelerator(cpu=True)
+    model = build_model(cfg, accelerator.device, torch.float32)
+    batch = [collate(ex, tok.pad_token_id)]
+    model.train()
+    accumulate_gradients(model, batch, accelerator)
+    before = lora_grads(model)
+    model.zero_grad(set_to_none=True)
+    evaluate_loss(model, ex, 2, tok.pad_token_id, accelerator)
+    accumulate_gradients(model, batch, accelerator)
+    after = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in after.values())
+    for name in before:
+        torch.testing.assert_close(after[name], before[name])
+
+
+def test_run_writes_adapter_config_metrics_and_tensorboard(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(tmp_path / "run", quant=True, log={"tensorboard": True}, eval={"at_start": True})
+    result = train(cfg)
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["trainable_params"] > 0 and metrics["final_val_loss"] > 0
+    assert [e["step"] for e in metrics["eval_history"]] == [0, 3]
+    assert math.isclose(metrics["final_val_perplexity"], math.exp(metrics["final_val_loss"]), rel_tol=1e-9)
+    assert list(run.glob("tensorboard/**/events.out.tfevents.*"))
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()
+            if "train/loss" in line] == [1, 2, 3]
+    # The adapter is plain PEFT format on top of the (cached) base weights.
+    from summ.sources import random_folder
+    base = AutoModelForCausalLM.from_pretrained(random_folder(cfg.model, torch.float32, cfg.train.seed))
+    model = PeftModel.from_pretrained(base, run / "adapter")
+    trained = {k for k in model.state_dict() if "lora_B" in k}
+    assert trained and any(model.state_dict()[k].abs().sum() > 0 for k in trained)
+    assert (run / "adapter" / "tokenizer_config.json").is_file()
+    assert result.run_dir == run
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    cfg = tiny_config(tmp_path, train={"save_every": 1})
+    train(cfg)
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(cfg)
+
+
+KILL_SCRIPT = r"""
+import os, signal, sys
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+os.environ["SUMM_CACHE"] = {cache!r}
+import conftest, summ.checkpoint as ck, summ.train as tr
+real_rename = os.rename
+def rename(src, dst):
+    if str(dst).endswith("step-0000004"):   # die half-way through saving checkpoint 4
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_rename(src, dst)
+ck.os.rename = rename
+cfg = conftest.tiny_config({out!r}, **{sections!r})
+tr.train(cfg)
+"""
+
+
+def test_killed_run_resumes_with_identical_losses(tmp_path):
+    # Dropout on, so the resumed run is only identical if the RNG state is restored too; two epochs,
+    # so resuming crosses an epoch boundary; 8-bit AdamW state goes through weights_only loading.
+    sections = {"lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+                "train": {"epochs": 2, "save_every": 2, "keep_last": 5, "optimizer": "adamw_8bit",
+                          "lr_scheduler": "cosine", "warmup_steps": 2}}
+    full = train(tiny_config(tmp_path / "full", **sections))
+    assert full.steps == 6
+
+    killed = tmp_path / "killed"
+    script = KILL_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"), cache=os.environ["SUMM_CACHE"],
+                                out=str(killed), sections=sections)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert latest_checkpoint(killed).name == "step-0000002"  # the half-written step 4 is not used
+    assert (killed / "checkpoints" / ".tmp-step-0000004").is_dir()
+
+    resumed = train(tiny_config(killed, **sections), resume=True)
+    assert resumed.steps == 6
+    torch.testing.assert_close(resumed.train_losses, full.train_losses, rtol=1e-6, atol=0)
+    assert resumed.metrics["final_val_loss"] == pytest.approx(full.metrics["final_val_loss"], rel=1e-6)
+    assert not (killed / "checkpoints" / ".tmp-step-0000004").exists()
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    import summ.train as tr
+
+    real = tr.summed_token_loss
+    calls = {"n": 0}
+
+    def poisoned_on(bad_calls):
+        def loss(logits, labels):
+            calls["n"] += 1
+            value = real(logits, labels)
+            return value * float("nan") if calls["n"] in bad_calls else value
+        return loss
+
+    # One bad micro-batch: its window is skipped, counted, and the run goes on.
+    monkeypatch.setattr(tr, "summed_token_loss", poisoned_on({3}))
+    result = train(tiny_config(tmp_path / "one", eval={"at_end": False}))
+    assert result.metrics["skipped_steps"] == 1 and result.steps == 3
+    assert math.isnan(result.train_losses[1]) and all(math.isfinite(x) for x in result.train_losses[::2])
+
+    # Every step bad from step 2 on: stop at step 3, the second bad one in a row. A skipped step
+    # applies no update, so the checkpoint written after step 2 still holds finite step-1 weights.
+    calls["n"] = 0
+    monkeypatch.setattr(tr, "summed_token_loss", poisoned_on(set(range(3, 100))))
+    cfg = tiny_config(tmp_path / "many", train={"epochs": 3, "save_every": 1, "max_consecutive_bad_steps": 2})
+    with pytest.raises(TrainingDiverged, match=r"2 optimizer steps in a row .*\(step 3\).*step-0000002"):
+        train(cfg)
+    last = latest_checkpoint(tmp_path / "many")
+    assert last.name == "step-0000002"
+    weights = load_file(last / "adapter" / "adapter_model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_cli_reports_config_errors_before_loading_anything(tmp_path, capsys):
+    sys.path.insert(0, str(REPO))
+    import run
+
+    code = run.main(["--config", str(REPO / "configs" / "xsum.json"), "--set", "train.lr=-1"])
+    assert code == 2 and "'train.lr' must be > 0" in capsys.readouterr().err
