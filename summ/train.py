@@ -118,6 +118,9 @@ def train(cfg: RunConfig, resume: bool | str | Path = False) -> RunResult:
     bad_in_row = 0
     window_tokens, window_clock = 0, time.perf_counter()
     if torch.cuda.is_available():
+        # Loading staged full-precision weights through the caching allocator; give those blocks back
+        # so reserved memory reports what training needs.
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     for epoch in range(state["epoch"], t.epochs):
         windows = windows_of_epoch(epoch)
