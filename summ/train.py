@@ -106,6 +106,9 @@ def train(cfg: RunConfig, resume: bool | str | Path = False) -> RunResult:
     def validate(step: int) -> None:
         val_loss = evaluate_loss(model, eval_examples, cfg.eval.batch_size, tokenizer.pad_token_id, accelerator)
         record = {"step": step, "val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}
+        record.update({k.replace("memory/", "val/"): v for k, v in _memory_stats().items()})
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # so training logs report training memory only
         state["eval_history"].append(record)
         _log(accelerator, run_dir, step, {k: v for k, v in record.items() if k != "step"})
         accelerator.print(f"step {step}: val loss {val_loss:.4f}, perplexity {record['val/perplexity']:.2f}")
@@ -116,7 +119,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False) -> RunResult:
     params = [p for p in model.parameters() if p.requires_grad]
     progress = _progress(accelerator, cfg, total_steps, state["step"])
     bad_in_row = 0
-    window_tokens, window_clock = 0, time.perf_counter()
+    tokens_since_log, log_clock = 0, time.perf_counter()
     if torch.cuda.is_available():
         # Loading staged full-precision weights through the caching allocator; give those blocks back
         # so reserved memory reports what training needs.
@@ -132,7 +135,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False) -> RunResult:
 
             model.train()
             window_loss, tokens = accumulate_gradients(model, batches, accelerator)
-            window_tokens += tokens
+            tokens_since_log += tokens
 
             grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
             grad_norm = float(grad_norm)
@@ -161,21 +164,23 @@ def train(cfg: RunConfig, resume: bool | str | Path = False) -> RunResult:
             progress.update(1)
 
             if step % cfg.log.log_every == 0 or step == total_steps:
-                tokens = accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device), "sum").item()
-                elapsed = time.perf_counter() - window_clock
+                tokens = accelerator.reduce(torch.tensor(tokens_since_log, device=accelerator.device), "sum").item()
+                elapsed = time.perf_counter() - log_clock
                 state["tokens_seen"] += tokens
                 recent = state["train_losses"][-cfg.log.log_every:]
                 logged = {"train/loss": sum(recent) / len(recent), "train/lr": scheduler.get_last_lr()[0],
                           "train/grad_norm": grad_norm, "train/tokens_per_s": tokens / elapsed,
                           "train/skipped_steps": state["skipped_steps"]}
                 logged.update(_memory_stats())
+                for key, value in _memory_stats().items():
+                    state[key] = max(state.get(key, 0.0), value)
                 _log(accelerator, run_dir, step, logged)
                 progress.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['train/tokens_per_s']:.0f}")
-                window_tokens, window_clock = 0, time.perf_counter()
+                tokens_since_log, log_clock = 0, time.perf_counter()
 
             if (cfg.eval.eval_every and step % cfg.eval.eval_every == 0) or (step == total_steps and cfg.eval.at_end):
                 validate(step)
-                window_clock = time.perf_counter()  # evaluation time is not training throughput
+                log_clock = time.perf_counter()  # evaluation time is not training throughput
 
             if step % t.save_every == 0 or step == total_steps:
                 save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, state, t.keep_last)
@@ -192,7 +197,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False) -> RunResult:
         "trainable_params": trainable_params, "total_params": total_params,
         "train_rows": train_stats.kept, "train_rows_skipped": train_stats.skipped,
         "eval_rows": eval_stats.kept, "eval_rows_skipped": eval_stats.skipped,
-        **_memory_stats(),
+        # Peak GPU memory while training (evaluation peaks are in eval_history).
+        **{k: v for k, v in state.items() if k.startswith("memory/")},
     }
     if accelerator.is_main_process:
         adapter_dir = run_dir / "adapter"
@@ -237,7 +243,8 @@ def accumulate_gradients(model, batches: list[dict], accelerator) -> tuple[float
 def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator) -> float:
     """Token-weighted mean loss over `examples` (prompt-only masking as in training)."""
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    # Longest first: later, smaller batches reuse the allocator's blocks instead of growing it.
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     n_tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
