@@ -96,6 +96,8 @@ def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype
         model.enable_input_require_grads()
     # peft keeps adapter weights in fp32 on a half-precision base (autocast_adapter_dtype), which
     # fp16 loss scaling on a T4 needs: its unscale step refuses fp16 gradients.
+    # Seeded here so adapter init does not depend on what ran before (e.g. whether cached weights existed).
+    torch.manual_seed(cfg.train.seed)
     model = get_peft_model(model, peft_lora_config(cfg, model.config.model_type))
     trainable, total = count_parameters(model)
     log.info("parameters: %s total, %s trainable (%.3f%%)", f"{total:,}", f"{trainable:,}", 100 * trainable / total)
