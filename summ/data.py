@@ -101,8 +101,12 @@ def _read_split(cfg: DataConfig, split: str) -> tuple[list, str]:
         raise ConfigError(f"data.dataset: {cfg.dataset} is not a folder of <split>.jsonl files or a hub id")
     import datasets
 
-    ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split)
     where = f"{cfg.dataset}:{split}"
+    try:
+        ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split)
+    except Exception as e:  # offline, unknown id, bad config name, bad split: all end the run here
+        raise DataError(f"data.dataset: cannot load hub dataset {where} "
+                        f"(config {cfg.dataset_config!r}): {type(e).__name__}: {e}") from e
     rows = list(ds)
     _check_columns(rows, cfg, where)
     return rows, where

@@ -162,3 +162,10 @@ def test_collate_pads_to_longest_not_max_length(phi_tok):
     enc = Encoder(phi_tok, DataConfig(dataset="x", template=XSUM_TEMPLATE, max_length=512))
     batch = collate([enc.encode("one two", "s."), enc.encode("one two three four", "s.")], pad_id=0)
     assert batch["input_ids"].shape[1] % 8 == 0 and batch["input_ids"].shape[1] < 64
+
+
+def test_hub_dataset_failure_is_a_clear_error():
+    # HF_HUB_OFFLINE=1 (conftest) makes the hub unreachable at once, as on machines without network.
+    cfg = DataConfig(dataset="EdinburghNLP/xsum", article_field="document", summary_field="summary")
+    with pytest.raises(DataError, match=r"cannot load hub dataset EdinburghNLP/xsum:train\[:5\]"):
+        load_rows(cfg, "train[:5]")
