@@ -107,12 +107,25 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    # 0: only at the end.
+    # Validation loss during training. 0: only at the end.
     eval_every: int = 100
     batch_size: int = 8
     # A validation pass before the first step gives the curve its starting point.
     at_start: bool = True
     at_end: bool = True
+    # Generation + ROUGE + error analysis after training (and in `run.py eval`), on data.eval_split.
+    generate: bool = True
+    # Rows to summarize (None: all of data.eval_split after data.max_eval_rows).
+    generate_rows: Optional[int] = None
+    generate_batch_size: int = 16
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Generation also stops at these strings (the summary's end, or the next template marker); EOS always stops it.
+    stop_strings: tuple = ("###",)
+    bootstrap_resamples: int = 1000
 
 
 @dataclass(frozen=True)
@@ -304,16 +317,20 @@ def validate(config: RunConfig, source: str = "<config>") -> None:
         "train.save_every": t.save_every, "train.keep_last": t.keep_last,
         "train.max_consecutive_bad_steps": t.max_consecutive_bad_steps,
         "eval.batch_size": e.batch_size, "log.log_every": log.log_every, "data.max_length": d.max_length,
+        "eval.generate_batch_size": e.generate_batch_size, "eval.max_new_tokens": e.max_new_tokens,
+        "eval.num_beams": e.num_beams, "eval.temperature": e.temperature, "eval.top_p": e.top_p,
     }
     for key, value in positive.items():
         if value <= 0:
             fail(key, "> 0")
-    for key in ("train.max_steps", "train.micro_batch_tokens", "data.max_train_rows", "data.max_eval_rows"):
+    for key in ("train.max_steps", "train.micro_batch_tokens", "data.max_train_rows", "data.max_eval_rows",
+                "eval.generate_rows"):
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if value is not None and value <= 0:
             fail(key, "> 0 or null")
     for key, value in {"train.weight_decay": t.weight_decay, "train.warmup_steps": t.warmup_steps,
+                       "eval.bootstrap_resamples": e.bootstrap_resamples,
                        "train.max_grad_norm": t.max_grad_norm, "eval.eval_every": e.eval_every,
                        "data.min_article_tokens": d.min_article_tokens}.items():
         if value < 0:
@@ -335,3 +352,9 @@ def validate(config: RunConfig, source: str = "<config>") -> None:
         fail("train.warmup_steps", f"<= train.max_steps ({t.max_steps})")
     if m.gguf_file is not None and m.init == "random":
         fail("model.init", "'pretrained' when model.gguf_file is set")
+    if e.top_p > 1:
+        fail("eval.top_p", "in (0, 1]")
+    if e.max_new_tokens >= d.max_length:
+        fail("eval.max_new_tokens", f"< data.max_length ({d.max_length}) so the prompt keeps some article")
+    if any(not s for s in e.stop_strings):
+        fail("eval.stop_strings", "a list of non-empty strings")

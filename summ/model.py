@@ -66,32 +66,37 @@ def peft_lora_config(cfg: RunConfig, model_type: str):
                       target_modules=list(lora_targets(cfg, model_type)), bias="none", task_type="CAUSAL_LM")
 
 
-def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype):
-    """Load (or randomly build) the base model, quantize it to 4-bit if asked, and wrap it in LoRA."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def load_base_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype, quantize: bool | None = None):
+    """The base model (real or random weights), in 4-bit when `quantize` (default: quant.enabled)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     m, q = cfg.model, cfg.quant
-    if m.init == "random":
-        folder = random_folder(m, dtype=compute_dtype, seed=cfg.train.seed)
-    else:
-        folder = pretrained_folder(m)
+    quantize = q.enabled if quantize is None else quantize
+    folder = random_folder(m, dtype=compute_dtype, seed=cfg.train.seed) if m.init == "random" else pretrained_folder(m)
     kwargs = dict(dtype=compute_dtype, attn_implementation=m.attn_implementation,
                   trust_remote_code=m.trust_remote_code, device_map={"": device}, use_safetensors=True)
     if m.init == "pretrained" and m.revision:
         kwargs["revision"] = m.revision
-    if q.enabled:
+    if quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    model.config.use_cache = False
-    checkpointing = {"use_gradient_checkpointing": m.gradient_checkpointing,
-                     "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    if q.enabled:
+    if quantize:
         disable_bnb_cpu_repack(model)
-        model = prepare_model_for_kbit_training(model, **checkpointing)
-    elif m.gradient_checkpointing:
+    return model
+
+
+def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype):
+    """Load (or randomly build) the base model, quantize it to 4-bit if asked, and wrap it in LoRA."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base_model(cfg, device, compute_dtype)
+    model.config.use_cache = False
+    if cfg.quant.enabled:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     # peft keeps adapter weights in fp32 on a half-precision base (autocast_adapter_dtype), which
@@ -101,6 +106,18 @@ def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype
     model = get_peft_model(model, peft_lora_config(cfg, model.config.model_type))
     trainable, total = count_parameters(model)
     log.info("parameters: %s total, %s trainable (%.3f%%)", f"{total:,}", f"{trainable:,}", 100 * trainable / total)
+    return model
+
+
+def load_for_inference(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype, adapter_dir=None,
+                       quantize: bool | None = None):
+    """Base model plus, unless `adapter_dir` is None (zero-shot), a trained adapter; in eval mode."""
+    model = load_base_model(cfg, device, compute_dtype, quantize)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
     return model
 
 

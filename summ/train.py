@@ -47,7 +47,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False) -> RunResult:
     run_dir = Path(cfg.log.output_dir)
     resume_from = _resume_point(run_dir, resume)
     accelerator = Accelerator(
-        mixed_precision=_mixed_precision(t.mixed_precision),
+        mixed_precision=mixed_precision_mode(t.mixed_precision),
         log_with="tensorboard" if cfg.log.tensorboard else None,
         project_dir=str(run_dir),
     )
@@ -305,7 +305,7 @@ def _resume_point(run_dir: Path, resume: bool | str | Path) -> Path | None:
     return None
 
 
-def _mixed_precision(name: str) -> str:
+def mixed_precision_mode(name: str) -> str:
     if name != "auto":
         return name
     if torch.cuda.is_available():

@@ -1,0 +1,166 @@
+"""Evaluation of a trained adapter (or the zero-shot base model): validation loss and perplexity,
+batched generation that stops where the summary ends, ROUGE with bootstrap intervals, error
+analysis, and the files a user reads afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from summ.config import EvalConfig, RunConfig
+from summ.data import Encoder, encode_rows, load_rows
+from summ.errors import aggregate_errors, analyze_example
+from summ.model import load_for_inference, load_tokenizer, resolve_compute_dtype
+from summ.rouge import ROUGE_KEYS, aggregate, score_pairs
+from summ.train import evaluate_loss, mixed_precision_mode
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR, ZERO_SHOT_DIR = "eval", "zero_shot"
+
+
+@dataclass
+class Generation:
+    text: str
+    # "eos": the model ended the summary itself; "stop_string": it reached a configured stop
+    # (the end of the line, the next template marker); "max_new_tokens": it never stopped.
+    stop_reason: str
+    new_tokens: int
+
+
+@torch.no_grad()
+def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], ev: EvalConfig,
+                       device: torch.device) -> tuple[list[Generation], dict]:
+    """Summaries for `articles`, batched with left padding and the KV cache; returns them in input
+    order with throughput figures."""
+    prompts = [encoder.encode_prompt(a, ev.max_new_tokens) for a in articles]
+    # Longest prompts first: similar lengths share a batch and pad little.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    pad = tokenizer.pad_token_id
+    kwargs = dict(max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, do_sample=ev.do_sample,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=True)
+    if ev.do_sample:
+        kwargs.update(temperature=ev.temperature, top_p=ev.top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)  # silence sampling defaults of generation_config
+    if ev.stop_strings:
+        kwargs.update(stop_strings=list(ev.stop_strings), tokenizer=tokenizer)
+    results: list[Generation | None] = [None] * len(prompts)
+    model.eval()
+    started = time.perf_counter()
+    for s in range(0, len(order), ev.generate_batch_size):
+        rows = order[s:s + ev.generate_batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            input_ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            attention_mask[r, width - len(prompts[i]):] = 1
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
+        for r, i in enumerate(rows):
+            results[i] = finish_generation(out[r, width:].tolist(), tokenizer, ev.stop_strings)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    new_tokens = sum(g.new_tokens for g in results)
+    speed = {"seconds": seconds, "generated_tokens": new_tokens, "generated_tokens_per_s": new_tokens / seconds,
+             "articles_per_s": len(results) / seconds}
+    return results, speed
+
+
+def finish_generation(tokens: list[int], tokenizer, stop_strings) -> Generation:
+    """Cut generated ids at EOS and the text at the first stop string, and say why it ended."""
+    eos = tokenizer.eos_token_id
+    reason = "max_new_tokens"
+    if eos in tokens:
+        tokens, reason = tokens[:tokens.index(eos)], "eos"
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    hits = [text.find(s) for s in stop_strings if s in text]
+    if hits:
+        text, reason = text[:min(hits)], "stop_string"
+    return Generation(text=text.strip(), stop_reason=reason, new_tokens=len(tokens))
+
+
+def template_markers(template: str, stop_strings) -> tuple[str, ...]:
+    """The prompt's own markers ("### Article:", "Summary:"): seeing one in a prediction means the
+    model ran on past its summary into the prompt format."""
+    markers = {m.group(1).strip() for line in template.splitlines() if (m := re.match(r"^\s*(.{1,30}?:)", line))}
+    return tuple(sorted(markers | {s for s in stop_strings if s.strip()}))
+
+
+def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False) -> dict:
+    """Score the run's adapter (or, with `zero_shot`, the base model) on data.eval_split and write
+    predictions.jsonl, errors.jsonl, eval_metrics.json and eval_report.md."""
+    from accelerate import Accelerator
+
+    from summ.report import write_report
+
+    run_dir = Path(run_dir)
+    out_dir = run_dir / (ZERO_SHOT_DIR if zero_shot else EVAL_DIR)
+    adapter_dir = None if zero_shot else run_dir / "adapter"
+    if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no trained adapter (train first, or pass --zero-shot)")
+    ev = cfg.eval
+    accelerator = Accelerator(mixed_precision=mixed_precision_mode(cfg.train.mixed_precision))
+
+    # Data first: a bad split fails before a model loads.
+    tokenizer = load_tokenizer(cfg)
+    tokenizer.padding_side = "left"
+    encoder = Encoder(tokenizer, cfg.data)
+    rows, row_stats = load_rows(cfg.data, cfg.data.eval_split, cfg.data.max_eval_rows)
+    examples = encode_rows(encoder, rows, cfg.data.eval_split)
+    gen_rows = rows[:ev.generate_rows] if ev.generate_rows else rows
+
+    dtype = resolve_compute_dtype(cfg.quant.compute_dtype, accelerator.device)
+    model = load_for_inference(cfg, accelerator.device, dtype, adapter_dir)
+    val_loss = evaluate_loss(model, examples, ev.batch_size, tokenizer.pad_token_id, accelerator)
+    generations, speed = generate_summaries(model, tokenizer, encoder, [r["article"] for r in gen_rows], ev,
+                                            accelerator.device)
+
+    references = [r["summary"] for r in gen_rows]
+    scores = score_pairs([g.text for g in generations], references)
+    markers = template_markers(cfg.data.template, ev.stop_strings)
+    analyses = [analyze_example(r["article"], r["summary"], g.text, stop_reason=g.stop_reason,
+                                template_markers=markers) for r, g in zip(gen_rows, generations)]
+    stop_counts = {k: sum(g.stop_reason == k for g in generations) for k in ("eos", "stop_string", "max_new_tokens")}
+    metrics = {
+        "model": cfg.model.name_or_path, "adapter": str(adapter_dir) if adapter_dir else None,
+        "zero_shot": zero_shot, "split": cfg.data.eval_split, "loss_rows": len(examples),
+        "generated_rows": len(gen_rows), "rows_skipped": row_stats.skipped,
+        "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)),
+        "rouge": aggregate(scores, n_resamples=ev.bootstrap_resamples, seed=cfg.train.seed),
+        "stop_reasons": stop_counts,
+        "stopped_by_itself_share": 1 - stop_counts["max_new_tokens"] / max(len(generations), 1),
+        "generation": {"max_new_tokens": ev.max_new_tokens, "num_beams": ev.num_beams, "do_sample": ev.do_sample,
+                       "stop_strings": list(ev.stop_strings), **speed},
+        "errors": aggregate_errors(analyses),
+    }
+
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "predictions.jsonl", "w") as f:
+            for r, g, sc in zip(gen_rows, generations, scores):
+                f.write(json.dumps({"id": r["id"], "reference": r["summary"], "prediction": g.text,
+                                    "stop_reason": g.stop_reason, "new_tokens": g.new_tokens,
+                                    **{k: sc[k] for k in ROUGE_KEYS}}, ensure_ascii=False) + "\n")
+        with open(out_dir / "errors.jsonl", "w") as f:
+            for r, a in zip(gen_rows, analyses):
+                f.write(json.dumps({"id": r["id"], **a}, ensure_ascii=False) + "\n")
+        (out_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        baseline_dir = run_dir / (EVAL_DIR if zero_shot else ZERO_SHOT_DIR)
+        baseline = json.loads((baseline_dir / "eval_metrics.json").read_text()) \
+            if (baseline_dir / "eval_metrics.json").is_file() else None
+        write_report(out_dir / "eval_report.md", metrics, gen_rows, [asdict(g) for g in generations], scores,
+                     analyses, other=baseline)
+    log.info("eval (%s): val loss %.4f, ROUGE-1/2/L/Lsum %s, %d of %d stopped by themselves", out_dir.name,
+             val_loss, "/".join(f"{metrics['rouge'][k]['mean']:.2f}" for k in ROUGE_KEYS),
+             len(generations) - stop_counts["max_new_tokens"], len(generations))
+    return metrics

@@ -1,0 +1,333 @@
+"""Error analysis on hand-made examples; every expected value below is worked out by hand."""
+
+import json
+import math
+
+import pytest
+
+from summ.errors import LENGTH_BUCKETS, aggregate_errors, analyze_example, excerpt, worst_examples
+
+REF4 = "one two three four"  # 4 reference words makes the length ratios easy to read
+COUNCIL = "The council approves the plan."
+
+KEYS = {
+    "pred_words", "ref_words", "length_ratio", "length_bucket", "empty", "repeated_trigram_share",
+    "repetitive", "template_leak", "run_on", "novel_unigram_share", "novel_bigram_share",
+    "copied_bigram_share", "unsupported_numbers", "unsupported_names", "hallucination_flag",
+}
+
+
+def analyze(prediction, article=COUNCIL, reference=REF4, stop_reason="eos", **kw):
+    return analyze_example(article, reference, prediction, stop_reason=stop_reason, **kw)
+
+
+# ----------------------------------------------------------------------------- record shape
+
+
+def test_empty_prediction_record_is_exact():
+    assert analyze("  \n\t") == {
+        "pred_words": 0, "ref_words": 4, "length_ratio": 0.0, "length_bucket": "empty", "empty": True,
+        "repeated_trigram_share": 0.0, "repetitive": False, "template_leak": False, "run_on": False,
+        "novel_unigram_share": 0.0, "novel_bigram_share": 0.0, "copied_bigram_share": 0.0,
+        "unsupported_numbers": [], "unsupported_names": [], "hallucination_flag": False,
+    }
+
+
+def test_record_is_flat_and_json_round_trips():
+    rec = analyze("Council approves £3.5m plan for 1,200 homes in Paris. ### Article:", stop_reason="max_new_tokens")
+    assert set(rec) == KEYS
+    assert json.loads(json.dumps(rec)) == rec
+
+
+# ----------------------------------------------------------------------------- length
+
+
+@pytest.mark.parametrize("prediction, ratio, bucket", [
+    ("a", 0.25, "too_short"),
+    ("a b", 0.5, "ok"),                    # exactly short_ratio is not too short
+    ("a b c d e f g h", 2.0, "ok"),        # exactly long_ratio is not too long
+    ("a b c d e f g h i", 2.25, "too_long"),
+])
+def test_length_buckets(prediction, ratio, bucket):
+    rec = analyze(prediction)
+    assert rec["ref_words"] == 4
+    assert rec["pred_words"] == len(prediction.split())
+    assert rec["length_ratio"] == ratio
+    assert rec["length_bucket"] == bucket
+    assert rec["empty"] is False
+    assert bucket in LENGTH_BUCKETS
+
+
+def test_length_thresholds_are_configurable():
+    assert analyze("a b", short_ratio=0.6)["length_bucket"] == "too_short"     # 0.5 < 0.6
+    assert analyze("a b c d e", long_ratio=1.2)["length_bucket"] == "too_long"  # 1.25 > 1.2
+
+
+def test_word_counts_are_whitespace_tokens():
+    rec = analyze("Council approves plan. ### Vocabulary", reference="A  b\nc")
+    assert (rec["pred_words"], rec["ref_words"]) == (5, 3)
+    assert rec["length_ratio"] == 5 / 3
+
+
+def test_empty_reference_gives_zero_ratio():
+    rec = analyze("Council approves plan", reference="   ")
+    assert (rec["ref_words"], rec["length_ratio"], rec["length_bucket"]) == (0, 0.0, "too_short")
+
+
+# ----------------------------------------------------------------------------- repetition
+
+
+def test_looping_prediction_is_repetitive():
+    # 9 tokens -> 7 trigrams: (the cat sat) (cat sat the) (sat the cat) are new, the next 4 repeat.
+    rec = analyze("the cat sat the cat sat the cat sat")
+    assert rec["repeated_trigram_share"] == pytest.approx(4 / 7)
+    assert rec["repetitive"] is True
+
+
+def test_repetition_ignores_case_and_punctuation():
+    # the cat sat the cat sat -> 4 trigrams, only the last (the cat sat) repeats: 1/4.
+    rec = analyze("The cat sat. the CAT sat!")
+    assert rec["repeated_trigram_share"] == 0.25
+    assert rec["repetitive"] is True
+
+
+def test_repetition_threshold_is_strict():
+    # a b c a b c d -> abc bca cab abc* bcd: 1 repeat in 5 = 0.2, which is not > 0.2.
+    rec = analyze("a b c a b c d")
+    assert rec["repeated_trigram_share"] == 0.2
+    assert rec["repetitive"] is False
+
+
+@pytest.mark.parametrize("prediction", ["the cat sat on the mat", "the cat", "cat cat"])
+def test_no_repeats_or_too_short_for_trigrams(prediction):
+    rec = analyze(prediction)
+    assert rec["repeated_trigram_share"] == 0.0
+    assert rec["repetitive"] is False
+
+
+# ----------------------------------------------------------------------------- run-on
+
+
+def test_template_leak_is_run_on():
+    rec = analyze("Council approves plan. ### Vocabulary Exercises")
+    assert rec["template_leak"] is True
+    assert rec["run_on"] is True
+
+
+def test_template_markers_are_case_insensitive_and_configurable():
+    assert analyze("Council approves plan. summary: it does")["template_leak"] is True
+    rec = analyze("Council approves plan. ### Vocabulary Exercises", template_markers=("Instruction:",))
+    assert (rec["template_leak"], rec["run_on"]) == (False, False)
+    assert analyze("Council approves plan.", template_markers=("",))["template_leak"] is False
+
+
+def test_run_on_from_max_new_tokens_without_leak():
+    rec = analyze("Council approves plan", stop_reason="max_new_tokens")
+    assert (rec["template_leak"], rec["run_on"]) == (False, True)
+    rec = analyze("Council approves plan", stop_reason="eos")
+    assert (rec["template_leak"], rec["run_on"]) == (False, False)
+
+
+# ----------------------------------------------------------------------------- abstractiveness
+
+ARTICLE = "The council approved the new housing plan on Tuesday."
+
+
+def test_fully_extractive_prediction():
+    rec = analyze("The Council approved the new housing plan.", article=ARTICLE)
+    assert rec["novel_unigram_share"] == 0.0
+    assert rec["novel_bigram_share"] == 0.0
+    assert rec["copied_bigram_share"] == 1.0
+
+
+def test_fully_novel_prediction():
+    rec = analyze("Ministers reject bold proposal", article=ARTICLE)
+    assert rec["novel_unigram_share"] == 1.0
+    assert rec["novel_bigram_share"] == 1.0
+    assert rec["copied_bigram_share"] == 0.0
+
+
+def test_partly_novel_prediction():
+    # Unigrams: the council REJECTED the new plan -> 1/6 novel.
+    # Bigrams: the-council, (council-rejected), (rejected-the), the-new, (new-plan) -> 3/5 novel;
+    # "new plan" is novel although both words are in the article ("new housing plan").
+    rec = analyze("The council rejected the new plan", article=ARTICLE)
+    assert rec["novel_unigram_share"] == pytest.approx(1 / 6)
+    assert rec["novel_bigram_share"] == pytest.approx(3 / 5)
+    assert rec["copied_bigram_share"] == pytest.approx(2 / 5)
+
+
+def test_single_token_has_no_bigrams_to_copy():
+    rec = analyze("Council", article=ARTICLE)
+    assert (rec["novel_unigram_share"], rec["novel_bigram_share"], rec["copied_bigram_share"]) == (0.0, 0.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- numbers
+
+NUM_ARTICLE = "Officials said 1200 homes would cost 3.5 million pounds, with 40 per cent for families, in 2019."
+
+
+def test_supported_numbers_with_paraphrased_format():
+    # 1,200 -> 1200 after dropping the comma; "3.5m" is the digits 3.5 (units are deliberately not
+    # compared, so "3.5 million" supports it); "40%" is 40, which the article has as "40 per cent".
+    rec = analyze("Council plans 1,200 homes for £3.5m, 40% for families", article=NUM_ARTICLE)
+    assert rec["unsupported_numbers"] == []
+    assert rec["hallucination_flag"] is False
+
+
+def test_comma_normalisation_works_both_ways():
+    rec = analyze("Council plans 1200 homes", article="The council plans 1,200 homes.")
+    assert rec["unsupported_numbers"] == []
+
+
+def test_unsupported_numbers_sorted_by_value_as_written():
+    # 2019 is in the article; 19 is not, although it is a substring of 2019; nor are 9 and 12
+    # (12 is a substring of 1200). Value order puts "9%" before "12" (string order would not).
+    rec = analyze("Only 12 homes, up 9% since 2019 and 19 last year", article=NUM_ARTICLE)
+    assert rec["unsupported_numbers"] == ["9%", "12", "19"]
+    assert rec["unsupported_names"] == []
+    assert rec["hallucination_flag"] is True
+
+
+def test_decimal_point_matters_and_codes_are_not_numbers():
+    rec = analyze("Council spends 3.5m", article="The council spends 35 million.")
+    assert rec["unsupported_numbers"] == ["3.5"]
+    assert analyze("G7 leaders met", article="Leaders met.")["unsupported_numbers"] == []
+
+
+# ----------------------------------------------------------------------------- names
+
+NAME_ARTICLE = "Mayor Jane Smith of Leeds welcomed the vote, the BBC reported. Parisian cafes were shut."
+
+
+def test_unsupported_name_flags_hallucination():
+    # "The" opens the sentence and is a function word; "Jane Smith" is in the article; "Paris" is not,
+    # and "Parisian" does not support it because names are matched at word edges.
+    rec = analyze("The plan was backed by Jane Smith in Paris.", article=NAME_ARTICLE)
+    assert rec["unsupported_names"] == ["Paris"]
+    assert rec["unsupported_numbers"] == []
+    assert rec["hallucination_flag"] is True
+
+
+def test_supported_names():
+    # "Mayor Smith" is not in the article as a phrase, but both of its words are.
+    rec = analyze("The vote in Leeds was welcomed by Mayor Smith, the BBC said.", article=NAME_ARTICLE)
+    assert rec["unsupported_names"] == []
+    assert rec["hallucination_flag"] is False
+
+
+def test_acronyms_are_names_and_matching_is_case_sensitive():
+    rec = analyze("The council told the BBC it agreed.", article="the council agreed, the bbc said.")
+    assert rec["unsupported_names"] == ["BBC"]
+
+
+def test_multi_word_name_needs_every_word():
+    rec = analyze("The vote was welcomed by Jane Doe.", article=NAME_ARTICLE)
+    assert rec["unsupported_names"] == ["Jane Doe"]
+
+
+def test_sentence_initial_words_count_only_when_also_capitalised_mid_sentence():
+    # The documented blind spot: a name that only ever opens a sentence is not checked ...
+    assert analyze("Paris approved it.", article=NAME_ARTICLE)["unsupported_names"] == []
+    # ... but once it also appears mid-sentence, the sentence-initial use counts as well.
+    rec = analyze("Paris approved it. Officials in Paris agreed.", article=NAME_ARTICLE)
+    assert rec["unsupported_names"] == ["Paris"]
+
+
+def test_leaked_template_words_read_as_names():
+    # "###" is not a word, so "Vocabulary" opens the second sentence and is exempt; "Exercises" is not.
+    rec = analyze("Council approves plan. ### Vocabulary Exercises")
+    assert rec["unsupported_names"] == ["Exercises"]
+    assert rec["hallucination_flag"] is True
+
+
+# ----------------------------------------------------------------------------- aggregate
+
+
+def batch():
+    return [
+        # ratio 0.0, empty
+        analyze(""),
+        # 9/4 = 2.25 too_long; repeats 4/7; bigrams: 8, of which the two "sat the" are novel -> 0.25
+        analyze("the cat sat the cat sat the cat sat", article="the cat sat on the mat"),
+        # 6/4 = 1.5 ok; leak + run_on; "Exercises" unsupported; bigrams: council-approves is in the
+        # article, approves-plan / plan-vocabulary / vocabulary-exercises are not -> 0.75
+        analyze("Council approves plan. ### Vocabulary Exercises"),
+        # 5/4 = 1.25 ok; run_on without leak; fully extractive
+        analyze("The council approves the plan", stop_reason="max_new_tokens"),
+        # 1/4 = 0.25 too_short
+        analyze("Council"),
+    ]
+
+
+def test_batch_records_are_as_worked_out():
+    recs = batch()
+    assert [r["length_ratio"] for r in recs] == [0.0, 2.25, 1.5, 1.25, 0.25]
+    assert [r["novel_bigram_share"] for r in recs] == [0.0, 0.25, 0.75, 0.0, 0.0]
+    assert [r["run_on"] for r in recs] == [False, False, True, True, False]
+    assert [r["unsupported_names"] for r in recs] == [[], [], ["Exercises"], [], []]
+
+
+def test_aggregate_counts_and_shares():
+    agg = aggregate_errors(batch())
+    assert agg["n"] == 5
+    assert agg["length_buckets"] == {"empty": 1, "too_short": 1, "ok": 2, "too_long": 1}
+    assert list(agg["length_buckets"]) == list(LENGTH_BUCKETS)
+    counts = {"empty": 1, "repetitive": 1, "template_leak": 1, "run_on": 2, "hallucination_flag": 1}
+    for flag, count in counts.items():
+        assert agg[flag] == count
+        assert agg[f"{flag}_share"] == count / 5
+    assert agg["mean_length_ratio"] == pytest.approx(5.25 / 5)
+    assert agg["median_length_ratio"] == 1.25  # of 0, 0.25, 1.25, 1.5, 2.25
+    # Means over the 4 non-empty predictions: the empty one would pull these down to 0.2 and 4/35.
+    assert agg["mean_novel_bigram_share"] == pytest.approx(1.0 / 4)
+    assert agg["mean_repeated_trigram_share"] == pytest.approx((4 / 7) / 4)
+
+
+def test_aggregate_of_json_round_tripped_records_and_of_nothing():
+    recs = json.loads(json.dumps(batch()))
+    assert aggregate_errors(recs) == aggregate_errors(batch())
+    assert aggregate_errors([]) == {"n": 0}
+    only_empty = aggregate_errors([analyze("")])
+    assert (only_empty["mean_novel_bigram_share"], only_empty["length_buckets"]["empty"]) == (0.0, 1)
+
+
+# ----------------------------------------------------------------------------- worst examples
+
+
+def test_worst_examples_lowest_first_ties_by_index():
+    scores = [0.3, 0.1, 0.3, 0.1, 0.5]
+    recs = [{}] * 5
+    assert worst_examples(recs, scores, k=3) == [1, 3, 0]
+    assert worst_examples(recs, scores) == [1, 3, 0, 2, 4]
+    assert worst_examples(recs, scores, k=0) == []
+
+
+def test_worst_examples_nan_first_and_length_mismatch():
+    assert worst_examples([{}] * 3, [0.2, math.nan, 0.1], k=2) == [1, 2]
+    with pytest.raises(ValueError):
+        worst_examples([{}] * 2, [0.1, 0.2, 0.3])
+
+
+# ----------------------------------------------------------------------------- excerpt
+
+
+@pytest.mark.parametrize("max_chars, expected", [
+    (9, "the quick…"),    # cut lands on the space after "quick"
+    (10, "the quick…"),   # cut lands at the start of "brown": drop it entirely
+    (12, "the quick…"),   # cut lands inside "brown"
+    (19, "the quick brown fox"),
+    (50, "the quick brown fox"),
+])
+def test_excerpt_cuts_at_word_boundary(max_chars, expected):
+    assert excerpt("the quick brown fox", max_chars) == expected
+
+
+def test_excerpt_long_word_and_default():
+    assert excerpt("abcdefghij", 4) == "abcd…"
+    text = "word " * 100
+    out = excerpt(text)
+    assert out.endswith("…") and len(out) <= 401
+    assert out[:-1] == ("word " * 80).rstrip()  # 400 chars = 80 whole words, trailing space dropped
+    with pytest.raises(ValueError):
+        excerpt("text", 0)
