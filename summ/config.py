@@ -45,6 +45,10 @@ class QuantConfig:
     double_quant: bool = True
     # "auto": bf16 where the GPU supports it, fp16 otherwise (T4), fp32 on CPU.
     compute_dtype: str = "auto"
+    # peft's prepare_model_for_kbit_training upcasts every frozen non-4-bit weight (embeddings,
+    # lm_head, norms) to fp32: +0.49 GiB on Phi-2 and an fp32 LM-head matmul. Frozen weights need no
+    # fp32 master copy, so by default they stay in the compute dtype; true reproduces the HF recipe.
+    upcast_frozen: bool = False
 
 
 @dataclass(frozen=True)

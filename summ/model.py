@@ -72,7 +72,9 @@ def load_base_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.d
 
     m, q = cfg.model, cfg.quant
     quantize = q.enabled if quantize is None else quantize
-    folder = random_folder(m, dtype=compute_dtype, seed=cfg.train.seed) if m.init == "random" else pretrained_folder(m)
+    # Random weights are built in bf16 for any half-precision run, so fp16 and bf16 runs start equal.
+    build_dtype = torch.float32 if compute_dtype == torch.float32 else torch.bfloat16
+    folder = random_folder(m, dtype=build_dtype, seed=cfg.train.seed) if m.init == "random" else pretrained_folder(m)
     kwargs = dict(dtype=compute_dtype, attn_implementation=m.attn_implementation,
                   trust_remote_code=m.trust_remote_code, device_map={"": device}, use_safetensors=True)
     if m.init == "pretrained" and m.revision:
@@ -93,12 +95,14 @@ def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype
 
     model = load_base_model(cfg, device, compute_dtype)
     model.config.use_cache = False
-    if cfg.quant.enabled:
+    if cfg.quant.enabled and cfg.quant.upcast_frozen:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    else:
+        model.requires_grad_(False)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
     # peft keeps adapter weights in fp32 on a half-precision base (autocast_adapter_dtype), which
     # fp16 loss scaling on a T4 needs: its unscale step refuses fp16 gradients.
     # Seeded here so adapter init does not depend on what ran before (e.g. whether cached weights existed).

@@ -20,7 +20,7 @@ import torch
 from summ.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from summ.config import ConfigError, RunConfig, TrainConfig
 from summ.data import Encoder, collate, encode_rows, load_rows, plan_batches
-from summ.loss import count_label_tokens, summed_token_loss
+from summ.loss import count_label_tokens, forward_summed_loss
 from summ.model import build_model, count_parameters, load_tokenizer, resolve_compute_dtype
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False) -> RunResult:
                 recent = state["train_losses"][-cfg.log.log_every:]
                 logged = {"train/loss": sum(recent) / len(recent), "train/lr": scheduler.get_last_lr()[0],
                           "train/grad_norm": grad_norm, "train/tokens_per_s": tokens / elapsed,
+                          "train/tokens": tokens, "train/seconds": elapsed,
                           "train/skipped_steps": state["skipped_steps"]}
                 logged.update(_memory_stats())
                 for key, value in _memory_stats().items():
@@ -230,8 +231,7 @@ def accumulate_gradients(model, batches: list[dict], accelerator) -> tuple[float
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         # Gradients are all-reduced once per window, on its last micro-batch.
         with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            summed = summed_token_loss(logits, batch["labels"])
+            summed = forward_summed_loss(model, batch)
             # DDP averages gradients over ranks; multiplying by `world` turns that into a sum.
             accelerator.backward(summed * world / max(n_labels, 1))
         loss_sum += summed.detach()
@@ -250,8 +250,7 @@ def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator) ->
     n_tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     for b in batches[accelerator.process_index::accelerator.num_processes]:
         batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in b], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += summed_token_loss(logits, batch["labels"]).double()
+        loss_sum += forward_summed_loss(model, batch).double()
         n_tokens += count_label_tokens(batch["labels"])
     loss_sum = accelerator.reduce(loss_sum, reduction="sum")
     n_tokens = accelerator.reduce(n_tokens, reduction="sum")

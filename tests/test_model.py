@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from summ.config import config_from_dict
@@ -28,3 +29,21 @@ def test_default_targets_follow_the_architecture():
     cfg = config_from_dict({"model": {"name_or_path": str(FIXTURES / "phi-2")}, "data": {"dataset": "x"}})
     model = lora_on_meta(cfg)
     assert model.get_nb_trainable_parameters()[0] == 10_485_760
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_frozen_weights_stay_in_compute_dtype_unless_asked(tmp_path, upcast):
+    import dataclasses
+
+    from summ.model import build_model
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, quant=True)
+    cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, upcast_frozen=upcast))
+    model = build_model(cfg, torch.device("cpu"), torch.bfloat16)
+    frozen = torch.float32 if upcast else torch.bfloat16
+    assert model.get_input_embeddings().weight.dtype == frozen
+    assert model.get_output_embeddings().weight.dtype == frozen
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)

@@ -58,6 +58,34 @@ def test_accumulation_normalises_by_window_tokens(tmp_path, arch, quant):
     assert (flat(naive) - flat(together)).norm() / flat(together).norm() > 1e-3
 
 
+@pytest.mark.parametrize("arch", ["phi", "llama"])
+def test_head_on_labelled_positions_gives_the_full_loss_and_gradient(tmp_path, arch):
+    """forward_summed_loss runs the LM head only where a label is; loss and gradients must equal
+    those of full logits."""
+    import torch.nn.functional as F
+
+    from summ.loss import forward_summed_loss
+
+    cfg = tiny_config(tmp_path, arch)
+    tok, ex = examples_for(cfg, 3)
+    ex[1].input_ids, ex[1].labels = ex[1].input_ids[:90], ex[1].labels[:90]  # rows end at different places
+    ex[1].labels[-10:] = ex[1].input_ids[-10:]
+    batch = collate(ex, tok.pad_token_id)
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
+    model.train()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    full = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    full.backward()
+    expected = lora_grads(model)
+    model.zero_grad()
+    kept = forward_summed_loss(model, batch)
+    kept.backward()
+    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-4)
+    for name, grad in lora_grads(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6)
+
+
 def test_train_bs1_ga4_matches_bs4_ga1(tmp_path):
     runs = []
     for mbs, ga in ((1, 4), (4, 1)):
@@ -199,18 +227,18 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     import summ.train as tr
 
-    real = tr.summed_token_loss
+    real = tr.forward_summed_loss
     calls = {"n": 0}
 
     def poisoned_on(bad_calls):
-        def loss(logits, labels):
+        def loss(model, batch):
             calls["n"] += 1
-            value = real(logits, labels)
+            value = real(model, batch)
             return value * float("nan") if calls["n"] in bad_calls else value
         return loss
 
     # One bad micro-batch: its window is skipped, counted, and the run goes on.
-    monkeypatch.setattr(tr, "summed_token_loss", poisoned_on({3}))
+    monkeypatch.setattr(tr, "forward_summed_loss", poisoned_on({3}))
     result = train(tiny_config(tmp_path / "one", eval={"at_end": False}))
     assert result.metrics["skipped_steps"] == 1 and result.steps == 3
     assert math.isnan(result.train_losses[1]) and all(math.isfinite(x) for x in result.train_losses[::2])
@@ -218,7 +246,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     # Every step bad from step 2 on: stop at step 3, the second bad one in a row. A skipped step
     # applies no update, so the checkpoint written after step 2 still holds finite step-1 weights.
     calls["n"] = 0
-    monkeypatch.setattr(tr, "summed_token_loss", poisoned_on(set(range(3, 100))))
+    monkeypatch.setattr(tr, "forward_summed_loss", poisoned_on(set(range(3, 100))))
     cfg = tiny_config(tmp_path / "many", train={"epochs": 3, "save_every": 1, "max_consecutive_bad_steps": 2})
     with pytest.raises(TrainingDiverged, match=r"2 optimizer steps in a row .*\(step 3\).*step-0000002"):
         train(cfg)

@@ -1,0 +1,296 @@
+"""Training speed and memory: our loop against two HF Trainer peers, on the same rows, in one invocation.
+
+    python benchmarks/bench_train.py --data-xsum DIR --data-cnn DIR [--models phi2 tinyllama] [--t4]
+    python benchmarks/bench_train.py --tiny          # seconds on a CPU; what CI runs to keep this working
+
+Peers (both HF Trainer, NF4 + double quant, LoRA r16 on the reference targets,
+prepare_model_for_kbit_training, gradient checkpointing, paged_adamw_8bit):
+  reference  batch 1 x accumulation 8, padded to max_length, fp16 (the recipe being reproduced)
+  tuned      batch 16 x accumulation 1, dynamic padding, bf16 (what a careful user sets)
+and ours: summ.train.train() itself, with micro-batches sized by a token budget.
+
+Weights are random, built once from the real configs (tests/fixtures); sequence lengths come from
+real rows tokenized with the real tokenizers. Each runner is its own process, under a GPU memory cap
+(15 GiB by default, a T4's usable memory); `--t4` adds our loop in fp16 without flash attention.
+Output: JSON and a markdown table (with device and library versions) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODELS = {
+    "phi2": {"config": "configs/xsum.json", "fixture": "tests/fixtures/phi-2", "data": "xsum"},
+    "tinyllama": {"config": "configs/cnn_dailymail.json", "fixture": "tests/fixtures/tinyllama", "data": "cnn"},
+}
+TINY_OVERRIDES = {
+    "phi2": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+             "num_key_value_heads": 4},
+    "tinyllama": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 16},
+}
+
+
+# ----------------------------------------------------------------------------- shared setup
+
+
+def run_config(args, model: str, out_dir: Path, extra: tuple[str, ...] = ()):
+    from summ.config import load_config
+
+    spec = MODELS[model]
+    tiny = args.tiny
+    sets = [
+        "model.init=random", f"model.name_or_path={REPO / spec['fixture']}",
+        f"data.dataset={args.data[spec['data']]}", "data.train_split=train", "data.eval_split=validation",
+        f"data.max_train_rows={args.rows}", "data.max_eval_rows=1",
+        f"train.max_steps={args.warmup + args.steps}", "train.warmup_steps=0", "train.save_every=100000",
+        "eval.at_start=false", "eval.at_end=false", "eval.eval_every=0", "eval.generate=false",
+        f"log.output_dir={out_dir}", "log.log_every=1", "log.tensorboard=false", "log.progress_bar=false",
+    ]
+    if tiny:
+        sets += ["model.config_overrides=" + json.dumps(TINY_OVERRIDES[model]), "data.max_length=128",
+                 "data.min_article_tokens=16", "quant.compute_dtype=float32", "train.mixed_precision=no",
+                 "model.attn_implementation=eager"]
+    return load_config(REPO / spec["config"], sets + list(extra))
+
+
+def encoded_rows(cfg):
+    from summ.data import Encoder, encode_rows, load_rows
+    from summ.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+    rows, _ = load_rows(cfg.data, cfg.data.train_split, cfg.data.max_train_rows)
+    return tokenizer, encode_rows(Encoder(tokenizer, cfg.data), rows, "bench")
+
+
+def cap_memory(cap_gib: float) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total))
+
+
+def summarize_steps(step_seconds: list[float], step_tokens: list[int], warmup: int) -> dict:
+    seconds, tokens = step_seconds[warmup:], step_tokens[warmup:]
+    total = sum(seconds)
+    return {"measured_steps": len(seconds), "non_pad_tokens_per_s": sum(tokens) / total,
+            "steps_per_s": len(seconds) / total, "s_per_step_median": statistics.median(seconds),
+            "s_per_step_min": min(seconds), "s_per_step_max": max(seconds),
+            "s_per_step_stdev": statistics.stdev(seconds) if len(seconds) > 1 else 0.0}
+
+
+def memory() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"peak_allocated_gib": None, "peak_reserved_gib": None}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+# ----------------------------------------------------------------------------- runners (one process each)
+
+
+def run_trainer_peer(args, model: str, runner: str) -> dict:
+    """The HF Trainer recipe, as a user of the reference notebook would run it."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from summ.data import collate
+    from summ.model import load_base_model, peft_lora_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = run_config(args, model, Path(tmp))
+        tokenizer, examples = encoded_rows(cfg)
+        reference = runner == "reference"
+        on_gpu = torch.cuda.is_available()
+        half = (torch.float16 if reference else torch.bfloat16) if on_gpu else torch.float32
+        # --tiny keeps the shapes of the recipes at a size a handful of fixture rows can feed.
+        batch, accumulation = ((1, 2) if reference else (2, 1)) if args.tiny else ((1, 8) if reference else (16, 1))
+        pad_to = cfg.data.max_length if reference else 8
+
+        base = load_base_model(cfg, torch.device("cuda" if on_gpu else "cpu"), half)
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+        peft_model = get_peft_model(base, peft_lora_config(cfg, base.config.model_type))
+
+        class Sequential(Trainer):
+            # In order, so the tokens of each step are known.
+            def _get_train_sampler(self, *a, **k):
+                return SequentialSampler(self.train_dataset)
+
+        class Timer(TrainerCallback):
+            def __init__(self):
+                self.marks = []
+
+            def on_train_begin(self, *a, **k):
+                self.marks.append(time.perf_counter())
+
+            def on_step_end(self, *a, **k):
+                if on_gpu:
+                    torch.cuda.synchronize()
+                self.marks.append(time.perf_counter())
+
+        timer = Timer()
+        steps = args.warmup + args.steps
+        training_args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+            max_steps=steps, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0,
+            fp16=on_gpu and reference, bf16=on_gpu and not reference, use_cpu=not on_gpu,
+            optim="paged_adamw_8bit", gradient_checkpointing=True, logging_steps=10**6, save_strategy="no",
+            report_to="none", remove_unused_columns=False, dataloader_num_workers=0, seed=0)
+        data = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+        trainer = Sequential(model=peft_model, args=training_args, train_dataset=data, callbacks=[timer],
+                             data_collator=lambda rows: collate(
+                                 [type(examples[0])(r["input_ids"], r["labels"]) for r in rows],
+                                 tokenizer.pad_token_id, pad_to_multiple_of=pad_to))
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        per_step = batch * accumulation
+        tokens = [sum(len(e.input_ids) for e in examples[i * per_step:(i + 1) * per_step]) for i in range(steps)]
+        seconds = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
+        return {**summarize_steps(seconds, tokens, args.warmup), **memory(),
+                "micro_batch": f"{batch} rows" + (f" padded to {pad_to}" if reference else " (dynamic padding)"),
+                "accumulation": accumulation, "dtype": str(half).replace("torch.", "")}
+
+
+def run_ours(args, model: str, runner: str) -> dict:
+    import torch
+
+    from summ.train import mixed_precision_mode, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t4 = runner == "ours_t4"
+        sets = [f"train.micro_batch_tokens={args.tokens}", "train.micro_batch_size=1000", "train.grad_accum_steps=1"]
+        if t4:
+            torch.backends.cuda.enable_flash_sdp(False)  # a T4 (sm75) has no flash-attention kernels
+            sets += ["train.mixed_precision=fp16", "quant.compute_dtype=float16"]
+        cfg = run_config(args, model, Path(tmp), tuple(sets))
+        result = train(cfg)
+        logs = [json.loads(x) for x in (Path(tmp) / "log.jsonl").read_text().splitlines()]
+        steps = [x for x in logs if "train/tokens" in x]
+        return {**summarize_steps([x["train/seconds"] for x in steps], [x["train/tokens"] for x in steps],
+                                  args.warmup),
+                "peak_allocated_gib": result.metrics.get("memory/peak_allocated_gib"),
+                "peak_reserved_gib": result.metrics.get("memory/peak_reserved_gib"),
+                "micro_batch": f"token budget {args.tokens} (length-grouped)", "accumulation": 1,
+                "dtype": mixed_precision_mode(cfg.train.mixed_precision), "final_train_loss": result.train_losses[-1]}
+
+
+RUNNERS = {"reference": run_trainer_peer, "tuned": run_trainer_peer, "ours": run_ours, "ours_t4": run_ours}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def environment() -> dict:
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    try:
+        import bitsandbytes
+        bnb = bitsandbytes.__version__
+    except ImportError:
+        bnb = None
+    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__, "bitsandbytes": bnb,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+             f"accelerate {env['accelerate']}, bitsandbytes {env['bitsandbytes']}; {env['date']}.",
+             f"Command: `{results['command']}`", "",
+             "| model | runner | dtype | micro-batch | non-pad tok/s | opt steps/s | s/step median (min-max) "
+             "| peak alloc / reserved GiB | tok/s vs reference | tok/s vs tuned |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for model, runs in results["models"].items():
+        ref = runs.get("reference", {}).get("non_pad_tokens_per_s")
+        tuned = runs.get("tuned", {}).get("non_pad_tokens_per_s")
+        for runner, r in runs.items():
+            if "error" in r:
+                lines.append(f"| {model} | {runner} | | | failed: {r['error'][:80]} | | | | | |")
+                continue
+            mem = ("n/a" if r["peak_allocated_gib"] is None
+                   else f"{r['peak_allocated_gib']:.2f} / {r['peak_reserved_gib']:.2f}")
+            tps = r["non_pad_tokens_per_s"]
+            lines.append(
+                f"| {model} | {runner} | {r['dtype']} | {r['micro_batch']} | {tps:,.0f} | {r['steps_per_s']:.3f} | "
+                f"{r['s_per_step_median']:.3f} ({r['s_per_step_min']:.3f}-{r['s_per_step_max']:.3f}) | {mem} | "
+                f"{tps / ref:.2f}x | {tps / tuned:.2f}x |" if ref and tuned else
+                f"| {model} | {runner} | {r['dtype']} | {r['micro_batch']} | {tps:,.0f} | {r['steps_per_s']:.3f} | "
+                f"{r['s_per_step_median']:.3f} | {mem} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["phi2", "tinyllama"], choices=sorted(MODELS))
+    parser.add_argument("--runners", nargs="+", default=["reference", "tuned", "ours"], choices=sorted(RUNNERS))
+    parser.add_argument("--t4", action="store_true", help="also run our loop in the T4 profile (fp16, no flash)")
+    parser.add_argument("--data-xsum", default=str(REPO / "data" / "xsum_sample"))
+    parser.add_argument("--data-cnn", default=str(REPO / "tests" / "fixtures" / "cnn_tiny"))
+    parser.add_argument("--rows", type=int, default=600, help="training rows read (enough for every runner)")
+    parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
+    parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
+    parser.add_argument("--tokens", type=int, default=8192, help="our micro-batch token budget")
+    parser.add_argument("--cap-gib", type=float, default=15.0, help="GPU memory cap per runner")
+    parser.add_argument("--tiny", action="store_true", help="2-layer models, CPU-sized: keeps the script working")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "RUNNER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.data = {"xsum": args.data_xsum, "cnn": args.data_cnn}
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    if args.child:
+        model, runner = args.child
+        cap_memory(args.cap_gib)
+        print("RESULT " + json.dumps(RUNNERS[runner](args, model, runner)), flush=True)
+        return 0
+
+    runners = args.runners + (["ours_t4"] if args.t4 else [])
+    results = {"environment": environment(), "command": " ".join(["python"] + sys.argv), "models": {}}
+    for model in args.models:
+        results["models"][model] = {}
+        for runner in runners:
+            child = [sys.executable, __file__, *sys.argv[1:], "--child", model, runner]
+            started = time.perf_counter()
+            proc = subprocess.run(child, capture_output=True, text=True)
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                results["models"][model][runner] = {"error": tail[0]}
+                print(f"{model}/{runner}: FAILED ({tail[0]})\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            results["models"][model][runner] = json.loads(lines[-1][len("RESULT "):])
+            print(f"{model}/{runner}: {results['models'][model][runner]['non_pad_tokens_per_s']:,.0f} tok/s "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_train.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (out / "bench_train.md").write_text(table)
+    print(table)
+    return 0 if all("error" not in r for runs in results["models"].values() for r in runs.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

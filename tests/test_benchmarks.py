@@ -1,0 +1,23 @@
+"""The benchmark scripts are run at tiny size on CPU so they keep working; their numbers are not checked."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).parents[1]
+
+
+def test_bench_train_runs_all_runners_tiny(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--tiny", "--steps", "2", "--warmup", "1",
+           "--rows", "12", "--tokens", "256", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "bench_train.json").read_text())
+    for model in ("phi2", "tinyllama"):
+        runs = results["models"][model]
+        assert set(runs) == {"reference", "tuned", "ours"}
+        for r in runs.values():
+            assert r["measured_steps"] == 2 and r["non_pad_tokens_per_s"] > 0
+    table = (tmp_path / "bench_train.md").read_text()
+    assert "| phi2 | reference |" in table and "| tinyllama | ours |" in table
