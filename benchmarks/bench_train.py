@@ -175,7 +175,7 @@ def run_ours(args, model: str, runner: str) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         t4 = runner == "ours_t4"
-        sets = [f"train.micro_batch_tokens={args.tokens}", "train.micro_batch_size=1000", "train.grad_accum_steps=1"]
+        sets = [f"train.micro_batch_tokens={args.tokens}", "train.grad_accum_steps=1"]
         if t4:
             torch.backends.cuda.enable_flash_sdp(False)  # a T4 (sm75) has no flash-attention kernels
             sets += ["train.mixed_precision=fp16", "quant.compute_dtype=float16"]
