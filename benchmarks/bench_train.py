@@ -175,7 +175,7 @@ def run_ours(args, model: str, runner: str) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         t4 = runner == "ours_t4"
-        sets = [f"train.micro_batch_tokens={args.tokens}", "train.grad_accum_steps=1"]
+        sets = [f"train.micro_batch_tokens={args.tokens}", "train.grad_accum_steps=1", *args.overrides]
         if t4:
             torch.backends.cuda.enable_flash_sdp(False)  # a T4 (sm75) has no flash-attention kernels
             sets += ["train.mixed_precision=fp16", "quant.compute_dtype=float16"]
@@ -252,6 +252,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
     parser.add_argument("--tokens", type=int, default=8192, help="our micro-batch token budget")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for our runners, e.g. --set model.gradient_checkpointing=false")
     parser.add_argument("--cap-gib", type=float, default=15.0, help="GPU memory cap per runner")
     parser.add_argument("--tiny", action="store_true", help="2-layer models, CPU-sized: keeps the script working")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
