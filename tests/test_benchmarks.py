@@ -21,3 +21,15 @@ def test_bench_train_runs_all_runners_tiny(tmp_path):
             assert r["measured_steps"] == 2 and r["non_pad_tokens_per_s"] > 0
     table = (tmp_path / "bench_train.md").read_text()
     assert "| phi2 | reference |" in table and "| tinyllama | ours |" in table
+
+
+def test_profile_vram_runs_tiny(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "profile_vram.py"), "--tiny", "--rows", "12", "--tokens", "256",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "vram_breakdown.json").read_text())
+    parts = result["bytes"]
+    assert parts["LoRA parameters"] > 0 and parts["optimizer state"] > 0
+    assert parts["other frozen weights (embeddings, lm_head, norms)"] > parts["LoRA parameters"]
+    assert "| LoRA parameters |" in (tmp_path / "vram_breakdown.md").read_text()

@@ -1,0 +1,182 @@
+"""Where the GPU memory of one optimizer step goes, for one model and our loop.
+
+    python benchmarks/profile_vram.py --model phi2 --data-xsum DIR [--tokens 16384] [--set key=value ...]
+    python benchmarks/profile_vram.py --tiny        # CPU: the static breakdown only, keeps the script working
+
+Writes under --out:
+  vram_breakdown.json / .md   4-bit weights (with quantization constants), other frozen weights, LoRA
+                              parameters and gradients, optimizer state, and the step's transient
+                              memory (activations, recompute, logits and loss) from the allocator's peak
+  memory_snapshot.pickle      torch.cuda.memory snapshot of the step: drag it into
+                              https://pytorch.org/memory_viz
+  memory_timeline.png         allocated memory across the step (needs matplotlib)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import MODELS, REPO, cap_memory, encoded_rows, run_config  # noqa: E402
+
+GIB = 2**30
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def quantized_bytes(model) -> tuple[int, set]:
+    """Packed 4-bit weights plus their quantization constants (absmax, nested double-quant state)."""
+    import bitsandbytes as bnb
+
+    total, seen = 0, set()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = module.weight
+            seen.add(id(weight))
+            total += tensor_bytes([weight.data])
+            state = getattr(weight, "quant_state", None)
+            if state is not None:
+                total += tensor_bytes([state.absmax, state.code])
+                if getattr(state, "nested", False):
+                    total += tensor_bytes([state.state2.absmax, state.state2.code])
+    return total, seen
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    import torch
+
+    return tensor_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+
+
+def timeline_png(snapshot: dict, start_bytes: int, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    allocated, points = start_bytes, []
+    for event in snapshot["device_traces"][0]:
+        if event["action"] == "alloc":
+            allocated += event["size"]
+        elif event["action"] == "free_completed":
+            allocated -= event["size"]
+        else:
+            continue
+        points.append(allocated / GIB)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.plot(points, linewidth=0.8)
+    ax.set_xlabel("allocator event (one optimizer step)")
+    ax.set_ylabel("allocated GiB")
+    ax.set_title("GPU memory across one optimizer step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> int:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="phi2", choices=sorted(MODELS))
+    parser.add_argument("--data-xsum", default=str(REPO / "data" / "xsum_sample"))
+    parser.add_argument("--data-cnn", default=str(REPO / "tests" / "fixtures" / "cnn_tiny"))
+    parser.add_argument("--rows", type=int, default=600)
+    parser.add_argument("--tokens", type=int, default=None, help="micro-batch token budget (default: the config's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--cap-gib", type=float, default=15.0)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    args.data = {"xsum": args.data_xsum, "cnn": args.data_cnn}
+    args.steps, args.warmup = 1, 0
+
+    from accelerate import Accelerator
+
+    from summ.data import collate, plan_batches
+    from summ.model import build_model, resolve_compute_dtype
+    from summ.train import accumulate_gradients, make_optimizer, mixed_precision_mode
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cap_memory(args.cap_gib)
+    extra = list(args.overrides) + ([f"train.micro_batch_tokens={args.tokens}"] if args.tokens else [])
+    cfg = run_config(args, args.model, out / "unused-run", tuple(extra))
+    tokenizer, examples = encoded_rows(cfg)
+    accelerator = Accelerator(mixed_precision=mixed_precision_mode(cfg.train.mixed_precision))
+    device, cuda = accelerator.device, accelerator.device.type == "cuda"
+    model = build_model(cfg, device, resolve_compute_dtype(cfg.quant.compute_dtype, device))
+    optimizer = make_optimizer(model, cfg.train, device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    t = cfg.train
+    plan = plan_batches([len(e.input_ids) for e in examples], micro_batch_size=t.micro_batch_size,
+                        micro_batch_tokens=t.micro_batch_tokens, seed=t.seed, epoch=0,
+                        length_grouping=t.length_grouping)
+    # The first window holds the longest micro-batch: the step that sets the peak.
+    window = [collate([examples[i] for i in b], tokenizer.pad_token_id) for b in plan[:t.grad_accum_steps]]
+
+    quant, quantized_ids = quantized_bytes(model) if cfg.quant.enabled else (0, set())
+    params = list(model.parameters())
+    lora = [p for p in params if p.requires_grad]
+    other_frozen = [p for p in params if not p.requires_grad and id(p) not in quantized_ids]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        static = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.memory._record_memory_history(max_entries=500_000)
+    model.train()
+    accumulate_gradients(model, window, accelerator)
+    accelerator.clip_grad_norm_(lora, t.max_grad_norm or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    rows = {
+        "4-bit weights + quantization constants": quant,
+        "other frozen weights (embeddings, lm_head, norms)": tensor_bytes(other_frozen),
+        "LoRA parameters": tensor_bytes(lora),
+        "LoRA gradients (fp32, freed after the step)": tensor_bytes(lora),
+        "optimizer state": optimizer_state_bytes(optimizer),
+    }
+    labelled = sum(int((b["labels"][:, 1:] != -100).any(0).sum()) * b["labels"].shape[0] for b in window)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows["logits + fp32 loss copy, largest micro-batch (estimate)"] = max(
+        int((b["labels"][:, 1:] != -100).any(0).sum()) * b["labels"].shape[0] for b in window) * vocab * (2 + 4)
+    result = {"model": args.model, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+              "micro_batches": [list(b["input_ids"].shape) for b in window],
+              "non_pad_tokens": sum(int(b["attention_mask"].sum()) for b in window),
+              "labelled_positions_computed": labelled, "bytes": rows}
+    if cuda:
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        with open(out / "memory_snapshot.pickle", "wb") as f:
+            pickle.dump(snapshot, f)
+        peak = torch.cuda.max_memory_allocated()
+        result.update({"static_before_step": static, "peak_allocated": peak,
+                       "transient_peak_over_static": peak - static,
+                       "peak_reserved": torch.cuda.max_memory_reserved(),
+                       "timeline_png": timeline_png(snapshot, static, out / "memory_timeline.png")})
+    (out / "vram_breakdown.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Memory of one optimizer step: {args.model} on {result['device']}", "",
+             f"Micro-batches (rows x padded length): {result['micro_batches']}; non-pad tokens "
+             f"{result['non_pad_tokens']}.", "", "| part | GiB |", "|---|---|"]
+    lines += [f"| {k} | {v / GIB:.3f} |" for k, v in rows.items()]
+    if cuda:
+        lines += [f"| allocated before the step (weights, LoRA, optimizer state) | {static / GIB:.3f} |",
+                  f"| **peak allocated during the step** | **{peak / GIB:.3f}** |",
+                  f"| transient: activations, recompute, logits, loss, gradients | {(peak - static) / GIB:.3f} |",
+                  f"| peak reserved | {result['peak_reserved'] / GIB:.3f} |"]
+    (out / "vram_breakdown.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
