@@ -7,9 +7,9 @@ Writes under --out:
   vram_breakdown.json / .md   4-bit weights (with quantization constants), other frozen weights, LoRA
                               parameters and gradients, optimizer state, and the step's transient
                               memory (activations, recompute, logits and loss) from the allocator's peak
-  memory_snapshot.pickle      torch.cuda.memory snapshot of the step: drag it into
+  memory_snapshot.pickle      with --snapshot: torch.cuda.memory snapshot of the step, for
                               https://pytorch.org/memory_viz
-  memory_timeline.png         allocated memory across the step (needs matplotlib)
+  memory_timeline.png         with --snapshot: allocated memory across the step (needs matplotlib)
 """
 
 from __future__ import annotations
@@ -92,6 +92,10 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--cap-gib", type=float, default=15.0)
     parser.add_argument("--tiny", action="store_true")
+    # Off by default: on the lent H100 (torch 2.11.0+cu130) recording the allocator history made the
+    # first dropout of the step fail with "SystemError: ... returned NULL without setting an exception".
+    parser.add_argument("--snapshot", action="store_true",
+                        help="also record the allocator history: memory_snapshot.pickle and memory_timeline.png")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     args.data = {"xsum": args.data_xsum, "cnn": args.data_cnn}
@@ -131,7 +135,8 @@ def main() -> int:
         torch.cuda.empty_cache()
         static = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        torch.cuda.memory._record_memory_history(max_entries=500_000)
+        if args.snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
     model.train()
     accumulate_gradients(model, window, accelerator)
     accelerator.clip_grad_norm_(lora, t.max_grad_norm or float("inf"))
@@ -154,15 +159,16 @@ def main() -> int:
               "non_pad_tokens": sum(int(b["attention_mask"].sum()) for b in window),
               "labelled_positions_computed": labelled, "bytes": rows}
     if cuda:
-        snapshot = torch.cuda.memory._snapshot()
-        torch.cuda.memory._record_memory_history(enabled=None)
-        with open(out / "memory_snapshot.pickle", "wb") as f:
-            pickle.dump(snapshot, f)
         peak = torch.cuda.max_memory_allocated()
         result.update({"static_before_step": static, "peak_allocated": peak,
                        "transient_peak_over_static": peak - static,
-                       "peak_reserved": torch.cuda.max_memory_reserved(),
-                       "timeline_png": timeline_png(snapshot, static, out / "memory_timeline.png")})
+                       "peak_reserved": torch.cuda.max_memory_reserved()})
+        if args.snapshot:
+            snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            with open(out / "memory_snapshot.pickle", "wb") as f:
+                pickle.dump(snapshot, f)
+            result["timeline_png"] = timeline_png(snapshot, static, out / "memory_timeline.png")
     (out / "vram_breakdown.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Memory of one optimizer step: {args.model} on {result['device']}", "",
              f"Micro-batches (rows x padded length): {result['micro_batches']}; non-pad tokens "
