@@ -127,6 +127,10 @@ class EvalConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    # Guards against the loops a small model falls into ("I'm not sure I'm ready to talk about it. I'm not...").
+    # 0 and 1.0 switch them off.
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
     # Generation also stops at these strings (the summary's end, or the next template marker); EOS always stops it.
     stop_strings: tuple = ("###",)
     bootstrap_resamples: int = 1000
@@ -323,6 +327,7 @@ def validate(config: RunConfig, source: str = "<config>") -> None:
         "eval.batch_size": e.batch_size, "log.log_every": log.log_every, "data.max_length": d.max_length,
         "eval.generate_batch_size": e.generate_batch_size, "eval.max_new_tokens": e.max_new_tokens,
         "eval.num_beams": e.num_beams, "eval.temperature": e.temperature, "eval.top_p": e.top_p,
+        "eval.repetition_penalty": e.repetition_penalty,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -335,6 +340,7 @@ def validate(config: RunConfig, source: str = "<config>") -> None:
             fail(key, "> 0 or null")
     for key, value in {"train.weight_decay": t.weight_decay, "train.warmup_steps": t.warmup_steps,
                        "eval.bootstrap_resamples": e.bootstrap_resamples,
+                       "eval.no_repeat_ngram_size": e.no_repeat_ngram_size,
                        "train.max_grad_norm": t.max_grad_norm, "eval.eval_every": e.eval_every,
                        "data.min_article_tokens": d.min_article_tokens}.items():
         if value < 0:

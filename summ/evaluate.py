@@ -46,7 +46,8 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     pad = tokenizer.pad_token_id
     kwargs = dict(max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, do_sample=ev.do_sample,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=True)
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=True,
+                  no_repeat_ngram_size=ev.no_repeat_ngram_size, repetition_penalty=ev.repetition_penalty)
     if ev.do_sample:
         kwargs.update(temperature=ev.temperature, top_p=ev.top_p)
     else:
@@ -140,6 +141,7 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
         "stop_reasons": stop_counts,
         "stopped_by_itself_share": 1 - stop_counts["max_new_tokens"] / max(len(generations), 1),
         "generation": {"max_new_tokens": ev.max_new_tokens, "num_beams": ev.num_beams, "do_sample": ev.do_sample,
+                       "no_repeat_ngram_size": ev.no_repeat_ngram_size, "repetition_penalty": ev.repetition_penalty,
                        "stop_strings": list(ev.stop_strings), **speed},
         "errors": aggregate_errors(analyses),
     }

@@ -75,6 +75,26 @@ def test_left_padded_batches_match_one_by_one_and_stop(tmp_path):
     assert ended[0].stop_reason == "eos" and ended[0].new_tokens <= 3
 
 
+def test_no_repeat_ngram_size_reaches_generation(tmp_path):
+    cfg = tiny_config(tmp_path)
+    tok = load_tokenizer(cfg)
+    tok.padding_side = "left"
+    encoder = Encoder(tok, cfg.data)
+    model = load_for_inference(cfg, torch.device("cpu"), torch.float32)
+    outputs = []
+    generate = model.generate
+    model.generate = lambda **kw: outputs.append(generate(**kw)[:, kw["input_ids"].shape[1]:]) or \
+        torch.cat([kw["input_ids"], outputs[-1]], dim=1)
+
+    def repeats(new_ids):
+        return any(len(set(row.tolist())) < len(row) for row in new_ids)
+
+    greedy(model, tok, encoder, ARTICLES, max_new_tokens=32, stop_strings=())
+    assert repeats(outputs[-1])  # the random model repeats tokens when left alone...
+    greedy(model, tok, encoder, ARTICLES, max_new_tokens=32, stop_strings=(), no_repeat_ngram_size=1)
+    assert not repeats(outputs[-1])  # ...and never once the guard is on
+
+
 def test_template_markers_come_from_the_prompt():
     cfg = tiny_config("unused")
     assert template_markers(cfg.data.template, ("###",)) == ("###", "### Article:", "### Instruction:",
