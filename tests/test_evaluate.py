@@ -46,12 +46,16 @@ def greedy(model, tok, encoder, articles, **ev):
     return generate_summaries(model, tok, encoder, articles, cfg, torch.device("cpu"))[0]
 
 
-def test_left_padded_batches_match_one_by_one_and_stop(tmp_path):
+def base_for_generation(tmp_path):
+    """The tiny random Phi-2 with no adapter, its left-padding tokenizer and encoder."""
     cfg = tiny_config(tmp_path)
     tok = load_tokenizer(cfg)
     tok.padding_side = "left"
-    encoder = Encoder(tok, cfg.data)
-    model = load_for_inference(cfg, torch.device("cpu"), torch.float32)
+    return cfg, tok, Encoder(tok, cfg.data), load_for_inference(cfg, torch.device("cpu"), torch.float32)
+
+
+def test_left_padded_batches_match_one_by_one_and_stop(tmp_path):
+    cfg, tok, encoder, model = base_for_generation(tmp_path)
     articles = [ARTICLES[0], ARTICLES[1][:300], ARTICLES[2][:120]]  # three prompt lengths: real left padding
     free = greedy(model, tok, encoder, articles, max_new_tokens=8, stop_strings=())
     alone = [greedy(model, tok, encoder, [a], max_new_tokens=8, stop_strings=())[0] for a in articles]
@@ -76,11 +80,7 @@ def test_left_padded_batches_match_one_by_one_and_stop(tmp_path):
 
 
 def test_no_repeat_ngram_size_reaches_generation(tmp_path):
-    cfg = tiny_config(tmp_path)
-    tok = load_tokenizer(cfg)
-    tok.padding_side = "left"
-    encoder = Encoder(tok, cfg.data)
-    model = load_for_inference(cfg, torch.device("cpu"), torch.float32)
+    _, tok, encoder, model = base_for_generation(tmp_path)
     outputs = []
     generate = model.generate
     model.generate = lambda **kw: outputs.append(generate(**kw)[:, kw["input_ids"].shape[1]:]) or \
