@@ -188,7 +188,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except json.JSONDecodeError as e:
         raise ConfigError(f"{source}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a JSON object with sections {sorted(SECTIONS)}")
+        raise ConfigError(f"{source}: expected a JSON object with sections {sorted(_SECTION_CLASSES)}")
     return config_from_dict(raw, source, overrides)
 
 

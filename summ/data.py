@@ -206,7 +206,8 @@ class Encoder:
         self.max_length = cfg.max_length
         self.min_article_tokens = cfg.min_article_tokens
         self.eos_id = tokenizer.eos_token_id
-        fixed = len(self._split("x", "x")[0]) + len(self._split("x", "x")[2])
+        pre, _, post, _ = self._split("x", "x")
+        fixed = len(pre) + len(post)
         # One article token, one summary token and EOS must fit besides the template itself.
         if fixed + 3 > cfg.max_length:
             raise ConfigError(

@@ -107,14 +107,11 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
     run_dir = Path(run_dir)
     out_dir = run_dir / (ZERO_SHOT_DIR if zero_shot else EVAL_DIR)
     adapter_dir = None if zero_shot else run_dir / "adapter"
-    if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir}: no trained adapter (train first, or pass --zero-shot)")
     ev = cfg.eval
     accelerator = Accelerator(mixed_precision=mixed_precision_mode(cfg.train.mixed_precision))
 
     # Data first: a bad split fails before a model loads.
     tokenizer = load_tokenizer(cfg)
-    tokenizer.padding_side = "left"
     encoder = Encoder(tokenizer, cfg.data)
     rows, row_stats = load_rows(cfg.data, cfg.data.eval_split, cfg.data.max_eval_rows)
     examples = encode_rows(encoder, rows, cfg.data.eval_split)

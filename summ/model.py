@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -116,6 +117,8 @@ def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype
 def load_for_inference(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype, adapter_dir=None,
                        quantize: bool | None = None):
     """Base model plus, unless `adapter_dir` is None (zero-shot), a trained adapter; in eval mode."""
+    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no trained adapter (train first, or pass --zero-shot)")
     model = load_base_model(cfg, device, compute_dtype, quantize)
     if adapter_dir is not None:
         from peft import PeftModel

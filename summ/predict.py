@@ -52,13 +52,10 @@ def read_articles(*, text_file: str | None = None, jsonl: str | None = None, fie
 
 def summarize(cfg: RunConfig, run_dir: str | Path | None, articles: list[str]) -> list[Generation]:
     """Summaries with the run's adapter (run_dir None: the base model, zero-shot)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device()
     tokenizer = load_tokenizer(cfg)
-    tokenizer.padding_side = "left"
     encoder = Encoder(tokenizer, cfg.data)
     adapter = None if run_dir is None else Path(run_dir) / "adapter"
-    if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter}: no trained adapter")
     model = load_for_inference(cfg, device, resolve_compute_dtype(cfg.quant.compute_dtype, device), adapter)
     generations, _ = generate_summaries(model, tokenizer, encoder, articles, cfg.eval, device)
     return generations
@@ -68,12 +65,9 @@ def merge_adapter(cfg: RunConfig, run_dir: str | Path, out_dir: str | Path) -> P
     """Fold the adapter into a full-precision copy of the base weights and save it as safetensors, for
     serving without peft. Merging into 4-bit weights would round the update away, so the base is
     loaded unquantized."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device()
     dtype = resolve_compute_dtype(cfg.quant.compute_dtype, device)
-    adapter = Path(run_dir) / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter}: no trained adapter")
-    model = load_for_inference(cfg, device, dtype, adapter, quantize=False).merge_and_unload()
+    model = load_for_inference(cfg, device, dtype, Path(run_dir) / "adapter", quantize=False).merge_and_unload()
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -82,3 +76,7 @@ def merge_adapter(cfg: RunConfig, run_dir: str | Path, out_dir: str | Path) -> P
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -64,6 +64,10 @@ def test_not_json_and_missing_file(tmp_path):
     bad.write_text("{ nope")
     with pytest.raises(ConfigError, match="bad.json: not valid JSON"):
         load_config(bad)
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="list.json: expected a JSON object with sections"):
+        load_config(listed)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.json")
 

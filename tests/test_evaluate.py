@@ -4,12 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
 
 from summ.config import EvalConfig
 from summ.data import Encoder
 from summ.evaluate import evaluate_run, finish_generation, generate_summaries, template_markers
-from summ.model import build_model, load_for_inference, load_tokenizer
+from summ.model import load_for_inference, load_tokenizer
 from summ.train import train
 from tests.conftest import FIXTURES, tiny_config
 
