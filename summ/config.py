@@ -35,6 +35,12 @@ class ModelConfig:
     config_overrides: dict = field(default_factory=dict)
     trust_remote_code: bool = False
     gradient_checkpointing: bool = True
+    # How many decoder layers recompute their activations in backward (spread evenly); None: all.
+    # Fewer recomputes ~1/3 of a layer's compute each, and costs that layer's activations in memory.
+    checkpointed_layers: Optional[int] = None
+    # Swap transformers' Python GELU-tanh / RMSNorm (a chain of elementwise kernels, each saving its
+    # output for backward) for torch's fused kernels computing the same function.
+    fused_ops: bool = True
     attn_implementation: str = "sdpa"
 
 
@@ -352,6 +358,8 @@ def validate(config: RunConfig, source: str = "<config>") -> None:
             fail(key, "in [0, 1)")
     if t.adam_eps <= 0:
         fail("train.adam_eps", "> 0")
+    if m.checkpointed_layers is not None and m.checkpointed_layers < 0:
+        fail("model.checkpointed_layers", ">= 0 or null (all layers)")
     if lora.target_modules is not None and len(lora.target_modules) == 0:
         fail("lora.target_modules", "a non-empty list of module names, or null for the architecture's default")
     if d.max_length < 16:

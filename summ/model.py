@@ -87,6 +87,8 @@ def load_base_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.d
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if quantize:
         disable_bnb_cpu_repack(model)
+    if m.fused_ops:
+        fuse_elementwise_ops(model)
     return model
 
 
@@ -104,6 +106,8 @@ def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
+    if cfg.model.gradient_checkpointing and cfg.model.checkpointed_layers is not None:
+        limit_checkpointing(model, cfg.model.checkpointed_layers)
     # peft keeps adapter weights in fp32 on a half-precision base (autocast_adapter_dtype), which
     # fp16 loss scaling on a T4 needs: its unscale step refuses fp16 gradients.
     # Seeded here so adapter init does not depend on what ran before (e.g. whether cached weights existed).
@@ -112,6 +116,64 @@ def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype
     trainable, total = count_parameters(model)
     log.info("parameters: %s total, %s trainable (%.3f%%)", f"{total:,}", f"{trainable:,}", 100 * trainable / total)
     return model
+
+
+def limit_checkpointing(model, layers: int) -> list[int]:
+    """Recompute only `layers` of the decoder layers (spread evenly); the others keep their
+    activations. Returns the indices that still recompute."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise ConfigError("model.checkpointed_layers: this architecture has no checkpointable decoder layers")
+    layers = min(layers, len(blocks))
+    chosen = {round(i * len(blocks) / layers) for i in range(layers)} if layers else set()
+    for index, block in enumerate(blocks):
+        block.gradient_checkpointing = index in chosen
+    log.info("gradient checkpointing on %d of %d decoder layers", len(chosen), len(blocks))
+    return sorted(chosen)
+
+
+class FusedRMSNorm(torch.nn.Module):
+    """Llama-style RMSNorm in one kernel (torch's rms_norm), from the module it replaces."""
+
+    def __init__(self, weight: torch.nn.Parameter, eps: float):
+        super().__init__()
+        self.weight = weight
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = (hidden_states.shape[-1],)
+        if self.weight.dtype == hidden_states.dtype:
+            return torch.nn.functional.rms_norm(hidden_states, shape, self.weight, self.eps)
+        # An fp32 weight on a half-precision input (peft's upcast): promote like the original does.
+        return self.weight * torch.nn.functional.rms_norm(hidden_states, shape, None, self.eps)
+
+
+# Norms computing x / rms(x) * weight exactly (Gemma's 1 + weight variant is not one of them).
+_RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
+
+
+def fuse_elementwise_ops(model) -> dict[str, int]:
+    """Swap transformers' Python GELU-tanh and RMSNorm for torch's fused kernels.
+
+    The Python versions run ~8 elementwise kernels per call over the largest activations
+    (Phi-2's 10240-wide MLP), and autograd keeps each intermediate for backward; the fused
+    kernels compute the same function in fp32 internally and round once.
+    """
+    from transformers.activations import NewGELUActivation
+
+    swapped = {"gelu_tanh": 0, "rms_norm": 0}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, torch.nn.GELU(approximate="tanh"))
+                swapped["gelu_tanh"] += 1
+            elif type(child).__name__ in _RMSNORM_CLASSES and hasattr(child, "variance_epsilon"):
+                setattr(parent, name, FusedRMSNorm(child.weight, child.variance_epsilon))
+                swapped["rms_norm"] += 1
+    log.info("fused ops: %s", swapped)
+    return swapped
 
 
 def load_for_inference(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype, adapter_dir=None,

@@ -47,3 +47,57 @@ def test_frozen_weights_stay_in_compute_dtype_unless_asked(tmp_path, upcast):
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("arch, swapped", [("phi", "gelu_tanh"), ("llama", "rms_norm")])
+def test_fused_ops_compute_the_same_function(tmp_path, arch, swapped):
+    import dataclasses
+
+    from summ.model import load_base_model
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, arch)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for fused in (False, True):
+        c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fused_ops=fused))
+        model = load_base_model(c, torch.device("cpu"), torch.float32)
+        names = {type(m).__name__ for m in model.modules()}
+        assert ("GELU" in names or "FusedRMSNorm" in names) == fused
+        logits[fused] = model(input_ids=ids).logits
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+
+
+def test_partial_checkpointing_keeps_gradients_and_picks_spread_layers(tmp_path):
+    import dataclasses
+
+    from summ.loss import forward_summed_loss
+    from summ.model import build_model
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, "llama", model={"config_overrides": {
+        **tiny_config(tmp_path, "llama").model.config_overrides, "num_hidden_layers": 4}})
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    grads, flags = {}, {}
+    for checkpointing, layers in ((False, None), (True, None), (True, 2), (True, 0)):
+        c = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, gradient_checkpointing=checkpointing, checkpointed_layers=layers))
+        model = build_model(c, torch.device("cpu"), torch.float32)
+        model.train()
+        forward_summed_loss(model, batch).backward()
+        grads[(checkpointing, layers)] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        flags[(checkpointing, layers)] = [m.gradient_checkpointing for m in model.base_model.model.model.layers]
+    assert flags[(True, None)] == [True] * 4
+    assert flags[(True, 2)] == [True, False, True, False]
+    assert flags[(True, 0)] == [False] * 4
+    for key in ((True, None), (True, 2), (True, 0)):
+        for name, grad in grads[(False, None)].items():
+            torch.testing.assert_close(grads[key][name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_checkpointed_layers_must_not_be_negative():
+    from summ.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.checkpointed_layers"):
+        config_from_dict({"model": {"name_or_path": "x", "checkpointed_layers": -1}, "data": {"dataset": "x"}})
