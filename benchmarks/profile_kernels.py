@@ -100,10 +100,13 @@ def main() -> int:
     events = [e for e in prof.key_averages() if getattr(e, device_time, 0) > 0]
     if on_gpu:  # kernels only: CPU-side ops also carry the device time of the kernels they launch
         events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = [e for e in events if not e.key.startswith("ProfilerStep")]  # the step span, not work
     total_us = sum(getattr(e, device_time) for e in events)
     wall_s = (marks[args.warmup + args.steps - 1] - marks[args.warmup - 1]) / args.steps
     launches = sum(e.count for e in events) / args.steps
-    print(f"\n{args.model}, token budget {args.tokens}, overrides {args.overrides or 'none'}")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
+    print(f"\n{args.model}, token budget {args.tokens}, overrides {args.overrides or 'none'}; "
+          f"peak allocated {peak:.2f} GiB")
     print(f"wall per optimizer step: {wall_s:.3f} s; {'GPU' if on_gpu else 'CPU'} busy per step: "
           f"{total_us / args.steps / 1e6:.3f} s ({100 * total_us / args.steps / 1e6 / max(wall_s, 1e-9):.0f}%); "
           f"{launches:,.0f} {'kernels' if on_gpu else 'ops'} per step")
@@ -119,7 +122,7 @@ def main() -> int:
         print(f"| {e.key[:90]} | {kind_of(e.key)} | {e.count / args.steps:.0f} | {us / args.steps / 1e3:.1f} | "
               f"{100 * us / total_us:.1f}% |")
     summary = {"model": args.model, "tokens": args.tokens, "overrides": args.overrides, "wall_s_per_step": wall_s,
-               "busy_s_per_step": total_us / args.steps / 1e6, "kernels_per_step": launches,
+               "busy_s_per_step": total_us / args.steps / 1e6, "kernels_per_step": launches, "peak_allocated_gib": peak,
                "ms_per_step_by_kind": {k: v / args.steps / 1e3 for k, v in by_kind.items()}}
     print("SUMMARY " + json.dumps(summary))
     if args.trace:

@@ -134,8 +134,15 @@ def limit_checkpointing(model, layers: int) -> list[int]:
     return sorted(chosen)
 
 
+def _keeps_stream_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # bf16 only: fp16's range is too narrow to carry the residual stream safely, so an fp16 (T4)
+    # run keeps autocast's fp32 norms; fp32 weights (quant.upcast_frozen) keep the HF behaviour.
+    return x.dtype == torch.bfloat16 and weight.dtype == x.dtype
+
+
 class FusedRMSNorm(torch.nn.Module):
-    """Llama-style RMSNorm in one kernel (torch's rms_norm), from the module it replaces."""
+    """Llama-style RMSNorm in one kernel (torch's rms_norm), from the module it replaces; it
+    returns the input's dtype, as the Python original does."""
 
     def __init__(self, weight: torch.nn.Parameter, eps: float):
         super().__init__()
@@ -145,9 +152,29 @@ class FusedRMSNorm(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = (hidden_states.shape[-1],)
         if self.weight.dtype == hidden_states.dtype:
-            return torch.nn.functional.rms_norm(hidden_states, shape, self.weight, self.eps)
+            # Autocast would run rms_norm in fp32 and return fp32 (see StreamDtypeLayerNorm).
+            with torch.autocast(hidden_states.device.type, enabled=False):
+                return torch.nn.functional.rms_norm(hidden_states, shape, self.weight, self.eps)
         # An fp32 weight on a half-precision input (peft's upcast): promote like the original does.
-        return self.weight * torch.nn.functional.rms_norm(hidden_states, shape, None, self.eps)
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            normed = torch.nn.functional.rms_norm(hidden_states.float(), shape, None, self.eps)
+        return self.weight * normed.to(hidden_states.dtype)
+
+
+class StreamDtypeLayerNorm(torch.nn.LayerNorm):
+    """LayerNorm that returns bf16 for bf16 input under autocast.
+
+    CUDA autocast runs layer_norm in fp32 and returns fp32, which turns a bf16 model's whole
+    residual stream fp32 (Phi-2): every 4-bit matmul then casts its input to bf16 and its output
+    back, LoRA dropout and the residual adds run in fp32, and each layer's saved activations
+    double. The kernel accumulates in fp32 either way; only the output dtype differs.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _keeps_stream_dtype(x, self.weight):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 # Norms computing x / rms(x) * weight exactly (Gemma's 1 + weight variant is not one of them).
@@ -155,7 +182,8 @@ _RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSN
 
 
 def fuse_elementwise_ops(model) -> dict[str, int]:
-    """Swap transformers' Python GELU-tanh and RMSNorm for torch's fused kernels.
+    """Swap transformers' Python GELU-tanh and RMSNorm for torch's fused kernels, and keep
+    LayerNorm outputs in bf16 under autocast.
 
     The Python versions run ~8 elementwise kernels per call over the largest activations
     (Phi-2's 10240-wide MLP), and autograd keeps each intermediate for backward; the fused
@@ -163,7 +191,7 @@ def fuse_elementwise_ops(model) -> dict[str, int]:
     """
     from transformers.activations import NewGELUActivation
 
-    swapped = {"gelu_tanh": 0, "rms_norm": 0}
+    swapped = {"gelu_tanh": 0, "rms_norm": 0, "layer_norm": 0}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is NewGELUActivation:
@@ -172,6 +200,9 @@ def fuse_elementwise_ops(model) -> dict[str, int]:
             elif type(child).__name__ in _RMSNORM_CLASSES and hasattr(child, "variance_epsilon"):
                 setattr(parent, name, FusedRMSNorm(child.weight, child.variance_epsilon))
                 swapped["rms_norm"] += 1
+            elif type(child) is torch.nn.LayerNorm:
+                child.__class__ = StreamDtypeLayerNorm  # same parameters and state-dict keys
+                swapped["layer_norm"] += 1
     log.info("fused ops: %s", swapped)
     return swapped
 

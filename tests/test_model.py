@@ -101,3 +101,24 @@ def test_checkpointed_layers_must_not_be_negative():
 
     with pytest.raises(ConfigError, match="model.checkpointed_layers"):
         config_from_dict({"model": {"name_or_path": "x", "checkpointed_layers": -1}, "data": {"dataset": "x"}})
+
+
+def test_norms_keep_a_bf16_stream_under_autocast_and_compute_the_same_values():
+    from summ.model import FusedRMSNorm, StreamDtypeLayerNorm
+
+    x = torch.randn(3, 7, 16, dtype=torch.bfloat16)
+    layer_norm = torch.nn.LayerNorm(16, dtype=torch.bfloat16)
+    torch.nn.init.normal_(layer_norm.weight)
+    expected = torch.nn.functional.layer_norm(x.float(), (16,), layer_norm.weight.float(), layer_norm.bias.float())
+    layer_norm.__class__ = StreamDtypeLayerNorm
+    rms_weight = torch.nn.Parameter(torch.randn(16, dtype=torch.bfloat16))
+    rms = FusedRMSNorm(rms_weight, 1e-5)
+    expected_rms = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)) * rms_weight.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, out_rms = layer_norm(x), rms(x)
+    assert out.dtype == out_rms.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(out_rms.float(), expected_rms, atol=0.05, rtol=0.02)
+    # fp32 norm weights (quant.upcast_frozen) keep the original promotion to fp32
+    rms.weight = torch.nn.Parameter(rms_weight.float())
+    assert rms(x).dtype == torch.float32
