@@ -38,15 +38,15 @@ class Generation:
 
 @torch.no_grad()
 def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], ev: EvalConfig,
-                       device: torch.device) -> tuple[list[Generation], dict]:
+                       device: torch.device, min_new_tokens: int = 0) -> tuple[list[Generation], dict]:
     """Summaries for `articles`, batched with left padding and the KV cache; returns them in input
-    order with throughput figures."""
+    order with throughput figures. `min_new_tokens` forces length (benchmarks)."""
     prompts = [encoder.encode_prompt(a, ev.max_new_tokens) for a in articles]
     # Longest prompts first: similar lengths share a batch and pad little.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     pad = tokenizer.pad_token_id
     kwargs = dict(max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, do_sample=ev.do_sample,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=True,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=True, min_new_tokens=min_new_tokens,
                   no_repeat_ngram_size=ev.no_repeat_ngram_size, repetition_penalty=ev.repetition_penalty)
     if ev.do_sample:
         kwargs.update(temperature=ev.temperature, top_p=ev.top_p)
