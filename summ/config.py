@@ -98,6 +98,9 @@ class TrainConfig:
     micro_batch_tokens: Optional[int] = None
     grad_accum_steps: int = 8
     length_grouping: bool = True
+    # false: rows in file order (with length_grouping false too), e.g. to compare step by step
+    # with another trainer fed the same rows.
+    shuffle: bool = True
     optimizer: str = "paged_adamw_8bit"
     lr: float = 2e-4
     weight_decay: float = 0.0

@@ -273,7 +273,7 @@ def encode_rows(encoder: Encoder, rows: list[dict], where: str) -> list[Example]
 
 
 def plan_batches(lengths: list[int], *, micro_batch_size: int, micro_batch_tokens: int | None, seed: int,
-                 epoch: int, length_grouping: bool = True) -> list[list[int]]:
+                 epoch: int, length_grouping: bool = True, shuffle: bool = True) -> list[list[int]]:
     """The micro-batches of one epoch, as row indices; a pure function of its arguments, so a
     resumed run rebuilds exactly the plan it was following.
 
@@ -284,7 +284,8 @@ def plan_batches(lengths: list[int], *, micro_batch_size: int, micro_batch_token
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
-    rng.shuffle(order)
+    if shuffle:
+        rng.shuffle(order)
     if length_grouping:
         window = 64 * (micro_batch_size if micro_batch_tokens is None
                        else max(1, micro_batch_tokens // max(1, sorted(lengths)[len(lengths) // 2])))
@@ -304,7 +305,8 @@ def plan_batches(lengths: list[int], *, micro_batch_size: int, micro_batch_token
         if current:
             batches.append(current)
     if length_grouping:
-        rng.shuffle(batches)
+        if shuffle:
+            rng.shuffle(batches)
         longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]) * len(batches[b]))
         batches.insert(0, batches.pop(longest))
     return batches

@@ -69,7 +69,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False) -> RunResult:
     def windows_of_epoch(epoch: int) -> list[list[list[int]]]:
         """This rank's accumulation windows (lists of micro-batches of row indices) for one epoch."""
         plan = plan_batches(lengths, micro_batch_size=t.micro_batch_size, micro_batch_tokens=t.micro_batch_tokens,
-                            seed=t.seed, epoch=epoch, length_grouping=t.length_grouping)
+                            seed=t.seed, epoch=epoch, length_grouping=t.length_grouping, shuffle=t.shuffle)
         per_rank = len(plan) // world
         if per_rank == 0:
             raise ConfigError(f"data: {len(train_examples)} training rows make {len(plan)} micro-batches, "

@@ -1,9 +1,12 @@
-"""The benchmark scripts are run at tiny size on CPU so they keep working; their numbers are not checked."""
+"""The benchmark scripts run at tiny size on CPU so they keep working; speeds are not checked, the
+loss-curve equality is."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).parents[1]
 
@@ -53,3 +56,18 @@ def test_profile_kernels_runs_tiny():
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("SUMMARY "))[len("SUMMARY "):])
     assert summary["kernels_per_step"] > 0 and summary["ms_per_step_by_kind"]["matmul"] > 0
+
+
+def test_loss_curves_of_our_loop_equal_the_hf_trainer_on_equal_data_tiny(tmp_path):
+    # Same rows in the same order, same weights and adapter init, no dropout: our loop's per-step
+    # losses (levers on and off) must be the HF Trainer recipe's.
+    cmd = [sys.executable, str(REPO / "benchmarks" / "loss_curves.py"), "--tiny", "--steps", "4", "--warmup", "1",
+           "--no-dropout", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "loss_curves_no_dropout.json").read_text())
+    trainer = results["losses"]["hf_trainer"]
+    assert len(trainer) == 4 and trainer[-1] < trainer[0]
+    for runner in ("ours", "ours_hf_numerics"):
+        assert results["losses"][runner] == pytest.approx(trainer, abs=1e-4)
+    assert (tmp_path / "loss_curves_no_dropout.png").stat().st_size > 0

@@ -169,3 +169,10 @@ def test_hub_dataset_failure_is_a_clear_error():
     cfg = DataConfig(dataset="EdinburghNLP/xsum", article_field="document", summary_field="summary")
     with pytest.raises(DataError, match=r"cannot load hub dataset EdinburghNLP/xsum:train\[:5\]"):
         load_rows(cfg, "train[:5]")
+
+
+def test_plan_without_shuffle_keeps_file_order():
+    lengths = [(i * 37) % 120 + 5 for i in range(10)]
+    plan = plan_batches(lengths, micro_batch_size=3, micro_batch_tokens=None, seed=3, epoch=0,
+                        length_grouping=False, shuffle=False)
+    assert plan == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
