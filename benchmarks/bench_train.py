@@ -114,7 +114,8 @@ def run_trainer_peer(args, model: str, runner: str) -> dict:
     from summ.model import load_base_model, peft_lora_config
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = run_config(args, model, Path(tmp))
+        # Stock transformers modules: our fused ops are one of the levers being measured.
+        cfg = run_config(args, model, Path(tmp), ("model.fused_ops=false",))
         tokenizer, examples = encoded_rows(cfg)
         reference = runner == "reference"
         on_gpu = torch.cuda.is_available()

@@ -7,9 +7,12 @@ Writes under --out:
   vram_breakdown.json / .md   4-bit weights (with quantization constants), other frozen weights, LoRA
                               parameters and gradients, optimizer state, and the step's transient
                               memory (activations, recompute, logits and loss) from the allocator's peak
-  memory_snapshot.pickle      with --snapshot: torch.cuda.memory snapshot of the step, for
-                              https://pytorch.org/memory_viz
-  memory_timeline.png         with --snapshot: allocated memory across the step (needs matplotlib)
+  memory_snapshot.pickle      on a GPU: torch.cuda.memory snapshot of the step, for
+                              https://pytorch.org/memory_viz (drag the file in)
+  memory_timeline.png         on a GPU: allocated memory across the step (needs matplotlib)
+
+The measured step is the second on the first (longest) accumulation window, so the optimizer
+state exists, as in every step after the first.
 """
 
 from __future__ import annotations
@@ -92,10 +95,8 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--cap-gib", type=float, default=15.0)
     parser.add_argument("--tiny", action="store_true")
-    # Off by default: on the lent H100 (torch 2.11.0+cu130) recording the allocator history made the
-    # first dropout of the step fail with "SystemError: ... returned NULL without setting an exception".
-    parser.add_argument("--snapshot", action="store_true",
-                        help="also record the allocator history: memory_snapshot.pickle and memory_timeline.png")
+    parser.add_argument("--no-snapshot", dest="snapshot", action="store_false",
+                        help="skip recording the allocator history (memory_snapshot.pickle, memory_timeline.png)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     args.data = {"xsum": args.data_xsum, "cnn": args.data_cnn}
@@ -130,18 +131,39 @@ def main() -> int:
     params = list(model.parameters())
     lora = [p for p in params if p.requires_grad]
     other_frozen = [p for p in params if not p.requires_grad and id(p) not in quantized_ids]
+
+    def optimizer_step() -> None:
+        model.train()
+        accumulate_gradients(model, window, accelerator)
+        accelerator.clip_grad_norm_(lora, t.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    optimizer_step()  # creates the optimizer state: the measured step is a steady-state one
+    snapshot_mode = None
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         static = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        if args.snapshot:
-            torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
-    model.train()
-    accumulate_gradients(model, window, accelerator)
-    accelerator.clip_grad_norm_(lora, t.max_grad_norm or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # Stack traces make the snapshot readable in memory_viz, but recording Python stacks crashed
+    # the step on torch 2.11.0+cu130 ("SystemError: ... returned NULL without setting an
+    # exception" in dropout); then the step reruns recording allocations without stacks.
+    modes = [("alloc", "python"), (None, "python")] if cuda and args.snapshot else [None]
+    for mode in modes:
+        if mode is not None:
+            torch.cuda.memory._record_memory_history(context=mode[0], stacks=mode[1], max_entries=1_000_000)
+        try:
+            optimizer_step()
+            snapshot_mode = mode
+            break
+        except SystemError as error:
+            torch.cuda.memory._record_memory_history(enabled=None)
+            print(f"recording with {mode} failed ({error}); retrying without stack traces", file=sys.stderr)
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
 
     rows = {
         "4-bit weights + quantization constants": quant,
@@ -163,11 +185,12 @@ def main() -> int:
         result.update({"static_before_step": static, "peak_allocated": peak,
                        "transient_peak_over_static": peak - static,
                        "peak_reserved": torch.cuda.max_memory_reserved()})
-        if args.snapshot:
+        if args.snapshot and snapshot_mode is not None:
             snapshot = torch.cuda.memory._snapshot()
             torch.cuda.memory._record_memory_history(enabled=None)
             with open(out / "memory_snapshot.pickle", "wb") as f:
                 pickle.dump(snapshot, f)
+            result["snapshot_stack_traces"] = snapshot_mode[0] is not None
             result["timeline_png"] = timeline_png(snapshot, static, out / "memory_timeline.png")
     (out / "vram_breakdown.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Memory of one optimizer step: {args.model} on {result['device']}", "",
