@@ -37,6 +37,7 @@ def eval_config(args):
             f"data.max_eval_rows={args.rows}", f"eval.max_new_tokens={args.new_tokens}", "eval.stop_strings=[]"]
     if args.batch_size:
         sets.append(f"eval.generate_batch_size={args.batch_size}")
+    sets += args.overrides
     if args.tiny:
         sets += ["model.config_overrides=" + json.dumps(TINY_OVERRIDES["phi2"]), "data.max_length=128",
                  "data.min_article_tokens=16", "quant.compute_dtype=float32", "model.attn_implementation=eager"]
@@ -68,7 +69,8 @@ def run(args, runner: str) -> dict:
         generations, speed = generate_summaries(model, tokenizer, encoder, articles, cfg.eval, device,
                                                 min_new_tokens=n)
         assert all(g.new_tokens == n for g in generations), "a generation stopped early"
-        seconds, timed, how = speed["seconds"], len(articles), f"batches of {cfg.eval.generate_batch_size}"
+        seconds, timed = speed["seconds"], len(articles)
+        how = f"batches of {cfg.eval.generate_batch_size}, {cfg.eval.cache_implementation} KV cache"
     else:
         timed = min(args.reference_rows, len(articles))
         started = time.perf_counter()
@@ -95,6 +97,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, help="default: eval.generate_batch_size of configs/xsum.json")
     parser.add_argument("--reference-rows", type=int, default=20)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override, e.g. --set eval.cache_implementation=static")
     parser.add_argument("--runners", nargs="+", default=["reference", "ours"], choices=["reference", "ours"])
     parser.add_argument("--cap-gib", type=float, default=15.0)
     parser.add_argument("--tiny", action="store_true")

@@ -131,6 +131,9 @@ class EvalConfig:
     # Rows to summarize (None: all of data.eval_split after data.max_eval_rows).
     generate_rows: Optional[int] = None
     generate_batch_size: int = 16
+    # "static" preallocates each batch's KV cache (prompt + max_new_tokens) instead of growing it
+    # by concatenation every step, which fragments GPU memory at large batches.
+    cache_implementation: str = "dynamic"
     max_new_tokens: int = 64
     num_beams: int = 1
     do_sample: bool = False
@@ -183,6 +186,7 @@ CHOICES = {
     "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "eval.cache_implementation": ("dynamic", "static"),
 }
 
 

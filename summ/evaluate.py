@@ -48,6 +48,8 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
     kwargs = dict(max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, do_sample=ev.do_sample,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=True, min_new_tokens=min_new_tokens,
                   no_repeat_ngram_size=ev.no_repeat_ngram_size, repetition_penalty=ev.repetition_penalty)
+    if ev.cache_implementation == "static":
+        kwargs["cache_implementation"] = "static"
     if ev.do_sample:
         kwargs.update(temperature=ev.temperature, top_p=ev.top_p)
     else:

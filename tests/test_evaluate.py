@@ -161,3 +161,12 @@ def test_malformed_prediction_input_names_the_row(tiny_run, tmp_path, capsys):
     bad.write_text(json.dumps({"article": "fine"}) + "\n" + json.dumps({"text": "wrong key"}) + "\n")
     assert cli.main(["predict", "--run", str(run), "--jsonl", str(bad)]) == 2
     assert f"{bad}:2: expected an object with a non-empty string 'article'" in capsys.readouterr().err
+
+
+def test_static_kv_cache_generates_what_the_dynamic_one_does(tmp_path):
+    cfg, tok, encoder, model = base_for_generation(tmp_path)
+    articles = [ARTICLES[0], ARTICLES[1][:300], ARTICLES[2][:120]]
+    dynamic = greedy(model, tok, encoder, articles, max_new_tokens=8, stop_strings=())
+    static = greedy(model, tok, encoder, articles, max_new_tokens=8, stop_strings=(), cache_implementation="static")
+    assert [g.text for g in static] == [g.text for g in dynamic]
+    assert all(g.new_tokens == 8 for g in static)
