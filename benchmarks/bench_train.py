@@ -29,6 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# As run.py sets it (before torch loads), so the benchmarks measure what users run.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 MODELS = {
     "phi2": {"config": "configs/xsum.json", "fixture": "tests/fixtures/phi-2", "data": "xsum"},
