@@ -1,13 +1,15 @@
 """Training speed and memory: our loop against two HF Trainer peers, on the same rows, in one invocation.
 
     python benchmarks/bench_train.py --data-xsum DIR --data-cnn DIR [--models phi2 tinyllama] [--t4]
+    python benchmarks/bench_train.py --models phi2 --variant ck8 train.micro_batch_tokens=4096 \
+        model.checkpointed_layers=8   # one more row of our loop: a lever measured beside the others
     python benchmarks/bench_train.py --tiny          # seconds on a CPU; what CI runs to keep this working
 
 Peers (both HF Trainer, NF4 + double quant, LoRA r16 on the reference targets,
 prepare_model_for_kbit_training, gradient checkpointing, paged_adamw_8bit):
   reference  batch 1 x accumulation 8, padded to max_length, fp16 (the recipe being reproduced)
   tuned      batch 16 x accumulation 1, dynamic padding, bf16 (what a careful user sets)
-and ours: summ.train.train() itself, with micro-batches sized by a token budget.
+and ours: summ.train.train() itself, with micro-batches sized by a token budget (MODELS[...]["ours"]).
 
 Weights are random, built once from the real configs (tests/fixtures); sequence lengths come from
 real rows tokenized with the real tokenizers. Each runner is its own process, under a GPU memory cap
@@ -32,9 +34,13 @@ sys.path.insert(0, str(REPO))
 # As run.py sets it (before torch loads), so the benchmarks measure what users run.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
+# "ours": the settings our loop is benchmarked with on top of the config; "t4": the same for the T4
+# profile (fp16 keeps an fp32 residual stream, so it recomputes every layer).
 MODELS = {
-    "phi2": {"config": "configs/xsum.json", "fixture": "tests/fixtures/phi-2", "data": "xsum"},
-    "tinyllama": {"config": "configs/cnn_dailymail.json", "fixture": "tests/fixtures/tinyllama", "data": "cnn"},
+    "phi2": {"config": "configs/xsum.json", "fixture": "tests/fixtures/phi-2", "data": "xsum",
+             "ours": ("train.micro_batch_tokens=16384",), "t4": ("train.micro_batch_tokens=16384",)},
+    "tinyllama": {"config": "configs/cnn_dailymail.json", "fixture": "tests/fixtures/tinyllama", "data": "cnn",
+                  "ours": ("train.micro_batch_tokens=8192",), "t4": ("train.micro_batch_tokens=8192",)},
 }
 TINY_OVERRIDES = {
     "phi2": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
@@ -171,18 +177,45 @@ def run_trainer_peer(args, model: str, runner: str) -> dict:
                 "accumulation": accumulation, "dtype": str(half).replace("torch.", "")}
 
 
+def ours_settings(args, model: str, runner: str) -> list[str]:
+    """Config overrides of one of our runners: `ours`, `ours_t4` or a `--variant` (`ours:NAME`)."""
+    sets = ["train.grad_accum_steps=1", *MODELS[model]["t4" if runner == "ours_t4" else "ours"]]
+    if args.tokens or args.tiny:
+        sets.append(f"train.micro_batch_tokens={args.tokens or 256}")
+    sets += args.overrides
+    if runner == "ours_t4":
+        return sets + ["train.mixed_precision=fp16", "quant.compute_dtype=float16", *args.t4_overrides]
+    if runner.startswith("ours:"):
+        sets += dict(args.variants)[runner[len("ours:"):]]
+    return sets
+
+
+def describe(cfg) -> str:
+    """What a user would need to reproduce one of our rows: micro-batch and recompute settings."""
+    t, m = cfg.train, cfg.model
+    batch = (f"token budget {t.micro_batch_tokens}" if t.micro_batch_tokens else f"{t.micro_batch_size} rows") + \
+        (f" x{t.grad_accum_steps} accumulation" if t.grad_accum_steps > 1 else "") + \
+        (", length-grouped" if t.length_grouping else "")
+    if not m.gradient_checkpointing:
+        ckpt = "no checkpointing"
+    elif m.checkpointed_layers is None:
+        ckpt = "checkpointing every layer"
+    else:
+        ckpt = f"checkpointing {m.checkpointed_layers} layers"
+    extras = [x for x, on in (("fused ops off", not m.fused_ops), ("embeddings on CPU", m.embeddings_on_cpu),
+                              ("fp32 frozen weights", cfg.quant.upcast_frozen)) if on]
+    return ", ".join([batch, ckpt, *extras])
+
+
 def run_ours(args, model: str, runner: str) -> dict:
     import torch
 
     from summ.train import mixed_precision_mode, train
 
     with tempfile.TemporaryDirectory() as tmp:
-        t4 = runner == "ours_t4"
-        sets = [f"train.micro_batch_tokens={args.tokens}", "train.grad_accum_steps=1", *args.overrides]
-        if t4:
+        if runner == "ours_t4":
             torch.backends.cuda.enable_flash_sdp(False)  # a T4 (sm75) has no flash-attention kernels
-            sets += ["train.mixed_precision=fp16", "quant.compute_dtype=float16"]
-        cfg = run_config(args, model, Path(tmp), tuple(sets))
+        cfg = run_config(args, model, Path(tmp), tuple(ours_settings(args, model, runner)))
         result = train(cfg)
         logs = [json.loads(x) for x in (Path(tmp) / "log.jsonl").read_text().splitlines()]
         steps = [x for x in logs if "train/tokens" in x]
@@ -190,11 +223,15 @@ def run_ours(args, model: str, runner: str) -> dict:
                                   args.warmup),
                 "peak_allocated_gib": result.metrics.get("memory/peak_allocated_gib"),
                 "peak_reserved_gib": result.metrics.get("memory/peak_reserved_gib"),
-                "micro_batch": f"token budget {args.tokens} (length-grouped)", "accumulation": 1,
+                "micro_batch": describe(cfg), "accumulation": cfg.train.grad_accum_steps,
                 "dtype": mixed_precision_mode(cfg.train.mixed_precision), "final_train_loss": result.train_losses[-1]}
 
 
 RUNNERS = {"reference": run_trainer_peer, "tuned": run_trainer_peer, "ours": run_ours, "ours_t4": run_ours}
+
+
+def runner_function(runner: str):
+    return run_ours if runner.startswith("ours:") else RUNNERS[runner]
 
 
 # ----------------------------------------------------------------------------- driver
@@ -254,24 +291,33 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=600, help="training rows read (enough for every runner)")
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
-    parser.add_argument("--tokens", type=int, default=8192, help="our micro-batch token budget")
+    parser.add_argument("--tokens", type=int, help="our micro-batch token budget (default: MODELS[...]['ours'])")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for our runners, e.g. --set model.gradient_checkpointing=false")
+    parser.add_argument("--t4-set", dest="t4_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for the T4 profile only")
+    parser.add_argument("--variant", dest="variants", action="append", default=[], nargs="+",
+                        metavar="NAME [SECTION.KEY=VALUE ...]",
+                        help="one more row of our loop, named ours:NAME, with these overrides on top of ours")
     parser.add_argument("--cap-gib", type=float, default=15.0, help="GPU memory cap per runner")
     parser.add_argument("--tiny", action="store_true", help="2-layer models, CPU-sized: keeps the script working")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "RUNNER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.data = {"xsum": args.data_xsum, "cnn": args.data_cnn}
+    args.variants = [(v[0], v[1:]) for v in args.variants]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name, sets in args.variants:  # a typo fails here, not after the peers have run
+        for model in args.models:
+            run_config(args, model, Path(tempfile.gettempdir()), tuple(ours_settings(args, model, f"ours:{name}")))
 
     if args.child:
         model, runner = args.child
         cap_memory(args.cap_gib)
-        print("RESULT " + json.dumps(RUNNERS[runner](args, model, runner)), flush=True)
+        print("RESULT " + json.dumps(runner_function(runner)(args, model, runner)), flush=True)
         return 0
 
-    runners = args.runners + (["ours_t4"] if args.t4 else [])
+    runners = args.runners + (["ours_t4"] if args.t4 else []) + [f"ours:{name}" for name, _ in args.variants]
     results = {"environment": environment(), "command": " ".join(["python"] + sys.argv), "models": {}}
     for model in args.models:
         results["models"][model] = {}

@@ -2,16 +2,19 @@
 
     python benchmarks/loss_curves.py --data-xsum DIR --steps 25                 # the recipe, dropout on
     python benchmarks/loss_curves.py --data-xsum DIR --steps 25 --no-dropout    # numerics only
+    python benchmarks/loss_curves.py --data-xsum DIR --micro-batch 8 --accumulation 1 --set model.checkpointed_layers=8
     python benchmarks/loss_curves.py --tiny                                     # CPU, seconds
 
 Phi-2 with random weights built from the real config (the same weights for every runner), the
-reference shape (batch 1 x accumulation 8, max length 512), the rows of the data folder in file
+reference shape (batch 1 x accumulation 8, max length 512; --micro-batch/--accumulation change
+it for every runner alike), the rows of the data folder in file
 order, the same LoRA initialisation (same seed), paged 8-bit AdamW, cosine with warmup.
 
   hf_trainer   HF Trainer with prepare_model_for_kbit_training (fp32 embeddings, lm_head, norms),
                padding to max_length, full-sequence logits: the reference recipe
   ours         summ.train.train() as shipped: frozen weights in the compute dtype, fused GELU /
-               norms with a bf16 residual stream, LM head on labelled positions only
+               norms with a bf16 residual stream, LM head on labelled positions only; `--set`
+               adds levers (e.g. model.checkpointed_layers, model.embeddings_on_cpu)
   ours_hf_numerics
                summ.train.train() with those levers off (model.fused_ops=false, quant.upcast_frozen=true)
 
@@ -44,8 +47,9 @@ def curve_config(args, out_dir: Path, extra: tuple[str, ...] = ()):
         overrides["resid_pdrop"] = 0.0
     sets = ["model.init=random", f"model.name_or_path={REPO / 'tests/fixtures/phi-2'}",
             f"data.dataset={args.data_xsum}", "data.train_split=train", "data.eval_split=validation",
-            f"data.max_train_rows={args.steps * 8}", "data.max_eval_rows=1",
-            "train.micro_batch_size=1", "train.grad_accum_steps=8", "train.shuffle=false",
+            f"data.max_train_rows={args.steps * args.micro_batch * args.accumulation}", "data.max_eval_rows=1",
+            f"train.micro_batch_size={args.micro_batch}", f"train.grad_accum_steps={args.accumulation}",
+            "train.shuffle=false",
             "train.length_grouping=false", f"train.max_steps={args.steps}", f"train.warmup_steps={args.warmup}",
             "train.save_every=100000", "eval.at_start=false", "eval.at_end=false", "eval.eval_every=0",
             "eval.generate=false", f"log.output_dir={out_dir}", "log.tensorboard=false", "log.progress_bar=false",
@@ -104,7 +108,8 @@ def run_hf_trainer(args) -> list[float]:
 
         t = cfg.train
         training_args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=1, gradient_accumulation_steps=8, max_steps=t.max_steps,
+            output_dir=tmp, per_device_train_batch_size=t.micro_batch_size,
+            gradient_accumulation_steps=t.grad_accum_steps, max_steps=t.max_steps,
             learning_rate=t.lr, lr_scheduler_type="cosine", warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm, fp16=on_gpu and dtype == torch.float16,
             bf16=on_gpu and dtype == torch.bfloat16, use_cpu=not on_gpu,
@@ -123,7 +128,8 @@ def run_hf_trainer(args) -> list[float]:
 def run_ours(args, runner: str) -> list[float]:
     from summ.train import train
 
-    extra = ("model.fused_ops=false", "quant.upcast_frozen=true") if runner == "ours_hf_numerics" else ()
+    extra = (("model.fused_ops=false", "quant.upcast_frozen=true") if runner == "ours_hf_numerics"
+             else tuple(args.overrides))
     if args.tiny:
         extra += ("train.optimizer=adamw",)
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,7 +147,7 @@ def plot(results: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4))
     for runner, losses in results["losses"].items():
         ax.plot(range(1, len(losses) + 1), losses, label=runner, marker=".")
-    ax.set_xlabel("optimizer step (8 rows each, same rows for every runner)")
+    ax.set_xlabel(f"optimizer step ({results['rows_per_step']} rows each, same rows for every runner)")
     ax.set_ylabel("train loss per label token")
     ax.set_title(f"Phi-2 (random weights), {'no dropout' if results['no_dropout'] else 'recipe dropout'}")
     ax.legend()
@@ -157,6 +163,10 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--no-dropout", action="store_true")
+    parser.add_argument("--micro-batch", type=int, default=1, help="rows per micro-batch, every runner")
+    parser.add_argument("--accumulation", type=int, default=8, help="micro-batches per optimizer step, every runner")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for the `ours` runner (a lever whose losses should not move)")
     parser.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS)
     parser.add_argument("--cap-gib", type=float, default=15.0)
     parser.add_argument("--tiny", action="store_true")
@@ -172,7 +182,8 @@ def main() -> int:
         return 0
 
     results = {"environment": environment(), "command": " ".join(["python"] + sys.argv),
-               "no_dropout": args.no_dropout, "losses": {}, "errors": {}}
+               "no_dropout": args.no_dropout, "rows_per_step": args.micro_batch * args.accumulation,
+               "ours_overrides": args.overrides, "losses": {}, "errors": {}}
     for runner in args.runners:
         proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", runner],
                               capture_output=True, text=True)

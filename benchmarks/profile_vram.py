@@ -165,6 +165,7 @@ def main() -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
+    host_table = getattr(accelerator.unwrap_model(model).get_input_embeddings(), "host_weight", None)
     rows = {
         "4-bit weights + quantization constants": quant,
         "other frozen weights (embeddings, lm_head, norms)": tensor_bytes(other_frozen),
@@ -197,6 +198,10 @@ def main() -> int:
              f"Micro-batches (rows x padded length): {result['micro_batches']}; non-pad tokens "
              f"{result['non_pad_tokens']}.", "", "| part | GiB |", "|---|---|"]
     lines += [f"| {k} | {v / GIB:.3f} |" for k, v in rows.items()]
+    if host_table is not None:  # model.embeddings_on_cpu: in host memory, so in no GPU figure
+        result["input_embedding_in_host_memory"] = tensor_bytes([host_table])
+        lines.append(f"| (input embedding table, in host memory: not on the GPU) | "
+                     f"{tensor_bytes([host_table]) / GIB:.3f} |")
     if cuda:
         lines += [f"| allocated before the step (weights, LoRA, optimizer state) | {static / GIB:.3f} |",
                   f"| **peak allocated during the step** | **{peak / GIB:.3f}** |",

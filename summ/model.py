@@ -89,6 +89,8 @@ def load_base_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.d
         disable_bnb_cpu_repack(model)
     if m.fused_ops:
         fuse_elementwise_ops(model)
+    if m.embeddings_on_cpu:
+        move_input_embeddings_to_host(model)
     return model
 
 
@@ -205,6 +207,40 @@ def fuse_elementwise_ops(model) -> dict[str, int]:
                 swapped["layer_norm"] += 1
     log.info("fused ops: %s", swapped)
     return swapped
+
+
+class HostEmbedding(torch.nn.Module):
+    """A frozen input embedding whose table stays in host memory.
+
+    The table is a plain attribute, not a parameter or buffer, so `model.to(device)` and
+    accelerate's device placement leave it where it is. Each forward looks the rows up on the
+    host and copies only them (micro-batch x length x hidden) to the device of the ids.
+    """
+
+    def __init__(self, embedding: torch.nn.Embedding):
+        super().__init__()
+        table = embedding.weight.detach().to("cpu")
+        self.host_weight = table.pin_memory() if torch.cuda.is_available() else table
+        self.padding_idx = embedding.padding_idx
+        self.num_embeddings, self.embedding_dim = table.shape
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.nn.functional.embedding(input_ids.cpu(), self.host_weight, self.padding_idx)
+        return rows.to(input_ids.device, non_blocking=False)
+
+
+def move_input_embeddings_to_host(model) -> None:
+    embedding = model.get_input_embeddings()
+    if not isinstance(embedding, torch.nn.Embedding):
+        raise ConfigError(f"model.embeddings_on_cpu: the input embedding is a {type(embedding).__name__}, "
+                          f"not a torch.nn.Embedding")
+    if model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding.weight:
+        raise ConfigError("model.embeddings_on_cpu: this model ties its input embedding to the LM head, "
+                          "which must stay on the GPU")
+    model.set_input_embeddings(HostEmbedding(embedding))
+    del embedding
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def load_for_inference(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype, adapter_dir=None,

@@ -223,19 +223,19 @@ def accumulate_gradients(model, batches: list[dict], accelerator) -> tuple[float
     of per-micro-batch means would weight a short summary like a long one).
     """
     world = accelerator.num_processes
-    n_labels = accelerator.reduce(sum(count_label_tokens(b["labels"]) for b in batches).to(accelerator.device),
-                                  reduction="sum").item()
+    # Counted on the host batches: a count read back from the GPU would stall the launch queue.
+    n_labels = int(sum(count_label_tokens(b["labels"]) for b in batches))
+    tokens = int(sum(b["attention_mask"].sum() for b in batches))
+    if world > 1:
+        n_labels = int(accelerator.reduce(torch.tensor(n_labels, device=accelerator.device), reduction="sum"))
     loss_sum = torch.zeros((), device=accelerator.device)
-    tokens = 0
     for i, batch in enumerate(batches):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         # Gradients are all-reduced once per window, on its last micro-batch.
         with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
-            summed = forward_summed_loss(model, batch)
+            summed = forward_summed_loss(model, batch, accelerator.device)
             # DDP averages gradients over ranks; multiplying by `world` turns that into a sum.
             accelerator.backward(summed * world / max(n_labels, 1))
         loss_sum += summed.detach()
-        tokens += int(batch["attention_mask"].sum())
     return accelerator.reduce(loss_sum, reduction="sum").item() / max(n_labels, 1), tokens
 
 
@@ -249,8 +249,8 @@ def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator) ->
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     n_tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     for b in batches[accelerator.process_index::accelerator.num_processes]:
-        batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in b], pad_id).items()}
-        loss_sum += forward_summed_loss(model, batch).double()
+        batch = collate([examples[i] for i in b], pad_id)
+        loss_sum += forward_summed_loss(model, batch, accelerator.device).double()
         n_tokens += count_label_tokens(batch["labels"])
     loss_sum = accelerator.reduce(loss_sum, reduction="sum")
     n_tokens = accelerator.reduce(n_tokens, reduction="sum")

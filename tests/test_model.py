@@ -122,3 +122,34 @@ def test_norms_keep_a_bf16_stream_under_autocast_and_compute_the_same_values():
     # fp32 norm weights (quant.upcast_frozen) keep the original promotion to fp32
     rms.weight = torch.nn.Parameter(rms_weight.float())
     assert rms(x).dtype == torch.float32
+
+
+def test_embeddings_on_cpu_train_exactly_as_on_the_device(tmp_path):
+    """The host-memory embedding table is the same function: identical losses over a short run,
+    and the table is outside the module's parameters, so device placement cannot move it."""
+    from summ.model import HostEmbedding, build_model
+    from summ.train import train
+    from tests.conftest import tiny_config
+
+    runs = [train(tiny_config(tmp_path / str(on_cpu), model={
+        "config_overrides": {**tiny_config(tmp_path, "phi").model.config_overrides, "initializer_range": 0.2},
+        "embeddings_on_cpu": on_cpu, "gradient_checkpointing": True})) for on_cpu in (False, True)]
+    assert runs[0].steps == runs[1].steps == 3
+    torch.testing.assert_close(runs[1].train_losses, runs[0].train_losses, rtol=1e-6, atol=0)
+
+    model = build_model(tiny_config(tmp_path / "m", model={"embeddings_on_cpu": True}), torch.device("cpu"),
+                        torch.float32)
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, HostEmbedding) and list(embedding.parameters()) == []
+    assert not any("embed_tokens" in name for name in model.state_dict())
+
+
+def test_embeddings_on_cpu_refuses_a_table_tied_to_the_lm_head(tmp_path):
+    from summ.config import ConfigError
+    from summ.model import build_model
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, "llama", model={"embeddings_on_cpu": True, "config_overrides": {
+        **tiny_config(tmp_path, "llama").model.config_overrides, "tie_word_embeddings": True}})
+    with pytest.raises(ConfigError, match="ties its input embedding"):
+        build_model(cfg, torch.device("cpu"), torch.float32)

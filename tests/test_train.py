@@ -231,9 +231,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     calls = {"n": 0}
 
     def poisoned_on(bad_calls):
-        def loss(model, batch):
+        def loss(model, batch, device=None):
             calls["n"] += 1
-            value = real(model, batch)
+            value = real(model, batch, device)
             return value * float("nan") if calls["n"] in bad_calls else value
         return loss
 

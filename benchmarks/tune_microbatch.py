@@ -1,0 +1,149 @@
+"""The fastest micro-batch that fits: token budget x recomputed layers, measured in one process.
+
+    python benchmarks/tune_microbatch.py --model phi2 --data-xsum DIR --rows 2331 --budgets 2048 4096 8192 16384
+    python benchmarks/tune_microbatch.py --model tinyllama --data-cnn DIR --cap-gib 15   # a T4's memory
+    python benchmarks/tune_microbatch.py --tiny       # CPU, seconds; keeps the script working
+
+Loads the model once (random weights from the real config, real row lengths, the config's dtype),
+then for each token budget, smallest first, tries recomputing (gradient checkpointing) on 0, 4,
+8, ... of the decoder layers, fewest first, and keeps the first that fits: a layer that does not
+recompute saves a third of its compute and holds its activations instead. Each tried point runs
+`--warmup` + `--steps` optimizer steps of our loop (accumulate_gradients, clipping, the optimizer),
+the longest micro-batch first, so a point that does not fit fails at once. A point "fits" when
+its peak reserved memory stays `--margin-gib` under the cap.
+
+Prints a table of every point (tokens/s, s/step, peak allocated/reserved, or out of memory) and
+the fastest point that fits as config overrides (`BEST ...`); writes tune_<model>.json / .md
+and best_sets.txt under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import MODELS, REPO, cap_memory, encoded_rows, environment, run_config  # noqa: E402
+
+GIB = 2**30
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="phi2", choices=sorted(MODELS))
+    parser.add_argument("--data-xsum", default=str(REPO / "data" / "xsum_sample"))
+    parser.add_argument("--data-cnn", default=str(REPO / "tests" / "fixtures" / "cnn_tiny"))
+    parser.add_argument("--rows", type=int, default=600)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[2048, 3072, 4096, 6144, 8192, 12288, 16384])
+    parser.add_argument("--layer-step", type=int, default=4, help="recomputed layers tried: 0, step, 2 x step, ...")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--cap-gib", type=float, default=15.0)
+    parser.add_argument("--margin-gib", type=float, default=0.75)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    args.data = {"xsum": args.data_xsum, "cnn": args.data_cnn}
+
+    import torch
+    from accelerate import Accelerator
+
+    from summ.data import collate, plan_batches
+    from summ.model import build_model, limit_checkpointing, resolve_compute_dtype
+    from summ.train import accumulate_gradients, make_optimizer, mixed_precision_mode
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cap_memory(args.cap_gib)
+    sets = ["train.grad_accum_steps=1", "model.gradient_checkpointing=true", *args.overrides]
+    cfg = run_config(args, args.model, out / "unused-run", tuple(sets))
+    tokenizer, examples = encoded_rows(cfg)
+    lengths = [len(e.input_ids) for e in examples]
+    accelerator = Accelerator(mixed_precision=mixed_precision_mode(cfg.train.mixed_precision))
+    device, cuda = accelerator.device, accelerator.device.type == "cuda"
+    model = build_model(cfg, device, resolve_compute_dtype(cfg.quant.compute_dtype, device))
+    optimizer = make_optimizer(model, cfg.train, device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    n_layers = len(limit_checkpointing(model, 10**6))
+    layer_counts = sorted(set(range(0, n_layers, args.layer_step)) | {n_layers})
+
+    def run_point(budget: int) -> dict:
+        plan = plan_batches(lengths, micro_batch_size=1, micro_batch_tokens=budget, seed=cfg.train.seed, epoch=0)
+        seconds, tokens = [], []
+        for i in range(args.warmup + args.steps):
+            batch = collate([examples[j] for j in plan[i % len(plan)]], tokenizer.pad_token_id)
+            started = time.perf_counter()
+            accumulate_gradients(model, [batch], accelerator)
+            accelerator.clip_grad_norm_(lora, cfg.train.max_grad_norm or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                seconds.append(time.perf_counter() - started)
+                tokens.append(int(batch["attention_mask"].sum()))
+        return {"non_pad_tokens_per_s": sum(tokens) / sum(seconds), "s_per_step_median": statistics.median(seconds),
+                "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None}
+
+    points, start = [], 0
+    for budget in sorted(args.budgets):
+        # A larger budget never needs fewer recomputing layers than a smaller one did.
+        for layers in [k for k in layer_counts if k >= start]:
+            limit_checkpointing(model, layers)
+            if cuda:
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            point = {"budget": budget, "recomputed_layers": layers}
+            try:
+                point.update(run_point(budget))
+            except torch.cuda.OutOfMemoryError:
+                point["error"] = "out of memory"
+            optimizer.zero_grad(set_to_none=True)
+            reserved = point.get("peak_reserved_gib")
+            point["fits"] = "error" not in point and (reserved is None or reserved <= args.cap_gib - args.margin_gib)
+            points.append(point)
+            print(json.dumps(point), flush=True)
+            if point["fits"]:
+                start = layers
+                break
+
+    fitting = [p for p in points if p["fits"]]
+    best = max(fitting, key=lambda p: p["non_pad_tokens_per_s"]) if fitting else None
+    best_sets = [] if best is None else [f"train.micro_batch_tokens={best['budget']}",
+                                         f"model.checkpointed_layers={best['recomputed_layers']}"]
+    env = environment()
+    lines = [f"# Micro-batch tuning: {args.model} on {env['device']}, cap {args.cap_gib} GiB (margin "
+             f"{args.margin_gib}), {cfg.train.mixed_precision} / {cfg.quant.compute_dtype}; {env['date']}", "",
+             f"Command: `{' '.join(['python'] + sys.argv)}`", "",
+             f"| token budget | recomputed layers (of {n_layers}) | non-pad tok/s | s/step median | "
+             f"peak alloc / reserved GiB | fits |", "|---|---|---|---|---|---|"]
+    for p in points:
+        if "error" in p:
+            lines.append(f"| {p['budget']} | {p['recomputed_layers']} | {p['error']} | | | no |")
+            continue
+        mem = "n/a" if p["peak_allocated_gib"] is None else f"{p['peak_allocated_gib']:.2f} / {p['peak_reserved_gib']:.2f}"
+        mark = "**best**" if p is best else ("yes" if p["fits"] else "over the margin")
+        lines.append(f"| {p['budget']} | {p['recomputed_layers']} | {p['non_pad_tokens_per_s']:,.0f} | "
+                     f"{p['s_per_step_median']:.3f} | {mem} | {mark} |")
+    lines += ["", f"Best: `{' '.join('--set ' + s for s in best_sets) or 'nothing fits'}`"]
+    (out / f"tune_{args.model}.json").write_text(json.dumps(
+        {"environment": env, "model": args.model, "layers": n_layers, "points": points, "best": best_sets},
+        indent=2) + "\n")
+    (out / f"tune_{args.model}.md").write_text("\n".join(lines) + "\n")
+    (out / "best_sets.txt").write_text(" ".join(best_sets) + "\n")
+    print("\n".join(lines))
+    print("BEST " + " ".join(best_sets))
+    return 0 if best else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
