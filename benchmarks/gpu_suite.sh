@@ -42,16 +42,17 @@ sets() { for s in $(best "$1"); do printf -- '--set %s ' "$s"; done; }
 # Peak memory at the reference recipe's own shape (batch 1 x accumulation 8), embedding table in host memory.
 step vram $PY benchmarks/profile_vram.py --model phi2 --data-xsum "$X" "${VRAM[@]}" \
   --set model.embeddings_on_cpu=true --out "$OUT/vram"
-# Fastest token budget x recomputed layers under the 15 GiB cap, then the peers and that point in one run.
+# Fastest token budget x recomputed layers under the 15 GiB cap, then the peers, our benchmark
+# settings (bench_train.MODELS) and the tuner's point, in one run.
 step tune_phi2 $PY benchmarks/tune_microbatch.py --model phi2 --data-xsum "$X" "${SIZE[@]}" "${ROWS_X[@]}" \
   --budgets "${BUDGETS_PHI[@]}" --layer-step $LAYER_STEP --out "$OUT/tune_phi2"
 # shellcheck disable=SC2046
-step bench_phi2 $PY benchmarks/bench_train.py --models phi2 --runners reference tuned --t4 "${SIZE[@]}" \
+step bench_phi2 $PY benchmarks/bench_train.py --models phi2 --runners reference tuned ours --t4 "${SIZE[@]}" \
   "${ROWS_X[@]}" "${STEPS[@]}" --data-xsum "$X" --variant best $(best tune_phi2) --out "$OUT/bench_phi2"
 step tune_tinyllama $PY benchmarks/tune_microbatch.py --model tinyllama --data-cnn "$C" "${SIZE[@]}" \
   "${ROWS_C[@]}" --budgets "${BUDGETS_TL[@]}" --layer-step $LAYER_STEP --out "$OUT/tune_tinyllama"
 # shellcheck disable=SC2046
-step bench_tinyllama $PY benchmarks/bench_train.py --models tinyllama --runners reference tuned --t4 "${SIZE[@]}" \
+step bench_tinyllama $PY benchmarks/bench_train.py --models tinyllama --runners reference tuned ours --t4 "${SIZE[@]}" \
   "${ROWS_C[@]}" "${STEPS[@]}" --data-cnn "$C" --variant best $(best tune_tinyllama) --out "$OUT/bench_tinyllama"
 step generate $PY benchmarks/bench_generate.py --data-xsum "$X" "${GEN[@]}" --out "$OUT/generate"
 # Same rows, same seed: the HF Trainer recipe against our loop with the tuned recompute setting.

@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import REPO, cap_memory, run_config  # noqa: E402
+from bench_train import add_one_model_arguments, cap_memory, run_config  # noqa: E402
 
 # First match wins; names are CUDA kernel names (and CPU op names when there is no GPU).
 KINDS = (
@@ -48,18 +48,12 @@ def kind_of(name: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="phi2", choices=["phi2", "tinyllama"])
-    parser.add_argument("--data-xsum", default=str(REPO / "data" / "xsum_sample"))
-    parser.add_argument("--data-cnn", default=str(REPO / "tests" / "fixtures" / "cnn_tiny"))
-    parser.add_argument("--rows", type=int, default=600)
+    add_one_model_arguments(parser)
     parser.add_argument("--tokens", type=int, default=8192, help="micro-batch token budget")
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before recording")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps recorded")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--cap-gib", type=float, default=15.0)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--trace", help="write a Chrome trace here")
-    parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     args.data = {"xsum": args.data_xsum, "cnn": args.data_cnn}
     if args.warmup < 1 or args.steps < 1:

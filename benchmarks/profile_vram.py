@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import MODELS, REPO, cap_memory, encoded_rows, run_config  # noqa: E402
+from bench_train import REPO, add_one_model_arguments, cap_memory, encoded_rows, run_config  # noqa: E402
 
 GIB = 2**30
 
@@ -87,14 +87,8 @@ def main() -> int:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="phi2", choices=sorted(MODELS))
-    parser.add_argument("--data-xsum", default=str(REPO / "data" / "xsum_sample"))
-    parser.add_argument("--data-cnn", default=str(REPO / "tests" / "fixtures" / "cnn_tiny"))
-    parser.add_argument("--rows", type=int, default=600)
+    add_one_model_arguments(parser)
     parser.add_argument("--tokens", type=int, default=None, help="micro-batch token budget (default: the config's)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--cap-gib", type=float, default=15.0)
-    parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--no-snapshot", dest="snapshot", action="store_false",
                         help="skip recording the allocator history (memory_snapshot.pickle, memory_timeline.png)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))

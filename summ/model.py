@@ -226,7 +226,7 @@ class HostEmbedding(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = torch.nn.functional.embedding(input_ids.cpu(), self.host_weight, self.padding_idx)
-        return rows.to(input_ids.device, non_blocking=False)
+        return rows.to(input_ids.device)
 
 
 def move_input_embeddings_to_host(model) -> None:
@@ -238,7 +238,7 @@ def move_input_embeddings_to_host(model) -> None:
         raise ConfigError("model.embeddings_on_cpu: this model ties its input embedding to the LM head, "
                           "which must stay on the GPU")
     model.set_input_embeddings(HostEmbedding(embedding))
-    del embedding
+    del embedding  # the last reference to the GPU table, so the cache can give its block back
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

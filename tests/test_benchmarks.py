@@ -71,3 +71,20 @@ def test_loss_curves_of_our_loop_equal_the_hf_trainer_on_equal_data_tiny(tmp_pat
     for runner in ("ours", "ours_hf_numerics"):
         assert results["losses"][runner] == pytest.approx(trainer, abs=1e-4)
     assert (tmp_path / "loss_curves_no_dropout.png").stat().st_size > 0
+
+
+def test_tune_microbatch_recomputes_the_layers_it_reports_tiny(tmp_path):
+    # Recompute only happens in train mode; a tuner left in eval mode measured "0 layers" everywhere.
+    cmd = [sys.executable, str(REPO / "benchmarks" / "tune_microbatch.py"), "--tiny", "--rows", "12",
+           "--budgets", "128", "256", "--layers", "1", "--warmup", "1", "--steps", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "tune_phi2.json").read_text())
+    assert result["layers"] == 2
+    # On a CPU every point fits, so each budget stops at the fewest layers tried: 1 of 2.
+    assert [(p["budget"], p["recomputed_layers"], p["layers_recomputing"]) for p in result["points"]] == \
+        [(128, 1, 1), (256, 1, 1)]
+    best = result["best"]
+    assert best[0] in ("train.micro_batch_tokens=128", "train.micro_batch_tokens=256")
+    assert best[1] == "model.checkpointed_layers=1"
+    assert (tmp_path / "best_sets.txt").read_text().split() == best

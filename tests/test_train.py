@@ -262,3 +262,12 @@ def test_cli_reports_config_errors_before_loading_anything(tmp_path, capsys):
 
     code = run.main(["--config", str(REPO / "configs" / "xsum.json"), "--set", "train.lr=-1"])
     assert code == 2 and "'train.lr' must be > 0" in capsys.readouterr().err
+
+
+def test_only_right_padded_batches_drop_their_padding_mask():
+    from summ.loss import is_right_padded
+
+    assert is_right_padded(torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]))
+    # Left padding (generation) or a hole: real tokens would attend to pads without the mask.
+    assert not is_right_padded(torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    assert not is_right_padded(torch.tensor([[1, 0, 1, 1]]))
