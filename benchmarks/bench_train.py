@@ -321,7 +321,7 @@ def main() -> int:
     args.data = {"xsum": args.data_xsum, "cnn": args.data_cnn}
     args.variants = [(v[0], v[1:]) for v in args.variants]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for name, sets in args.variants:  # a typo fails here, not after the peers have run
+    for name, _ in args.variants:  # a typo fails here, not after the peers have run
         for model in args.models:
             run_config(args, model, Path(tempfile.gettempdir()), tuple(ours_settings(args, model, f"ours:{name}")))
 

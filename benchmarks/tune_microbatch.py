@@ -9,8 +9,8 @@ then for each token budget, smallest first, tries recomputing (gradient checkpoi
 8, ... of the decoder layers, fewest first, and keeps the first that fits: a layer that does not
 recompute saves a third of its compute and holds its activations instead. The best point is the
 fastest measured one: on an H100 a larger micro-batch with every layer recomputed beat a smaller
-one with none (the step is launch-bound below ~8k tokens), so both axes are searched. Each tried point runs
-`--warmup` + `--steps` optimizer steps of our loop (accumulate_gradients, clipping, the optimizer),
+one with none (the step is launch-bound below ~8k tokens), so both axes are searched. Each tried
+point runs `--warmup` + `--steps` optimizer steps of our loop (accumulate_gradients, clipping, the optimizer),
 the longest micro-batch first, so a point that does not fit fails at once. A point "fits" when
 its peak reserved memory stays `--margin-gib` under the cap.
 
@@ -71,9 +71,9 @@ def main() -> int:
     optimizer = make_optimizer(model, cfg.train, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     lora = [p for p in model.parameters() if p.requires_grad]
-    n_layers = len(limit_checkpointing(model, 10**6))
-    layer_counts = sorted(set(args.layers) if args.layers else set(range(0, n_layers, args.layer_step)) | {n_layers})
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    n_layers = len(blocks)
+    layer_counts = sorted(set(args.layers) if args.layers else (set(range(0, n_layers, args.layer_step)) | {n_layers}))
 
     def run_point(budget: int) -> dict:
         # Train mode, as in summ.train: in eval mode transformers skips checkpointing (and dropout),
