@@ -1,14 +1,15 @@
-"""Atomic training checkpoints: adapter, optimizer, scheduler, loss scaler, RNG and data position.
+"""Atomic training checkpoints: adapter, optimizer, scheduler, loss scaler, RNG and data position,
+plus what a resume must match (the resolved config, the number of processes, the training data).
 
 A checkpoint is written into a hidden temporary folder and renamed into place, so a run killed
-mid-save leaves the previous checkpoint as the latest complete one. State is read back with
-`torch.load(weights_only=True)`: no pickled code runs on resume.
+or out of disk mid-save leaves the previous checkpoint as the latest complete one. State is read
+back with `torch.load(weights_only=True)`: no pickled code runs on resume.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import pickle
 import random
 import re
 import shutil
@@ -16,8 +17,15 @@ from pathlib import Path
 
 import torch
 
+from summ.files import WriteError, atomic_folder
+
 CHECKPOINT_DIR = "checkpoints"
+TRAIN_STATE, RESUME_RECORD = "train_state.json", "resume_record.json"
 _NAME = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or cannot be loaded safely."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -53,33 +61,49 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, train_state: dict,
-                    keep_last: int) -> Path:
-    """Write checkpoint `step-<step>` atomically on the main process; every rank stores its RNG."""
-    root = checkpoint_dir(run_dir)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "adapter", safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
+                    resume_record: dict, keep_last: int) -> Path:
+    """Write checkpoint `step-<step>` atomically on the main process; every rank stores its RNG.
+
+    A failed write (a full disk) removes its temporary folder and raises a `CheckpointError` that
+    names the last complete checkpoint, which is untouched.
+    """
+    final = checkpoint_dir(run_dir) / f"step-{step:07d}"
+    previous = latest_checkpoint(run_dir)
+    try:
+        if accelerator.is_main_process:
+            with atomic_folder(final) as tmp:
+                _write_state(accelerator, tmp, model, optimizer, scheduler, train_state, resume_record)
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old)
+        else:
+            _write_state(accelerator, final.with_name(f".tmp-{final.name}"), model, optimizer, scheduler,
+                         train_state, resume_record)
+    except WriteError as e:
+        raise CheckpointError(f"checkpoint at step {step} not written: {e}. The last complete checkpoint, "
+                              f"{previous or 'none yet'}, is intact; free space and continue with --resume") from e
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_state(accelerator, folder: Path, model, optimizer, scheduler, train_state: dict,
+                 resume_record: dict) -> None:
+    accelerator.wait_for_everyone()  # the main process has made the folder
+    torch.save(rng_state(), folder / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(folder / "adapter", safe_serialization=True)
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), folder / "scaler.pt")
+        (folder / RESUME_RECORD).write_text(json.dumps(resume_record, indent=1))
+        (folder / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
+    accelerator.wait_for_everyone()  # every rank's RNG is in before the rename
+
+
+def read_resume_record(path: Path) -> dict | None:
+    """What the checkpoint's run was: its resolved config, world size and data fingerprint."""
+    file = Path(path) / RESUME_RECORD
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dict:
@@ -88,25 +112,33 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dic
     from safetensors.torch import load_file
 
     path = Path(path)
-    state_file = path / "train_state.json"
+    state_file = path / TRAIN_STATE
     if not state_file.is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint (no train_state.json)")
+        raise FileNotFoundError(f"{path}: not a checkpoint (no {TRAIN_STATE})")
     adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(accelerator.unwrap_model(model), adapter)
     if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"{path}: adapter does not match the model (unexpected keys {result.unexpected_keys[:3]})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        raise CheckpointError(f"{path}: adapter does not match the model (unexpected keys "
+                              f"{result.unexpected_keys[:3]})")
+    optimizer.load_state_dict(load_state(path / "optimizer.pt", map_location="cpu"))
+    scheduler.load_state_dict(load_state(path / "scheduler.pt"))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
-        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        accelerator.scaler.load_state_dict(load_state(path / "scaler.pt"))
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(load_state(rng_file))
     return json.loads(state_file.read_text())
 
 
-def _fsync_tree(folder: Path) -> None:
-    for file in folder.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
+def load_state(file: Path, **kwargs):
+    """torch.load restricted to tensors and plain containers; anything else is refused, never run."""
+    try:
+        return torch.load(file, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        # torch's own text goes on to suggest weights_only=False, the unsafe way out; only its
+        # finding is kept.
+        found = re.search(r"Unsupported (global|operand)[^\n.]*", str(e))
+        raise CheckpointError(
+            f"{file}: refused to load: it holds Python objects other than tensors and plain containers "
+            f"({found.group(0).strip() if found else 'unsupported pickle content'}). Checkpoints written by summ never do, and unpickling such a file can run "
+            f"arbitrary code; resume from another checkpoint or start a new run") from None

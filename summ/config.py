@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -88,6 +89,9 @@ class DataConfig:
     max_eval_rows: Optional[int] = None
     # Strict mode turns a skipped bad row into an error naming it.
     strict: bool = False
+    # Above this share of unusable rows a split is refused: that is a wrong file or field name,
+    # not a few bad rows.
+    max_bad_row_share: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # "auto": bf16 where supported, fp16 on GPUs without bf16, none on CPU.
     mixed_precision: str = "auto"
-    max_consecutive_bad_steps: int = 5
+    # Steps whose loss or gradients are not finite are skipped (with fp16, the loss scaler also
+    # skips a few while it calibrates its scale); this many in a row stop the run.
+    max_consecutive_bad_steps: int = 10
     save_every: int = 100
     keep_last: int = 2
 
@@ -198,9 +204,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     source = str(path)
     if not path.is_file():
-        raise ConfigError(f"{source}: config file not found")
+        raise ConfigError(f"{source}: config file not found (looked for {path.resolve()})")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{source}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
@@ -210,21 +218,23 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def config_from_dict(raw: dict, source: str = "<dict>", overrides=()) -> RunConfig:
     raw = json.loads(json.dumps(raw))  # a deep copy that overrides can change freely
+    # An error names where its value came from: the file, or the --set that replaced it.
+    origins = {}
     for item in overrides:
-        _apply_override(raw, item)
+        origins[_apply_override(raw, item)] = f"--set {item}"
     sections = {}
     for name, value in raw.items():
         if name not in _SECTION_CLASSES:
             raise ConfigError(f"{source}: unknown section '{name}'; expected one of {sorted(_SECTION_CLASSES)}")
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: section '{name}' must be an object, got {type(value).__name__}")
-        sections[name] = _build_section(_SECTION_CLASSES[name], name, value, source)
+        sections[name] = _build_section(_SECTION_CLASSES[name], name, value, source, origins)
     config = RunConfig(**sections)
-    validate(config, source)
+    validate(config, source, origins)
     return config
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def _apply_override(raw: dict, item: str) -> str:
     where = f"--set {item}"
     if "=" not in item:
         raise ConfigError(f"{where}: expected section.key=value")
@@ -238,6 +248,7 @@ def _apply_override(raw: dict, item: str) -> None:
         raise ConfigError(f"{where}: unknown key '{dotted}'; expected one of {sorted(fields)}")
     hint = typing.get_type_hints(_SECTION_CLASSES[section])[key]
     raw.setdefault(section, {})[key] = _parse_text(text.strip(), hint, where)
+    return f"{section}.{key}"
 
 
 def _parse_text(text: str, hint, where: str):
@@ -287,13 +298,14 @@ def _type_name(hint) -> str:
     return f"{name} or null" if _allows_none(hint) else name
 
 
-def _build_section(cls, section: str, values: dict, source: str):
+def _build_section(cls, section: str, values: dict, source: str, origins: dict):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(f"{source}: unknown key '{section}.{key}'; expected one of {sorted(hints)}")
-        kwargs[key] = _check_type(value, hints[key], f"{section}.{key}", source)
+        dotted = f"{section}.{key}"
+        kwargs[key] = _check_type(value, hints[key], dotted, origins.get(dotted, source))
     return cls(**kwargs)
 
 
@@ -312,18 +324,29 @@ def _check_type(value: Any, hint, key: str, source: str):
     if not ok:
         raise ConfigError(f"{source}: '{key}' must be {_type_name(hint)}, got {value!r}")
     if base is float:
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
         return float(value)
     if base is tuple:
         return tuple(value)
     return value
 
 
-def validate(config: RunConfig, source: str = "<config>") -> None:
+def looks_like_local_path(name: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else that names a place is a local path, and a
+    missing one must say "not found" rather than fall through to a hub download."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
+
+
+def validate(config: RunConfig, source: str = "<config>", origins: dict | None = None) -> None:
     """Range and consistency checks; the ones that need a tokenizer live in summ.data."""
+    origins = origins or {}
 
     def fail(key: str, expected: str) -> None:
         value = getattr(getattr(config, key.split(".")[0]), key.split(".")[1])
-        raise ConfigError(f"{source}: '{key}' must be {expected}, got {value!r}")
+        raise ConfigError(f"{origins.get(key, source)}: '{key}' must be {expected}, got {value!r}")
 
     for key, choices in CHOICES.items():
         section, name = key.split(".")
@@ -386,3 +409,9 @@ def validate(config: RunConfig, source: str = "<config>") -> None:
         fail("eval.max_new_tokens", f"< data.max_length ({d.max_length}) so the prompt keeps some article")
     if any(not s for s in e.stop_strings):
         fail("eval.stop_strings", "a list of non-empty strings")
+    if not 0 <= d.max_bad_row_share <= 1:
+        fail("data.max_bad_row_share", "in [0, 1]")
+    for key, value in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer),
+                       ("data.dataset", d.dataset)):
+        if value and looks_like_local_path(value) and not Path(value).expanduser().exists():
+            fail(key, f"an existing folder or a hub id; {Path(value).expanduser().resolve()} does not exist")

@@ -7,6 +7,7 @@ never to stop.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import random
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from summ.config import ConfigError, DataConfig
+from summ.config import ConfigError, DataConfig, looks_like_local_path
+from summ.files import looks_binary, text_lines
 
 log = logging.getLogger(__name__)
 
@@ -35,39 +37,67 @@ class RowStats:
     read: int = 0
     kept: int = 0
     skipped: dict = field(default_factory=dict)  # reason -> count
+    # Where the first skipped rows are (file:line), so a user can open them.
+    examples: list = field(default_factory=list)
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if len(self.examples) < 10:
+            self.examples.append(f"{where}: {reason}")
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> dict:
+        return {"read": self.read, "used": self.kept, "skipped": self.n_skipped, "skipped_by_reason": self.skipped,
+                "first_skipped": self.examples}
+
+
+@dataclass
+class RawRow:
+    where: str  # file:line (1-based) for local files, dataset:split row N (1-based) for the hub
+    number: int  # that line or row number; the row's id when it has none
+    value: object  # the parsed row, or None when the line could not be read
+    problem: str | None = None  # why the line could not be read
 
 
 def load_rows(cfg: DataConfig, split: str, max_rows: int | None = None) -> tuple[list[dict], RowStats]:
     """Load one split (e.g. `train[:5000]`) from a local folder or the hub, keeping usable rows.
 
-    A row with a missing, empty or non-string article or summary is skipped and counted; with
-    `data.strict` it is an error naming the row.
+    A row that cannot be decoded or parsed, or has a missing, empty or non-string article or
+    summary, is skipped and counted with its file:line; with `data.strict` it is an error. More
+    skipped rows than `data.max_bad_row_share` of those read is an error too: that is a wrong
+    file or field, not a few bad rows.
     """
-    raw_rows, where = _read_split(cfg, split)
+    raw_rows, source = _read_split(cfg, split)
     stats = RowStats()
     rows = []
-    for index, row in enumerate(raw_rows):
+    for raw in raw_rows:
         stats.read += 1
-        row_id = row.get(cfg.id_field) if cfg.id_field and isinstance(row, dict) else None
-        row_id = str(row_id) if row_id is not None else str(index)
-        problem = _row_problem(row, cfg)
+        problem = raw.problem or _row_problem(raw.value, cfg)
+        row_id = raw.value.get(cfg.id_field) if cfg.id_field and isinstance(raw.value, dict) else None
         if problem:
+            label = raw.where if row_id is None else f"{raw.where} (id {row_id})"
             if cfg.strict:
-                raise DataError(f"{where}: row {index} (id {row_id}): {problem} (data.strict is on)")
-            stats.skip(problem)
+                raise DataError(f"{label}: {problem} (data.strict is on)")
+            log.warning("%s: %s; row skipped", label, problem)
+            stats.skip(problem, raw.where)
             continue
-        rows.append({"id": row_id, "article": row[cfg.article_field].strip(),
-                     "summary": row[cfg.summary_field].strip()})
+        rows.append({"id": str(row_id) if row_id is not None else str(raw.number),
+                     "article": raw.value[cfg.article_field].strip(),
+                     "summary": raw.value[cfg.summary_field].strip()})
         if max_rows is not None and len(rows) >= max_rows:
             break
     stats.kept = len(rows)
     if stats.skipped:
-        log.warning("%s: skipped %d of %d rows: %s", where, sum(stats.skipped.values()), stats.read, stats.skipped)
+        log.warning("%s: skipped %d of %d rows: %s", source, stats.n_skipped, stats.read, stats.skipped)
     if not rows:
-        raise DataError(f"{where}: no usable rows (read {stats.read}, skipped {stats.skipped})")
+        raise DataError(f"{source}: no usable rows (read {stats.read}, skipped {stats.skipped})")
+    if stats.n_skipped > cfg.max_bad_row_share * stats.read:
+        raise DataError(f"{source}: {stats.n_skipped} of {stats.read} rows are unusable ({stats.skipped}; first: "
+                        f"{stats.examples[0]}), more than data.max_bad_row_share={cfg.max_bad_row_share}; "
+                        f"check data.article_field / data.summary_field and the file")
     return rows, stats
 
 
@@ -85,20 +115,22 @@ def _row_problem(row, cfg: DataConfig) -> str | None:
     return None
 
 
-def _read_split(cfg: DataConfig, split: str) -> tuple[list, str]:
+def _read_split(cfg: DataConfig, split: str) -> tuple[list[RawRow], str]:
     base = split.split("[", 1)[0]
     folder = Path(cfg.dataset)
     if folder.is_dir():
         files = [folder / f"{base}{ext}" for ext in LOCAL_FORMATS if (folder / f"{base}{ext}").is_file()]
         if not files:
-            raise ConfigError(f"data.dataset: no {base}.jsonl/.json/.csv/.parquet in {folder} for split '{split}'")
+            raise ConfigError(f"data.dataset: no {base}.jsonl/.json/.csv/.parquet in {folder.resolve()} "
+                              f"for split '{split}'")
         path = files[0]
-        rows = _read_jsonl(path, cfg.strict) if path.suffix == ".jsonl" else _read_with_datasets(path)
+        rows = _read_local(path)
         rows = _slice(rows, split, base, str(path))
-        _check_columns(rows, cfg, str(path))
+        _check_columns([r.value for r in rows], cfg, str(path))
         return rows, str(path)
-    if folder.exists() or cfg.dataset.startswith((".", "/")):
-        raise ConfigError(f"data.dataset: {cfg.dataset} is not a folder of <split>.jsonl files or a hub id")
+    if folder.exists() or looks_like_local_path(cfg.dataset):
+        raise ConfigError(f"data.dataset: {folder.resolve()} is not a folder (expected a folder of <split>.jsonl "
+                          f"files, or a hub dataset id)")
     import datasets
 
     where = f"{cfg.dataset}:{split}"
@@ -107,31 +139,78 @@ def _read_split(cfg: DataConfig, split: str) -> tuple[list, str]:
     except Exception as e:  # offline, unknown id, bad config name, bad split: all end the run here
         raise DataError(f"data.dataset: cannot load hub dataset {where} "
                         f"(config {cfg.dataset_config!r}): {type(e).__name__}: {e}") from e
-    rows = list(ds)
-    _check_columns(rows, cfg, where)
+    rows = [RawRow(f"{where} row {i}", i, row) for i, row in enumerate(ds, 1)]
+    _check_columns([r.value for r in rows], cfg, where)
     return rows, where
 
 
-def _read_jsonl(path: Path, strict: bool) -> list:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                if strict:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({e}) (data.strict is on)") from None
-                log.warning("%s:%d: not valid JSON, skipped", path, line_no)
-                rows.append(None)  # counted as a bad row, keeps row indices equal to line order
+def _read_local(path: Path) -> list[RawRow]:
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file")
+    if looks_binary(path):
+        raise DataError(f"{path}: binary file; expected UTF-8 text ({path.suffix[1:]})")
+    if path.suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    elif path.suffix == ".csv":
+        rows = _read_csv(path)
+    else:
+        rows = _read_with_datasets(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
     return rows
 
 
-def _read_with_datasets(path: Path) -> list:
+def _read_jsonl(path: Path) -> list[RawRow]:
+    rows = []
+    for line_no, text in text_lines(path):
+        where = f"{path}:{line_no}"
+        if text is None:
+            rows.append(RawRow(where, line_no, None, "not UTF-8 text"))
+        elif text.strip():
+            try:
+                rows.append(RawRow(where, line_no, json.loads(text)))
+            except json.JSONDecodeError as e:
+                rows.append(RawRow(where, line_no, None, f"not valid JSON ({e.msg})"))
+    return rows
+
+
+def _read_csv(path: Path) -> list[RawRow]:
+    # Quoted fields may span lines, so the file is decoded as a whole; undecodable bytes become
+    # lone surrogates that mark their row as bad instead of failing the file.
+    rows = []
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f)
+        first_line = 2
+        try:
+            for record in reader:
+                where, number = f"{path}:{first_line}", first_line
+                first_line = reader.line_num + 1
+                if any(isinstance(v, str) and _has_surrogates(v) for v in record.values()):
+                    rows.append(RawRow(where, number, None, "not UTF-8 text"))
+                elif None in record or None in record.values():
+                    rows.append(RawRow(where, number, None, f"{len(reader.fieldnames)} columns expected"))
+                else:
+                    rows.append(RawRow(where, number, record))
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    if reader.fieldnames is None:
+        raise DataError(f"{path}: empty file")
+    return rows
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _read_with_datasets(path: Path) -> list[RawRow]:
     import datasets
 
-    return list(datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train"))
+    try:
+        ds = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+    except Exception as e:  # the library raises many types for one unreadable file
+        raise DataError(f"{path}: cannot read as {LOCAL_FORMATS[path.suffix]} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return [RawRow(f"{path} row {i}", i, row) for i, row in enumerate(ds, 1)]
 
 
 def _slice(rows: list, split: str, base: str, where: str) -> list:
@@ -213,7 +292,20 @@ class Encoder:
             raise ConfigError(
                 f"data.max_length={cfg.max_length} is too small for data.template: the template alone takes "
                 f"{fixed} tokens, and one article token, one summary token and EOS must fit too")
+        if fixed + cfg.min_article_tokens + 2 > cfg.max_length:
+            raise ConfigError(
+                f"data.min_article_tokens={cfg.min_article_tokens} does not fit data.max_length={cfg.max_length}: "
+                f"the template takes {fixed} tokens, and a summary token and EOS must fit too; lower "
+                f"data.min_article_tokens to at most {cfg.max_length - fixed - 2} or raise data.max_length")
         self.fixed_tokens = fixed
+
+    def check_generation_room(self, max_new_tokens: int) -> None:
+        """Refuse a generation budget that would leave the prompt no article (checked before any model loads)."""
+        if self.fixed_tokens + 1 + max_new_tokens > self.max_length:
+            raise ConfigError(
+                f"eval.max_new_tokens={max_new_tokens} does not fit data.max_length={self.max_length}: the "
+                f"template takes {self.fixed_tokens} tokens and the prompt needs at least one article token; "
+                f"use at most {self.max_length - self.fixed_tokens - 1}")
 
     def _split(self, article: str, summary: str | None):
         """Token ids of (template before the article, article, template after it, completion)."""
@@ -241,10 +333,13 @@ class Encoder:
     def encode(self, article: str, summary: str) -> Example:
         pre, art, post, summ = self._split(article, summary)
         fixed = len(pre) + len(post)
-        summary_budget = self.max_length - fixed - 1 - min(self.min_article_tokens, len(art))
+        # __init__ checked that the template, min_article_tokens, one summary token and EOS fit; the
+        # clamps guard a template that tokenizes a token longer next to some article (a slice with a
+        # negative bound would cut from the wrong end).
+        summary_budget = max(self.max_length - fixed - 1 - min(self.min_article_tokens, len(art)), 1)
         summary_truncated = len(summ) > summary_budget
         summ = summ[:summary_budget]
-        article_budget = self.max_length - fixed - len(summ) - 1
+        article_budget = max(self.max_length - fixed - len(summ) - 1, 0)
         article_truncated = len(art) > article_budget
         prompt = pre + art[:article_budget] + post
         completion = summ + [self.eos_id]
@@ -254,7 +349,8 @@ class Encoder:
     def encode_prompt(self, article: str, max_new_tokens: int) -> list[int]:
         """Prompt ids for generation: the article cut so the prompt plus `max_new_tokens` fit."""
         pre, art, post, _ = self._split(article, None)
-        budget = max(self.max_length - len(pre) - len(post) - max_new_tokens, 1)
+        self.check_generation_room(max_new_tokens)
+        budget = self.max_length - len(pre) - len(post) - max_new_tokens
         return pre + art[:budget] + post
 
 

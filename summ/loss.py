@@ -1,11 +1,12 @@
-"""Next-token cross-entropy summed over labelled positions, so callers normalise by label tokens."""
+"""Next-token cross-entropy summed over labelled positions (callers normalise by label tokens), and
+the validation loss built on it."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from summ.data import IGNORE_INDEX
+from summ.data import IGNORE_INDEX, collate
 
 
 def count_label_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -44,3 +45,25 @@ def forward_summed_loss(model, batch: dict[str, torch.Tensor], device: torch.dev
                    logits_to_keep=positions.to(device, non_blocking=True)).logits
     logits = logits.flatten(0, 1).index_select(0, keep.to(device, non_blocking=True))
     return F.cross_entropy(logits.float(), picked.flatten()[keep].to(device, non_blocking=True), reduction="sum")
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator) -> float:
+    """Token-weighted mean loss over `examples`, masked as in training (summary + EOS only).
+
+    Training validates with it and evaluation scores with it, so both report the same number.
+    """
+    model.eval()
+    # Longest first: later, smaller batches reuse the allocator's blocks instead of growing it.
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    n_tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    for b in batches[accelerator.process_index::accelerator.num_processes]:
+        batch = collate([examples[i] for i in b], pad_id)
+        loss_sum += forward_summed_loss(model, batch, accelerator.device).double()
+        n_tokens += count_label_tokens(batch["labels"])
+    loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+    n_tokens = accelerator.reduce(n_tokens, reduction="sum")
+    model.train()
+    return (loss_sum / n_tokens.clamp(min=1)).item()

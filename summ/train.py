@@ -1,32 +1,40 @@
 """The training loop: config in, run result out.
 
-Read it top to bottom: setup, data, model, optimizer, resume, then one optimizer step per
-accumulation window. The CLI, the tests and a hyperparameter search all call `train()`.
+`train()` reads top to bottom: check the inputs (data, then the resume point), build the model,
+optimizer and schedule, then one optimizer step per accumulation window, with evaluation,
+logging and checkpoints on their cadence. Each setup step and each piece of I/O is a named
+helper below it. The CLI, the tests and a hyperparameter search all call `train()`.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import math
-import shutil
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from array import array
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from summ.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from summ.config import ConfigError, RunConfig, TrainConfig
-from summ.data import Encoder, collate, encode_rows, load_rows, plan_batches
-from summ.loss import count_label_tokens, forward_summed_loss
-from summ.model import build_model, count_parameters, load_tokenizer, resolve_compute_dtype
+from summ.data import Encoder, Example, RowStats, collate, encode_rows, load_rows, plan_batches
+from summ.loss import count_label_tokens, evaluate_loss, forward_summed_loss
+from summ.model import build_model, count_parameters, load_tokenizer
+from summ.precision import mixed_precision_mode, resolve_compute_dtype
+from summ.run_record import RunLog, check_resume, save_adapter, write_metrics, write_run_record
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and what to change."""
+
+
+class TrainingDiverged(TrainingError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
@@ -39,180 +47,145 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
 
 
-def train(cfg: RunConfig, resume: bool | str | Path = False) -> RunResult:
-    from accelerate import Accelerator
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint so a resumed run continues exactly."""
+    step: int = 0
+    epoch: int = 0
+    window: int = 0  # the next accumulation window of `epoch`
+    train_losses: list = field(default_factory=list)
+    eval_history: list = field(default_factory=list)
+    skipped_steps: int = 0
+    overflow_steps: int = 0  # fp16 steps the loss scaler skipped (counted in skipped_steps too)
+    tokens_seen: int = 0
+    peak_memory: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainState":
+        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class TrainData:
+    tokenizer: object
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    stats: dict[str, RowStats]
+    fingerprint: str  # of the tokenized training examples: a resume must see the same data
+    windows_of_epoch: object  # epoch -> this rank's accumulation windows (micro-batches of row indices)
+    total_steps: int
+
+
+def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: bool = False) -> RunResult:
     from accelerate.utils import set_seed
 
     t = cfg.train
     run_dir = Path(cfg.log.output_dir)
-    resume_from = _resume_point(run_dir, resume)
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision_mode(t.mixed_precision),
-        log_with="tensorboard" if cfg.log.tensorboard else None,
-        project_dir=str(run_dir),
-    )
+    resume_from = resume_point(run_dir, resume)
+    accelerator = make_accelerator(cfg, run_dir)
     set_seed(t.seed)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.json")
 
-    # ---- data: read and tokenize everything before the model loads, so bad input fails in seconds
-    tokenizer = load_tokenizer(cfg)
-    encoder = Encoder(tokenizer, cfg.data)
-    train_rows, train_stats = load_rows(cfg.data, cfg.data.train_split, cfg.data.max_train_rows)
-    eval_rows, eval_stats = load_rows(cfg.data, cfg.data.eval_split, cfg.data.max_eval_rows)
-    train_examples = encode_rows(encoder, train_rows, cfg.data.train_split)
-    eval_examples = encode_rows(encoder, eval_rows, cfg.data.eval_split)
-    lengths = [len(e.input_ids) for e in train_examples]
-    world, rank = accelerator.num_processes, accelerator.process_index  # data is sharded by rank here
+    # Inputs first, before any folder is made or model loaded: bad input fails in seconds.
+    data = setup_data(cfg, accelerator)
+    changes = check_resume(cfg, resume_from, accelerator.num_processes, data.fingerprint, accept_changes)
+    write_run_record(cfg, run_dir, accelerator, resume_from, changes, data.tokenizer)
 
-    def windows_of_epoch(epoch: int) -> list[list[list[int]]]:
-        """This rank's accumulation windows (lists of micro-batches of row indices) for one epoch."""
-        plan = plan_batches(lengths, micro_batch_size=t.micro_batch_size, micro_batch_tokens=t.micro_batch_tokens,
-                            seed=t.seed, epoch=epoch, length_grouping=t.length_grouping, shuffle=t.shuffle)
-        per_rank = len(plan) // world
-        if per_rank == 0:
-            raise ConfigError(f"data: {len(train_examples)} training rows make {len(plan)} micro-batches, "
-                              f"fewer than the {world} processes")
-        mine = plan[rank::world][:per_rank]
-        return [mine[s:s + t.grad_accum_steps] for s in range(0, per_rank, t.grad_accum_steps)]
-
-    steps_per_epoch = [len(windows_of_epoch(e)) for e in range(t.epochs)]
-    total_steps = sum(steps_per_epoch) if t.max_steps is None else min(t.max_steps, sum(steps_per_epoch))
-    if t.warmup_steps > total_steps:
-        raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds the run's {total_steps} optimizer steps")
-    log.info("%d training rows, %d eval rows, %d optimizer steps (%s per epoch)", len(train_examples),
-             len(eval_examples), total_steps, steps_per_epoch)
-
-    # ---- model, optimizer, schedule
-    compute_dtype = resolve_compute_dtype(cfg.quant.compute_dtype, accelerator.device)
-    with accelerator.main_process_first():  # the first process builds any cached weights
-        model = build_model(cfg, accelerator.device, compute_dtype)
-    trainable_params, total_params = count_parameters(model)
-    accelerator.print(f"parameters: {total_params:,} total, {trainable_params:,} trainable")
-    optimizer = make_optimizer(model, t, accelerator.device)
-    scheduler = make_scheduler(optimizer, t, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    # ---- resume
-    state = {"step": 0, "epoch": 0, "window": 0, "train_losses": [], "eval_history": [],
-             "skipped_steps": 0, "overflow_steps": 0, "tokens_seen": 0}
+    model, optimizer, scheduler = setup_model(cfg, accelerator, data.total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = TrainState()
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
-        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
-    if cfg.log.tensorboard:
-        accelerator.init_trackers("tensorboard", config=_flat_hparams(cfg))
+        state = TrainState.from_dict(load_checkpoint(accelerator, resume_from, model, optimizer, scheduler))
+        if changes.get("forced"):
+            use_new_optimizer_settings(optimizer, scheduler, t)
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    run_log = RunLog(accelerator, cfg, run_dir, resumed_at=state.step if resume_from is not None else None)
+    resume_record = {"config": cfg.to_dict(), "world_size": accelerator.num_processes,
+                     "data_fingerprint": data.fingerprint}
 
     def validate(step: int) -> None:
-        val_loss = evaluate_loss(model, eval_examples, cfg.eval.batch_size, tokenizer.pad_token_id, accelerator)
-        record = {"step": step, "val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}
-        record.update({k.replace("memory/", "val/"): v for k, v in _memory_stats().items()})
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()  # so training logs report training memory only
-        state["eval_history"].append(record)
-        _log(accelerator, run_dir, step, {k: v for k, v in record.items() if k != "step"})
-        accelerator.print(f"step {step}: val loss {val_loss:.4f}, perplexity {record['val/perplexity']:.2f}")
+        record = run_validation(model, data, cfg, accelerator)
+        state.eval_history.append({"step": step, **record})
+        run_log.write(step, record)
+        accelerator.print(f"step {step}: val loss {record['val/loss']:.4f}, "
+                          f"perplexity {record['val/perplexity']:.2f}")
 
-    # ---- loop
-    if state["step"] == 0 and cfg.eval.at_start:
+    if state.step == 0 and cfg.eval.at_start:
         validate(0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    progress = _progress(accelerator, cfg, total_steps, state["step"])
-    bad_in_row = 0
-    tokens_since_log, log_clock = 0, time.perf_counter()
-    if torch.cuda.is_available():
-        # Loading staged full-precision weights through the caching allocator; give those blocks back
-        # so reserved memory reports what training needs.
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    for epoch in range(state["epoch"], t.epochs):
-        windows = windows_of_epoch(epoch)
-        first = state["window"] if epoch == state["epoch"] else 0
-        for w in range(first, len(windows)):
-            if state["step"] >= total_steps:
+    progress = _progress(accelerator, cfg, data.total_steps, state.step)
+    bad_in_row, tokens_since_log, log_clock = 0, 0, time.perf_counter()
+    _reset_peak_memory(release_cache=True)
+    for epoch in range(state.epoch, t.epochs):
+        windows = data.windows_of_epoch(epoch)
+        for w in range(state.window if epoch == state.epoch else 0, len(windows)):
+            if state.step >= data.total_steps:
                 break
-            batches = [collate([train_examples[i] for i in b], tokenizer.pad_token_id) for b in windows[w]]
+            batches = [collate([data.train_examples[i] for i in b], data.tokenizer.pad_token_id) for b in windows[w]]
 
+            # forward and backward over the window, the loss normalised by its label tokens
             model.train()
-            window_loss, tokens = accumulate_gradients(model, batches, accelerator)
+            with out_of_memory_hint(batches, cfg):
+                window_loss, tokens = accumulate_gradients(model, batches, accelerator)
             tokens_since_log += tokens
 
-            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-            grad_norm = float(grad_norm)
-            if math.isfinite(window_loss) and (math.isfinite(grad_norm) or accelerator.scaler is not None):
-                optimizer.step()  # with fp16 the scaler skips a step whose gradients overflowed
-                if accelerator.optimizer_step_was_skipped:
-                    state["overflow_steps"] += 1
-                bad_in_row = 0
-            else:
-                state["skipped_steps"] += 1
-                bad_in_row += 1
-                accelerator.print(f"step {state['step'] + 1}: non-finite loss {window_loss} or grad norm "
-                                  f"{grad_norm}; update skipped ({bad_in_row} in a row)")
-                if bad_in_row >= t.max_consecutive_bad_steps:
-                    last_ckpt = latest_checkpoint(run_dir)
-                    raise TrainingDiverged(
-                        f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient (step "
-                        f"{state['step'] + 1}); stopping. Last good checkpoint: {last_ckpt or 'none yet'}. "
-                        f"Try a lower train.lr or train.max_grad_norm.")
+            # clip (this also unscales fp16 gradients), step unless anything is non-finite, schedule
+            grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf))
+            applied = optimizer_step(accelerator, optimizer, window_loss, grad_norm)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["epoch"], state["window"] = (epoch, w + 1) if w + 1 < len(windows) else (epoch + 1, 0)
-            state["train_losses"].append(window_loss)
-            step = state["step"]
+
+            state.step += 1
+            state.epoch, state.window = (epoch, w + 1) if w + 1 < len(windows) else (epoch + 1, 0)
+            state.train_losses.append(window_loss)
+            step = state.step
             progress.update(1)
 
-            if step % cfg.log.log_every == 0 or step == total_steps:
+            if applied:
+                bad_in_row = 0
+            else:
+                bad_in_row += 1
+                state.skipped_steps += 1
+                state.overflow_steps += math.isfinite(window_loss) and accelerator.scaler is not None
+                run_log.write(step, {"train/skipped_step": 1, "train/loss_this_step": window_loss,
+                                     "train/grad_norm_this_step": grad_norm})
+                accelerator.print(f"step {step}: non-finite loss {window_loss} or grad norm {grad_norm}; "
+                                  f"update skipped ({bad_in_row} in a row)")
+                if bad_in_row >= t.max_consecutive_bad_steps:
+                    raise TrainingDiverged(
+                        f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient (step {step}); "
+                        f"stopping. Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. "
+                        f"Try a lower train.lr or train.max_grad_norm (train.max_consecutive_bad_steps="
+                        f"{t.max_consecutive_bad_steps} sets the limit)")
+
+            if step % cfg.log.log_every == 0 or step == data.total_steps:
                 tokens = accelerator.reduce(torch.tensor(tokens_since_log, device=accelerator.device), "sum").item()
                 elapsed = time.perf_counter() - log_clock
-                state["tokens_seen"] += tokens
-                recent = state["train_losses"][-cfg.log.log_every:]
-                logged = {"train/loss": sum(recent) / len(recent), "train/lr": scheduler.get_last_lr()[0],
-                          "train/grad_norm": grad_norm, "train/tokens_per_s": tokens / elapsed,
-                          "train/tokens": tokens, "train/seconds": elapsed,
-                          "train/skipped_steps": state["skipped_steps"]}
-                logged.update(_memory_stats())
-                for key, value in _memory_stats().items():
-                    state[key] = max(state.get(key, 0.0), value)
-                _log(accelerator, run_dir, step, logged)
+                state.tokens_seen += tokens
+                logged = train_log_record(state, cfg.log.log_every, scheduler.get_last_lr()[0], grad_norm,
+                                          tokens, elapsed)
+                run_log.write(step, logged)
                 progress.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['train/tokens_per_s']:.0f}")
                 tokens_since_log, log_clock = 0, time.perf_counter()
 
-            if (cfg.eval.eval_every and step % cfg.eval.eval_every == 0) or (step == total_steps and cfg.eval.at_end):
+            if (cfg.eval.eval_every and step % cfg.eval.eval_every == 0) or (step == data.total_steps
+                                                                             and cfg.eval.at_end):
                 validate(step)
                 log_clock = time.perf_counter()  # evaluation time is not training throughput
 
-            if step % t.save_every == 0 or step == total_steps:
-                save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, state, t.keep_last)
+            if step % t.save_every == 0 or step == data.total_steps:
+                save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, asdict(state),
+                                resume_record, t.keep_last)
     progress.close()
 
-    # ---- final artifacts
-    metrics = {
-        "steps": state["step"], "total_steps": total_steps,
-        "final_train_loss": state["train_losses"][-1] if state["train_losses"] else None,
-        "final_val_loss": state["eval_history"][-1]["val/loss"] if state["eval_history"] else None,
-        "final_val_perplexity": state["eval_history"][-1]["val/perplexity"] if state["eval_history"] else None,
-        "eval_history": state["eval_history"], "skipped_steps": state["skipped_steps"],
-        "overflow_steps": state["overflow_steps"], "tokens_seen": state["tokens_seen"],
-        "trainable_params": trainable_params, "total_params": total_params,
-        "train_rows": train_stats.kept, "train_rows_skipped": train_stats.skipped,
-        "eval_rows": eval_stats.kept, "eval_rows_skipped": eval_stats.skipped,
-        # Peak GPU memory while training (evaluation peaks are in eval_history).
-        **{k: v for k, v in state.items() if k.startswith("memory/")},
-    }
+    metrics = final_metrics(state, data, count_parameters(model))
     if accelerator.is_main_process:
-        adapter_dir = run_dir / "adapter"
-        tmp = run_dir / ".tmp-adapter"
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        tmp.rename(adapter_dir)
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        save_adapter(accelerator.unwrap_model(model), data.tokenizer, cfg, run_dir)
+        write_metrics(run_dir, metrics)
     accelerator.end_training()
-    return RunResult(run_dir=run_dir, steps=state["step"], train_losses=state["train_losses"],
-                     eval_history=state["eval_history"], metrics=metrics)
+    return RunResult(run_dir=run_dir, steps=state.step, train_losses=state.train_losses,
+                     eval_history=state.eval_history, metrics=metrics)
+
+
+# ----------------------------------------------------------------------------- the step
 
 
 def accumulate_gradients(model, batches: list[dict], accelerator) -> tuple[float, int]:
@@ -239,23 +212,104 @@ def accumulate_gradients(model, batches: list[dict], accelerator) -> tuple[float
     return accelerator.reduce(loss_sum, reduction="sum").item() / max(n_labels, 1), tokens
 
 
-@torch.no_grad()
-def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator) -> float:
-    """Token-weighted mean loss over `examples` (prompt-only masking as in training)."""
-    model.eval()
-    # Longest first: later, smaller batches reuse the allocator's blocks instead of growing it.
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    n_tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    for b in batches[accelerator.process_index::accelerator.num_processes]:
-        batch = collate([examples[i] for i in b], pad_id)
-        loss_sum += forward_summed_loss(model, batch, accelerator.device).double()
-        n_tokens += count_label_tokens(batch["labels"])
-    loss_sum = accelerator.reduce(loss_sum, reduction="sum")
-    n_tokens = accelerator.reduce(n_tokens, reduction="sum")
-    model.train()
-    return (loss_sum / n_tokens.clamp(min=1)).item()
+def optimizer_step(accelerator, optimizer, window_loss: float, grad_norm: float) -> bool:
+    """Apply the update unless the window's loss or gradients are not finite; True if applied.
+
+    With fp16 the loss scaler must see every step, skipped or not: clipping has already unscaled
+    the gradients, and without `update()` the next window's unscale raises.
+    """
+    if math.isfinite(window_loss) and math.isfinite(grad_norm):
+        optimizer.step()  # with fp16: the scaler's step and update
+        return not accelerator.optimizer_step_was_skipped
+    if accelerator.scaler is not None:
+        accelerator.scaler.update()  # found inf: lowers the scale
+    return False
+
+
+@contextmanager
+def out_of_memory_hint(batches: list[dict], cfg: RunConfig):
+    """Turn a CUDA out-of-memory into one line naming the micro-batch and the knobs that shrink it."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        rows, length = max((tuple(b["input_ids"].shape) for b in batches), key=lambda s: s[0] * s[1])
+        t = cfg.train
+        sizing = (f"train.micro_batch_tokens={t.micro_batch_tokens}" if t.micro_batch_tokens
+                  else f"train.micro_batch_size={t.micro_batch_size}")
+        raise TrainingError(
+            f"out of GPU memory on a micro-batch of {rows} rows x {length} tokens ({rows * length} tokens); lower "
+            f"{sizing} (and raise train.grad_accum_steps to keep the rows per step), lower data.max_length, or "
+            f"recompute more layers (model.checkpointed_layers={cfg.model.checkpointed_layers}, null: all)") from None
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_accelerator(cfg: RunConfig, run_dir: Path):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=mixed_precision_mode(cfg.train.mixed_precision),
+                       log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(run_dir))
+
+
+def setup_data(cfg: RunConfig, accelerator) -> TrainData:
+    """Read and tokenize both splits and plan every epoch's batches; touches no model and no folder."""
+    t, d = cfg.train, cfg.data
+    tokenizer = load_tokenizer(cfg)
+    encoder = Encoder(tokenizer, d)
+    if cfg.eval.generate:
+        encoder.check_generation_room(cfg.eval.max_new_tokens)
+    train_rows, train_stats = load_rows(d, d.train_split, d.max_train_rows)
+    eval_rows, eval_stats = load_rows(d, d.eval_split, d.max_eval_rows)
+    train_examples = encode_rows(encoder, train_rows, d.train_split)
+    eval_examples = encode_rows(encoder, eval_rows, d.eval_split)
+    lengths = [len(e.input_ids) for e in train_examples]
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    def windows_of_epoch(epoch: int) -> list[list[list[int]]]:
+        plan = plan_batches(lengths, micro_batch_size=t.micro_batch_size, micro_batch_tokens=t.micro_batch_tokens,
+                            seed=t.seed, epoch=epoch, length_grouping=t.length_grouping, shuffle=t.shuffle)
+        per_rank = len(plan) // world
+        if per_rank == 0:
+            raise ConfigError(f"data: {len(train_examples)} training rows make {len(plan)} micro-batches, "
+                              f"fewer than the {world} processes")
+        mine = plan[rank::world][:per_rank]
+        return [mine[s:s + t.grad_accum_steps] for s in range(0, per_rank, t.grad_accum_steps)]
+
+    steps_per_epoch = [len(windows_of_epoch(e)) for e in range(t.epochs)]
+    total_steps = sum(steps_per_epoch) if t.max_steps is None else min(t.max_steps, sum(steps_per_epoch))
+    if t.warmup_steps > total_steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds the run's {total_steps} optimizer steps")
+    for name, stats in (("train", train_stats), ("eval", eval_stats)):
+        accelerator.print(f"{name} rows: {stats.read} read, {stats.kept} used, {stats.n_skipped} skipped"
+                          + (f" {stats.skipped}" if stats.skipped else ""))
+    log.info("%d optimizer steps (%s per epoch)", total_steps, steps_per_epoch)
+    return TrainData(tokenizer=tokenizer, train_examples=train_examples, eval_examples=eval_examples,
+                     stats={"train": train_stats, "eval": eval_stats},
+                     fingerprint=examples_fingerprint(train_examples), windows_of_epoch=windows_of_epoch,
+                     total_steps=total_steps)
+
+
+def examples_fingerprint(examples: list[Example]) -> str:
+    """A hash of the tokenized training rows: changes with the data, template, tokenizer or length."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(array("q", e.input_ids).tobytes())
+        digest.update(array("q", e.labels).tobytes())
+    return f"{len(examples)}:{digest.hexdigest()[:16]}"
+
+
+def setup_model(cfg: RunConfig, accelerator, total_steps: int):
+    """4-bit base + LoRA, AdamW over the adapters, the learning-rate schedule; prepared by accelerate."""
+    compute_dtype = resolve_compute_dtype(cfg.quant.compute_dtype, accelerator.device)
+    with accelerator.main_process_first():  # the first process builds any cached weights
+        model = build_model(cfg, accelerator.device, compute_dtype)
+    trainable, total = count_parameters(model)
+    accelerator.print(f"parameters: {total:,} total, {trainable:,} trainable")
+    optimizer = make_optimizer(model, cfg.train, accelerator.device)
+    scheduler = make_scheduler(optimizer, cfg.train, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, scheduler
 
 
 def make_optimizer(model, t: TrainConfig, device: torch.device):
@@ -264,8 +318,8 @@ def make_optimizer(model, t: TrainConfig, device: torch.device):
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "bias" in name or "norm" in name.lower() else decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": t.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = [g for g in ({"params": decay, "weight_decay": t.weight_decay, "decayed": True},
+                          {"params": no_decay, "weight_decay": 0.0, "decayed": False}) if g["params"]]
     kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
@@ -287,7 +341,19 @@ def make_scheduler(optimizer, t: TrainConfig, total_steps: int):
     return make(optimizer, t.warmup_steps, total_steps)
 
 
-def _resume_point(run_dir: Path, resume: bool | str | Path) -> Path | None:
+def use_new_optimizer_settings(optimizer, scheduler, t: TrainConfig) -> None:
+    """After a resume with accepted changes: the optimizer and schedule states loaded from the checkpoint
+    carry the old learning rate, betas, eps and weight decay; put the config's values in their place."""
+    for group in optimizer.param_groups:
+        group.update(initial_lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                     weight_decay=t.weight_decay if group["decayed"] else 0.0)
+    scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
+    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = t.lr * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def resume_point(run_dir: Path, resume: bool | str | Path) -> Path | None:
     if resume is True:
         found = latest_checkpoint(run_dir)
         if found is None:
@@ -304,12 +370,45 @@ def _resume_point(run_dir: Path, resume: bool | str | Path) -> Path | None:
     return None
 
 
-def mixed_precision_mode(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+# ----------------------------------------------------------------------------- evaluation and logging
+
+
+def run_validation(model, data: TrainData, cfg: RunConfig, accelerator) -> dict:
+    val_loss = evaluate_loss(model, data.eval_examples, cfg.eval.batch_size, data.tokenizer.pad_token_id, accelerator)
+    record = {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}
+    record.update({k.replace("memory/", "val/"): v for k, v in _memory_stats().items()})
+    _reset_peak_memory()  # so training logs report training memory only
+    return record
+
+
+def train_log_record(state: TrainState, log_every: int, lr: float, grad_norm: float, tokens: int,
+                     elapsed: float) -> dict:
+    """The training line of log.jsonl / TensorBoard; the loss is the mean of the steps that ran."""
+    recent = [x for x in state.train_losses[-log_every:] if math.isfinite(x)]
+    record = {"train/loss": sum(recent) / len(recent) if recent else float("nan"), "train/lr": lr,
+              "train/grad_norm": grad_norm, "train/tokens_per_s": tokens / elapsed, "train/tokens": tokens,
+              "train/seconds": elapsed, "train/skipped_steps": state.skipped_steps}
+    memory = _memory_stats()
+    for key, value in memory.items():
+        state.peak_memory[key] = max(state.peak_memory.get(key, 0.0), value)
+    return {**record, **memory}
+
+
+def final_metrics(state: TrainState, data: TrainData, params: tuple[int, int]) -> dict:
+    last_eval = state.eval_history[-1] if state.eval_history else {}
+    return {
+        "steps": state.step, "total_steps": data.total_steps,
+        "final_train_loss": state.train_losses[-1] if state.train_losses else None,
+        "final_val_loss": last_eval.get("val/loss"), "final_val_perplexity": last_eval.get("val/perplexity"),
+        "eval_history": state.eval_history, "skipped_steps": state.skipped_steps,
+        "overflow_steps": state.overflow_steps, "tokens_seen": state.tokens_seen,
+        "trainable_params": params[0], "total_params": params[1],
+        "train_rows": data.stats["train"].kept, "train_rows_skipped": data.stats["train"].skipped,
+        "eval_rows": data.stats["eval"].kept, "eval_rows_skipped": data.stats["eval"].skipped,
+        "data": {name: stats.summary() for name, stats in data.stats.items()},
+        # Peak GPU memory while training (evaluation peaks are in eval_history).
+        **state.peak_memory,
+    }
 
 
 def _memory_stats() -> dict:
@@ -319,20 +418,13 @@ def _memory_stats() -> dict:
             "memory/peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
-def _log(accelerator, run_dir: Path, step: int, values: dict) -> None:
-    if accelerator.trackers:
-        accelerator.log(values, step=step)
-    if accelerator.is_main_process:
-        with open(run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-
-
-def _flat_hparams(cfg: RunConfig) -> dict:
-    flat = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+def _reset_peak_memory(release_cache: bool = False) -> None:
+    if torch.cuda.is_available():
+        if release_cache:
+            # Loading staged full-precision weights through the caching allocator; give those blocks
+            # back so reserved memory reports what training needs.
+            torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _progress(accelerator, cfg: RunConfig, total: int, done: int):

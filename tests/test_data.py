@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from transformers import AutoTokenizer
@@ -82,6 +83,33 @@ def test_max_length_too_small_for_template(phi_tok):
         Encoder(phi_tok, DataConfig(dataset="x", template=XSUM_TEMPLATE, max_length=20))
 
 
+def test_article_reserve_that_leaves_no_summary_room_is_refused(phi_tok):
+    # The template takes 26 tokens (BOS-free Phi-2): 26 + 64 article tokens + a summary token + EOS do not fit in 80.
+    # Before this check the summary budget went negative and summary[:negative] cut it from the end.
+    fixed = Encoder(phi_tok, DataConfig(dataset="x", template=XSUM_TEMPLATE, max_length=512)).fixed_tokens
+    assert fixed == 26
+    with pytest.raises(ConfigError, match=re.escape(
+            "data.min_article_tokens=64 does not fit data.max_length=80: the template takes 26 tokens, and a "
+            "summary token and EOS must fit too; lower data.min_article_tokens to at most 52")):
+        Encoder(phi_tok, DataConfig(dataset="x", template=XSUM_TEMPLATE, max_length=80, min_article_tokens=64))
+    # At the limit the summary keeps its head (one token) and the article keeps its 52 tokens.
+    enc = Encoder(phi_tok, DataConfig(dataset="x", template=XSUM_TEMPLATE, max_length=80, min_article_tokens=52))
+    summary = "The council approved the plan to build homes on Monday."
+    ex = enc.encode("word " * 500, summary)
+    labelled = [t for t in ex.labels if t != IGNORE_INDEX]
+    assert len(ex.input_ids) == 80 and ex.summary_truncated and ex.article_truncated
+    assert labelled == phi_tok(" " + summary)["input_ids"][:1] + [phi_tok.eos_token_id]
+
+
+def test_generation_budget_that_leaves_no_article_is_refused(phi_tok):
+    enc = Encoder(phi_tok, DataConfig(dataset="x", template=XSUM_TEMPLATE, max_length=64, min_article_tokens=8))
+    assert len(enc.encode_prompt("word " * 100, max_new_tokens=37)) == 64 - 37
+    with pytest.raises(ConfigError, match=re.escape("eval.max_new_tokens=38 does not fit data.max_length=64: the "
+                                                    "template takes 26 tokens and the prompt needs at least one "
+                                                    "article token; use at most 37")):
+        enc.encode_prompt("word " * 100, max_new_tokens=38)
+
+
 def test_template_whitespace_goes_with_completion():
     t = PromptTemplate.parse("Summarize: {article}\n\nSummary: {summary}")
     assert (t.head, t.prompt_tail, t.completion_prefix) == ("Summarize: ", "\n\nSummary:", " ")
@@ -102,20 +130,73 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, caplog):
         json.dumps(["a list"]),
         good.replace('"g"', '"h"'),
     ])
-    cfg = DataConfig(dataset=str(tmp_path), article_field="document", summary_field="summary")
+    cfg = DataConfig(dataset=str(tmp_path), article_field="document", summary_field="summary",
+                     max_bad_row_share=1.0)
     rows, stats = load_rows(cfg, "train")
     assert [r["id"] for r in rows] == ["g", "h"] and stats.read == 7 and stats.kept == 2
-    assert sum(stats.skipped.values()) == 5
-    assert stats.skipped["empty article field 'document'"] == 1
-    assert stats.skipped["missing summary field 'summary'"] == 1
+    path = tmp_path / "train.jsonl"
+    assert stats.examples == [f"{path}:2: empty article field 'document'", f"{path}:3: missing summary field 'summary'",
+                              f"{path}:4: article field 'document' is int, expected a string",
+                              f"{path}:5: not valid JSON (Expecting property name enclosed in double quotes)",
+                              f"{path}:6: not a JSON object"]
+    assert stats.n_skipped == 5 and stats.summary()["used"] == 2
     assert "skipped 5 of 7 rows" in caplog.text
+    assert f"{path}:3 (id b): missing summary field 'summary'; row skipped" in caplog.text
+
+    # The same file under the default share (10%) is a wrong file, not a few bad rows.
+    with pytest.raises(DataError, match=r"train.jsonl: 5 of 7 rows are unusable .* more than "
+                                        r"data.max_bad_row_share=0.1"):
+        load_rows(DataConfig(dataset=str(tmp_path), article_field="document", summary_field="summary"), "train")
+
+
+def test_undecodable_line_costs_one_row_and_a_bom_costs_none(tmp_path):
+    rows_in = [json.dumps({"id": f"r{i}", "document": f"article {i}", "summary": f"summary {i}"}) for i in range(12)]
+    data = "\n".join(rows_in).encode("utf-8").split(b"\n")
+    data[5] = data[5].replace(b"article 5", b"article \xff\xfe 5")  # one bad byte sequence on line 6
+    (tmp_path / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(data) + b"\n")
+    cfg = DataConfig(dataset=str(tmp_path), article_field="document", summary_field="summary")
+    rows, stats = load_rows(cfg, "train")
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(12) if i != 5]  # r0 survives the byte-order mark
+    assert stats.examples == [f"{tmp_path / 'train.jsonl'}:6: not UTF-8 text"]
+
+
+def test_csv_with_bom_bad_bytes_and_quoted_newlines(tmp_path):
+    text = 'id,document,summary\n1,"An article,\nover two lines",First\n2,"bad \xff byte",Second\n3,Third one,Third\n'
+    (tmp_path / "train.csv").write_bytes(b"\xef\xbb\xbf" + text.encode("latin-1"))
+    cfg = DataConfig(dataset=str(tmp_path), article_field="document", summary_field="summary", max_bad_row_share=0.5)
+    rows, stats = load_rows(cfg, "train")
+    assert rows == [{"id": "1", "article": "An article,\nover two lines", "summary": "First"},
+                    {"id": "3", "article": "Third one", "summary": "Third"}]
+    assert stats.examples == [f"{tmp_path / 'train.csv'}:4: not UTF-8 text"]  # row 2 starts on line 4
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("train.jsonl", b"", "train.jsonl: empty file"),
+    ("train.jsonl", b"\n\n  \n", "train.jsonl: no rows"),
+    ("train.csv", b"", "train.csv: empty file"),
+    ("train.csv", b"id,document,summary\n", "train.csv: no rows"),
+    ("train.jsonl", b"PK\x03\x04\x00\x00binary", "train.jsonl: binary file; expected UTF-8 text (jsonl)"),
+])
+def test_unreadable_files_are_one_line_errors(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    cfg = DataConfig(dataset=str(tmp_path), article_field="document", summary_field="summary")
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_rows(cfg, "train")
+
+
+def test_missing_relative_folder_is_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    cfg = DataConfig(dataset="data/xsum_missing", article_field="document", summary_field="summary")
+    with pytest.raises(ConfigError, match=re.escape(f"data.dataset: {tmp_path}/data/xsum_missing is not a folder")):
+        load_rows(cfg, "train")
 
 
 def test_strict_mode_names_the_row(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [json.dumps({"id": "x1", "document": "t", "summary": "s"}),
                                            json.dumps({"id": "x2", "document": "  ", "summary": "s"})])
     cfg = DataConfig(dataset=str(tmp_path), article_field="document", summary_field="summary", strict=True)
-    with pytest.raises(DataError, match=r"train.jsonl: row 1 \(id x2\): empty article field 'document'"):
+    with pytest.raises(DataError, match=r"train.jsonl:2 \(id x2\): empty article field 'document' \(data.strict is on\)"):
         load_rows(cfg, "train")
     write_jsonl(tmp_path / "train.jsonl", [json.dumps({"id": "x1", "document": "t", "summary": "s"}), "{oops"])
     with pytest.raises(DataError, match=r"train.jsonl:2: not valid JSON"):
@@ -134,7 +215,7 @@ def test_split_spec_wrong_column_and_missing_split():
 
 def test_csv_source(tmp_path):
     (tmp_path / "train.csv").write_text('id,document,summary\n1,"An article, with a comma",A summary\n2,,empty\n')
-    cfg = DataConfig(dataset=str(tmp_path), article_field="document", summary_field="summary")
+    cfg = DataConfig(dataset=str(tmp_path), article_field="document", summary_field="summary", max_bad_row_share=0.5)
     rows, stats = load_rows(cfg, "train")
     assert rows == [{"id": "1", "article": "An article, with a comma", "summary": "A summary"}]
     assert sum(stats.skipped.values()) == 1

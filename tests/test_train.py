@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from summ.checkpoint import latest_checkpoint
 from summ.data import Encoder, collate, encode_rows, load_rows
 from summ.model import build_model, load_tokenizer
-from summ.train import TrainingDiverged, accumulate_gradients, evaluate_loss, make_scheduler, train
+from summ.loss import evaluate_loss
+from summ.train import TrainingDiverged, accumulate_gradients, make_scheduler, train
 from tests.conftest import TINY, tiny_config
 
 REPO = Path(__file__).parents[1]
@@ -188,13 +189,13 @@ KILL_SCRIPT = r"""
 import os, signal, sys
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 os.environ["SUMM_CACHE"] = {cache!r}
-import conftest, summ.checkpoint as ck, summ.train as tr
+import conftest, summ.train as tr
 real_rename = os.rename
 def rename(src, dst):
     if str(dst).endswith("step-0000004"):   # die half-way through saving checkpoint 4
         os.kill(os.getpid(), signal.SIGKILL)
     real_rename(src, dst)
-ck.os.rename = rename
+os.rename = rename  # summ.files renames the finished checkpoint folder into place
 cfg = conftest.tiny_config({out!r}, **{sections!r})
 tr.train(cfg)
 """

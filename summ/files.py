@@ -1,0 +1,95 @@
+"""Files that are written whole or not at all, and text files read line by line.
+
+Everything a run leaves behind (checkpoints, the adapter, merged weights, metrics) goes through
+`atomic_folder` or `write_atomic`: it is written beside its final name and renamed into place, so
+a run killed or out of disk mid-write leaves the previous version, never half of a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+# A file with a NUL byte in its first block is binary (a parquet or zip file renamed .jsonl, say).
+_SNIFF_BYTES = 8192
+
+
+class WriteError(OSError):
+    """A file or folder could not be written (disk full, permissions); nothing partial is left."""
+
+
+@contextmanager
+def atomic_folder(final: str | Path, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
+
+    On any error the temporary folder is removed and `final` is left as it was. An `OSError`
+    (disk full, permissions) comes back as a `WriteError` that names the folder.
+    """
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            if not replace:
+                raise FileExistsError(f"{final} already exists")
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (WriteError, FileExistsError)):
+            raise
+        raise WriteError(f"could not write {final}: {e.strerror or e}; it was left as it was") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write a text file through a temporary sibling and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"could not write {path}: {e.strerror or e}") from e
+
+
+def write_json(path: str | Path, value) -> None:
+    write_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def looks_binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" in f.read(_SNIFF_BYTES)
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """(1-based line number, text) for each line of a UTF-8 file; text is None for a line that is
+    not valid UTF-8, so one bad byte costs one line, not the file. A byte-order mark is dropped."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield line_no, None
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())

@@ -1,0 +1,27 @@
+"""One answer to "which half precision": bf16 where the device supports it, fp16 on GPUs without
+bf16 (a T4), full precision on a CPU. Training's autocast mode and the weights' compute dtype
+both follow it, so "auto" never means two different things."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_MODE_OF_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
+
+
+def auto_dtype(device: torch.device | None = None) -> torch.dtype:
+    on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    if on_cuda:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """quant.compute_dtype: the dtype frozen weights compute in."""
+    return auto_dtype(device) if name == "auto" else DTYPES[name]
+
+
+def mixed_precision_mode(name: str) -> str:
+    """train.mixed_precision as accelerate names it ("bf16", "fp16" or "no")."""
+    return _MODE_OF_DTYPE[auto_dtype()] if name == "auto" else name

@@ -1,0 +1,198 @@
+"""The run folder: what it records to reproduce and serve the run, and what a resume must match.
+
+    config.json        the resolved config the run started with (never overwritten by a resume)
+    prompt.json        the template and its exact split into prompt and completion
+    environment.json   package versions, the git commit of summ, the command line
+    resumes.jsonl      one line per resume: the checkpoint, what changed, whether it was forced
+    log.jsonl          one line per logged step (training, validation, skipped steps)
+    tensorboard/       the same curves for TensorBoard
+    checkpoints/       step-NNNNNNN/ folders (adapter, optimizer, scheduler, RNG, train state)
+    adapter/           the trained LoRA in PEFT format, with the tokenizer and prompt.json
+    metrics.json       the final figures of the run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from summ.checkpoint import read_resume_record
+from summ.config import ConfigError, RunConfig
+from summ.data import PromptTemplate
+from summ.files import atomic_folder, write_atomic, write_json
+
+log = logging.getLogger(__name__)
+
+# Keys that change neither the updates nor the order of the training data: a resume may change them.
+_HARMLESS_SECTIONS = ("eval", "log")
+_HARMLESS_KEYS = {
+    "train.save_every", "train.keep_last", "train.max_consecutive_bad_steps",
+    "data.strict", "data.max_bad_row_share", "data.eval_split", "data.max_eval_rows",
+    # Memory and speed only: recomputing activations or keeping the embedding table on the host
+    # gives the same numbers.
+    "model.gradient_checkpointing", "model.checkpointed_layers", "model.embeddings_on_cpu",
+}
+_PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "safetensors", "summ")
+
+
+class ResumeMismatch(ConfigError):
+    """A resume would not continue the checkpoint's run exactly."""
+
+
+def flat_config(cfg: RunConfig) -> dict:
+    """`section.key -> value`, with lists as JSON gives them back (so a saved config compares equal)."""
+    return {f"{section}.{key}": value for section, values in json.loads(json.dumps(cfg.to_dict())).items()
+            for key, value in values.items()}
+
+
+def is_harmless(key: str) -> bool:
+    return key.split(".")[0] in _HARMLESS_SECTIONS or key in _HARMLESS_KEYS
+
+
+def check_resume(cfg: RunConfig, checkpoint: Path | None, world_size: int, data_fingerprint: str,
+                 accept_changes: bool) -> dict:
+    """Compare this run with the checkpoint's; refuse a change of the math, the data or its order.
+
+    Returns what changed ({} for a fresh run). Keys that only affect evaluation, logging or
+    checkpoint cadence may change freely; anything else, a different number of processes or
+    different training data is refused with each difference listed, unless `accept_changes`.
+    """
+    if checkpoint is None:
+        return {}
+    record = read_resume_record(checkpoint)
+    if record is None:
+        if not accept_changes:
+            raise ResumeMismatch(f"{checkpoint}: this checkpoint does not record its run's config and data, so "
+                                 f"an exact resume cannot be checked; pass --resume-changed to continue anyway")
+        return {"changed": {}, "unchecked": True, "forced": True}
+    old = {f"{s}.{k}": v for s, values in record["config"].items() for k, v in values.items()}
+    new = flat_config(cfg)
+    changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if not is_harmless(k)]
+    if record["world_size"] != world_size:
+        refused.append(f"processes: {record['world_size']} -> {world_size} (each reads its own share of the batches)")
+    if record["data_fingerprint"] != data_fingerprint:
+        refused.append(f"training data (rows:hash): {record['data_fingerprint']} -> {data_fingerprint}")
+    if refused and not accept_changes:
+        raise ResumeMismatch(f"{checkpoint}: cannot resume exactly, changed since the checkpoint: "
+                             f"{'; '.join(refused)}. Restore them, or pass --resume-changed to continue with the "
+                             f"new values (recorded in resumes.jsonl)")
+    allowed = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if is_harmless(k)]
+    if allowed:
+        log.warning("resume: changed since the checkpoint (allowed): %s", "; ".join(allowed))
+    if refused:
+        log.warning("resume: changed since the checkpoint, accepted by --resume-changed: %s", "; ".join(refused))
+    return {"changed": changed, "forced": bool(refused),
+            "data_fingerprint": [record["data_fingerprint"], data_fingerprint],
+            "world_size": [record["world_size"], world_size]}
+
+
+def write_run_record(cfg: RunConfig, run_dir: Path, accelerator, resume_from: Path | None, changes: dict,
+                     tokenizer) -> None:
+    """A fresh run writes config, prompt and environment; a resume appends to resumes.jsonl instead,
+    so config.json keeps saying what the run started with."""
+    if not accelerator.is_main_process:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_from is None:
+        cfg.save(run_dir / "config.json")
+        write_json(run_dir / "prompt.json", prompt_record(cfg, tokenizer))
+        write_json(run_dir / "environment.json", environment())
+        return
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(resume_from), **changes,
+            "config": cfg.to_dict() if changes.get("forced") else None, "environment": environment()}
+    with open(run_dir / "resumes.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+def prompt_record(cfg: RunConfig, tokenizer) -> dict:
+    """The prompt exactly as training built it: the whitespace after the prompt belongs to the completion,
+    so a server that rebuilds the prompt from this file sees the tokens the model was trained on."""
+    template = PromptTemplate.parse(cfg.data.template)
+    return {"template": cfg.data.template,
+            "prompt": template.head + "{article}" + template.prompt_tail,
+            "completion": template.completion_prefix + "{summary}" + (tokenizer.eos_token or ""),
+            "eos_token": tokenizer.eos_token, "max_length": cfg.data.max_length,
+            "article_is_truncated_to_fit": True}
+
+
+def environment() -> dict:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    import torch
+
+    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "git": _git_commit(), "argv": sys.argv}
+
+
+def _git_commit() -> dict | None:
+    """The commit of the summ checkout that ran, and whether it had uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+class RunLog:
+    """log.jsonl and TensorBoard. A resumed run first drops what was logged after its checkpoint,
+    so the steps a killed run repeats are not there twice."""
+
+    def __init__(self, accelerator, cfg: RunConfig, run_dir: Path, resumed_at: int | None):
+        self.accelerator = accelerator
+        self.file = Path(run_dir) / "log.jsonl"
+        if accelerator.is_main_process and resumed_at is not None and self.file.is_file():
+            write_atomic(self.file, "".join(line + "\n" for line in self.file.read_text().splitlines()
+                                            if _step_of(line) is not None and _step_of(line) <= resumed_at))
+        if cfg.log.tensorboard:
+            # purge_step hides events at and after it, the ones the resumed run writes again.
+            init_kwargs = {} if resumed_at is None else {"tensorboard": {"purge_step": resumed_at + 1}}
+            accelerator.init_trackers("tensorboard", config=_hparams(cfg), init_kwargs=init_kwargs)
+
+    def write(self, step: int, values: dict) -> None:
+        if self.accelerator.trackers:
+            self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.file, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
+        return None
+
+
+def _hparams(cfg: RunConfig) -> dict:
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config(cfg).items()}
+
+
+def save_adapter(model, tokenizer, cfg: RunConfig, run_dir: Path) -> Path:
+    """The trained adapter in PEFT format, with the tokenizer and the prompt it was trained on."""
+    with atomic_folder(Path(run_dir) / "adapter") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "prompt.json", prompt_record(cfg, tokenizer))
+    return Path(run_dir) / "adapter"
+
+
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    write_json(Path(run_dir) / "metrics.json", metrics)

@@ -1,0 +1,330 @@
+"""Bad input and faults: a one-line error before anything is created, nothing lost, resumes that
+refuse what they cannot honour, and a run that survives a non-finite fp16 step or a full disk."""
+
+import errno
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from summ.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from summ.run_record import ResumeMismatch
+from summ.train import TrainingDiverged, TrainingError, train
+from tests.conftest import FIXTURES, tiny_config
+
+REPO = Path(__file__).parents[1]
+sys.path.insert(0, str(REPO))
+import run  # noqa: E402
+
+GOOD_ROW = {"id": "g", "document": "The council approved the plan on Monday. " * 4, "summary": "Plan approved."}
+
+
+def write_config(tmp_path, **sections) -> Path:
+    path = tmp_path / "config.json"
+    tiny_config(tmp_path / "run", **sections).save(path)
+    return path
+
+
+def data_folder(tmp_path, train_bytes: bytes, name: str = "train.jsonl") -> Path:
+    folder = tmp_path / "data"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_bytes(train_bytes)
+    (folder / "validation.jsonl").write_bytes((FIXTURES / "xsum_tiny" / "validation.jsonl").read_bytes())
+    return folder
+
+
+def jsonl(*rows) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+# Each case: --set overrides (a callable of tmp_path for paths), the message, the exit status.
+BAD_INPUTS = {
+    "lr inf": (["train.lr=inf"], "--set train.lr=inf: 'train.lr' must be a finite number, got inf"),
+    "lr nan": (["train.lr=nan"], "--set train.lr=nan: 'train.lr' must be a finite number, got nan"),
+    "lr zero": (["train.lr=0"], "--set train.lr=0: 'train.lr' must be > 0, got 0.0"),
+    "dropout 1": (["lora.dropout=1"], "--set lora.dropout=1: 'lora.dropout' must be in [0, 1), got 1.0"),
+    "zero batch": (["train.micro_batch_size=0"], "--set train.micro_batch_size=0: 'train.micro_batch_size' must be > 0"),
+    "word for int": (["train.epochs=two"], "--set train.epochs=two: cannot read 'two' as an integer"),
+    "unknown key": (["train.learning_rate=1"], "--set train.learning_rate=1: unknown key 'train.learning_rate'"),
+    "bad share": (["data.max_bad_row_share=2"], "'data.max_bad_row_share' must be in [0, 1], got 2.0"),
+    "missing relative dataset": (["data.dataset=./no/such/folder"],
+                                 "--set data.dataset=./no/such/folder: 'data.dataset' must be an existing folder or a "
+                                 "hub id; {cwd}/no/such/folder does not exist"),
+    "missing relative model": (["model.name_or_path=models/phi-2"],
+                               "'model.name_or_path' must be an existing folder or a hub id; {cwd}/models/phi-2 does "
+                               "not exist"),
+    "template without article": (["data.template=Summary: {summary}"],
+                                 "'data.template' must be a string with {article} once and ending with {summary}"),
+    "min article too long": (["data.min_article_tokens=120"],
+                             "data.min_article_tokens=120 does not fit data.max_length=128"),
+    "generation too long": (["eval.max_new_tokens=120", "eval.generate=true"],
+                            "eval.max_new_tokens=120 does not fit data.max_length=128"),
+    "resume-changed alone": (["--resume-changed"], "--resume-changed: only applies with --resume"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_values_fail_in_one_line_before_anything_is_created(tmp_path, monkeypatch, capsys, case):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # so "models/phi-2" reads as a local path, not a hub id
+    items, message = BAD_INPUTS[case]
+    config = write_config(tmp_path)
+    argv = ["--config", str(config)]
+    for item in items:
+        argv += [item] if item.startswith("--") else ["--set", item]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message.replace("{cwd}", str(tmp_path)) in err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert not (tmp_path / "run").exists()
+
+
+BAD_FILES = {
+    "empty jsonl": (b"", "train.jsonl", "{data}/train.jsonl: empty file"),
+    "blank jsonl": (b"\n \n", "train.jsonl", "{data}/train.jsonl: no rows"),
+    "binary jsonl": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "train.jsonl",
+                     "{data}/train.jsonl: binary file; expected UTF-8 text (jsonl)"),
+    "header-only csv": (b"id,document,summary\n", "train.csv", "{data}/train.csv: no rows"),
+    "wrong field everywhere": (jsonl(*[{"id": str(i), "text": "a", "summary": "b"} for i in range(5)]), "train.jsonl",
+                               "{data}/train.jsonl: data.article_field='document' is not a column"),
+    "mostly bad rows": (jsonl(GOOD_ROW, *[{"id": str(i), "document": "", "summary": "b"} for i in range(4)]),
+                        "train.jsonl", "{data}/train.jsonl: 4 of 5 rows are unusable"),
+    "every line undecodable": (b"\xff\xfe{}\n" * 3, "train.jsonl", "{data}/train.jsonl: no usable rows (read 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_data_files_fail_in_one_line_before_anything_is_created(tmp_path, capsys, case):
+    content, name, message = BAD_FILES[case]
+    data = data_folder(tmp_path, content, name)
+    config = write_config(tmp_path, data={"dataset": str(data)})
+    assert run.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert message.replace("{data}", str(data)) in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_errors_name_the_file(tmp_path, capsys):
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes('{"model": {"name_or_path": "caf\xe9"}}'.encode("latin-1"))
+    assert run.main(["--config", str(bad)]) == 2
+    assert f"error: {bad}: not UTF-8 text (byte 0xe9 at offset 31)" in capsys.readouterr().err
+    in_file = write_config(tmp_path)
+    raw = json.loads(in_file.read_text())
+    raw["train"]["lr"] = -1.0
+    in_file.write_text(json.dumps(raw))
+    assert run.main(["--config", str(in_file)]) == 2
+    assert f"error: {in_file}: 'train.lr' must be > 0, got -1.0" in capsys.readouterr().err
+
+
+def test_rows_are_skipped_counted_and_none_lost(tmp_path):
+    """A file with a BOM, an undecodable line, a missing field, an empty summary and a huge article:
+    every good row is trained on, every bad one is reported with its line."""
+    good = [dict(GOOD_ROW, id=f"g{i}") for i in range(16)]
+    lines = [json.dumps(r).encode() for r in good]
+    lines.insert(3, json.dumps({"id": "bad-bytes", "document": "x", "summary": "y"}).encode().replace(b"x", b"\xff"))
+    lines.insert(7, json.dumps({"id": "no-summary", "document": "text"}).encode())
+    lines.insert(9, json.dumps({"id": "empty-summary", "document": "text", "summary": " "}).encode())
+    lines.append(json.dumps({"id": "huge", "document": "word " * 50_000, "summary": "Short."}).encode())
+    data = data_folder(tmp_path, b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    cfg = tiny_config(tmp_path / "run", data={"dataset": str(data), "max_bad_row_share": 0.2},
+                      train={"max_steps": 1}, eval={"at_end": False})
+    result = train(cfg)
+    summary = result.metrics["data"]["train"]
+    path = data / "train.jsonl"
+    assert (summary["read"], summary["used"], summary["skipped"]) == (20, 17, 3)
+    assert summary["first_skipped"] == [f"{path}:4: not UTF-8 text", f"{path}:8: missing summary field 'summary'",
+                                        f"{path}:10: empty summary field 'summary'"]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 3-step run with a checkpoint after every step; tests copy it before resuming."""
+    root = tmp_path_factory.mktemp("finished")
+    cfg = tiny_config(root / "run", train={"save_every": 1, "keep_last": 5}, eval={"at_end": False})
+    result = train(cfg)
+    return root / "run", result
+
+
+def copy_run(finished_run, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(finished_run[0], tmp_path / "run"))
+
+
+def resume_from_step_1(run_dir, accept_changes=False, **sections):
+    cfg = tiny_config(run_dir, train={"save_every": 1, "keep_last": 5, **sections.pop("train", {})},
+                      eval={"at_end": False, **sections.pop("eval", {})}, **sections)
+    return train(cfg, resume=run_dir / "checkpoints" / "step-0000001", accept_changes=accept_changes)
+
+
+def test_resume_that_changes_the_math_is_refused_with_each_difference(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    before = (run_dir / "config.json").read_text()
+    with pytest.raises(ResumeMismatch, match=re.escape(
+            "cannot resume exactly, changed since the checkpoint: train.lr: 0.001 -> 0.002; train.seed: 0 -> 1. "
+            "Restore them, or pass --resume-changed")):
+        resume_from_step_1(run_dir, train={"lr": 2e-3, "seed": 1})
+    assert (run_dir / "config.json").read_text() == before
+
+
+def test_resume_with_other_training_data_is_refused(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    rows = (FIXTURES / "xsum_tiny" / "train.jsonl").read_text().splitlines()
+    data = data_folder(tmp_path, ("\n".join(rows[1:] + rows[:1]) + "\n").encode())  # same rows, other order
+    with pytest.raises(ResumeMismatch, match=r"training data \(rows:hash\): 12:\w+ -> 12:\w+"):
+        resume_from_step_1(run_dir, data={"dataset": str(data)})
+
+
+def test_resume_allows_evaluation_and_logging_changes_and_logs_each_step_once(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    resumed = resume_from_step_1(run_dir, eval={"batch_size": 2}, log={"log_every": 1})
+    torch.testing.assert_close(resumed.train_losses, finished_run[1].train_losses, rtol=1e-6, atol=0)
+    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    record = json.loads((run_dir / "resumes.jsonl").read_text())
+    assert record["changed"] == {"eval.batch_size": [4, 2], "log.output_dir": [str(finished_run[0]), str(run_dir)]}
+    assert record["forced"] is False
+
+
+def test_resume_changed_accepts_and_records_instead_of_overwriting(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    before = (run_dir / "config.json").read_text()
+    resumed = resume_from_step_1(run_dir, accept_changes=True, train={"lr": 2e-3})
+    # Step 2's loss is measured before its update, on step 1's weights; step 3 sees the new lr's update.
+    assert resumed.steps == 3 and resumed.train_losses[:2] == finished_run[1].train_losses[:2]
+    assert abs(resumed.train_losses[2] - finished_run[1].train_losses[2]) > 1e-4
+    record = json.loads((run_dir / "resumes.jsonl").read_text())
+    assert record["changed"] == {"log.output_dir": [str(finished_run[0]), str(run_dir)], "train.lr": [0.001, 0.002]}
+    assert record["forced"] is True
+    assert record["config"]["train"]["lr"] == 0.002
+    assert (run_dir / "config.json").read_text() == before
+
+
+def test_cli_resume_mismatch_is_a_one_line_error(finished_run, tmp_path, capsys):
+    run_dir = copy_run(finished_run, tmp_path)
+    config = tmp_path / "config.json"
+    tiny_config(run_dir, train={"save_every": 1, "keep_last": 5}, eval={"at_end": False}).save(config)
+    assert run.main(["--config", str(config), "--set", "train.weight_decay=0.1", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "changed since the checkpoint: train.weight_decay: 0.0 -> 0.1" in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward, infinite backward: a finite loss whose gradients overflow, as in fp16."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def fp16_accelerator_on_cpu(cfg, run_dir):
+    """accelerate keeps fp16 loss scaling for GPUs; give a CPU accelerator the same GradScaler path."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.state._mixed_precision = "fp16"
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    return accelerator
+
+
+def test_fp16_overflow_steps_are_skipped_counted_and_the_scaler_updated(tmp_path, monkeypatch):
+    import summ.train as tr
+
+    real, calls = tr.forward_summed_loss, {"n": 0}
+
+    def overflowing(model, batch, device=None):
+        calls["n"] += 1
+        value = real(model, batch, device)
+        return InfiniteGradient.apply(value) if calls["n"] in bad else value
+
+    monkeypatch.setattr(tr, "make_accelerator", fp16_accelerator_on_cpu)
+    monkeypatch.setattr(tr, "forward_summed_loss", overflowing)
+    scales = []
+    real_step = tr.optimizer_step
+    monkeypatch.setattr(tr, "optimizer_step", lambda acc, *a: (real_step(acc, *a), scales.append(acc.scaler.get_scale()))[0])
+
+    # Step 2's window (micro-batches 3 and 4) overflows: skipped, scale halved, the run goes on.
+    bad = {3}
+    result = train(tiny_config(tmp_path / "one", eval={"at_end": False}))
+    assert result.steps == 3 and result.metrics["skipped_steps"] == 1 and result.metrics["overflow_steps"] == 1
+    assert scales == [1024.0, 512.0, 512.0]
+    lines = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    skipped = [x for x in lines if "train/skipped_step" in x]
+    assert [x["step"] for x in skipped] == [2] and not math.isfinite(skipped[0]["train/grad_norm_this_step"])
+
+    # Every window from step 2 on overflows: two in a row stop the run; the checkpoint of step 1 is intact.
+    calls["n"], bad, scales[:] = 0, set(range(3, 100)), []
+    cfg = tiny_config(tmp_path / "many", train={"epochs": 2, "save_every": 1, "max_consecutive_bad_steps": 2})
+    with pytest.raises(TrainingDiverged, match=r"2 optimizer steps in a row .*\(step 3\).*step-0000002"):
+        train(cfg)
+    assert scales == [1024.0, 512.0, 256.0]
+    weights = load_file(latest_checkpoint(tmp_path / "many") / "adapter" / "adapter_model.safetensors")
+    assert len(weights) == 16 and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import summ.checkpoint as ck
+
+    real_save = torch.save
+
+    def save(obj, file, *args, **kwargs):
+        if ".tmp-step-0000002" in str(file) and str(file).endswith("optimizer.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(ck.torch, "save", save)
+    cfg = tiny_config(tmp_path / "run", train={"save_every": 1}, eval={"at_end": False})
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"checkpoint at step 2 not written: could not write {tmp_path}/run/checkpoints/step-0000002: No space "
+            f"left on device; it was left as it was. The last complete checkpoint, {tmp_path}/run/checkpoints/"
+            f"step-0000001, is intact")):
+        train(cfg)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000001"]
+
+    monkeypatch.setattr(ck.torch, "save", real_save)
+    resumed = train(cfg, resume=True)
+    assert resumed.steps == 3 and [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000002",
+                                                                                           "step-0000003"]
+
+
+def test_out_of_memory_names_the_micro_batch_and_the_knobs(tmp_path, monkeypatch):
+    import summ.train as tr
+
+    def oom(model, batch, device=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tr, "forward_summed_loss", oom)
+    cfg = tiny_config(tmp_path / "run", train={"micro_batch_tokens": 256}, eval={"at_end": False})
+    with pytest.raises(TrainingError, match=r"^out of GPU memory on a micro-batch of \d+ rows x \d+ tokens \(\d+ "
+                                            r"tokens\); lower train.micro_batch_tokens=256 "):
+        train(cfg)
+
+
+def test_a_checkpoint_holding_code_is_refused_without_unsafe_advice(finished_run, tmp_path):
+    import os
+
+    run_dir = copy_run(finished_run, tmp_path)
+    evil = run_dir / "checkpoints" / "step-0000001" / "scheduler.pt"
+    torch.save({"x": os.system}, evil)  # a pickled function: loading it would hand a callable to the code
+    with pytest.raises(CheckpointError) as caught:
+        resume_from_step_1(run_dir)
+    message = str(caught.value)
+    assert message.startswith(f"{evil}: refused to load: it holds Python objects other than tensors")
+    assert "weights_only=False" not in message and "\n" not in message
