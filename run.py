@@ -3,7 +3,7 @@
     python run.py --config configs/xsum.json [--set train.lr=1e-4] [--resume [CHECKPOINT]]   # train (+ eval)
     python run.py eval --run runs/xsum [--zero-shot] [--set eval.num_beams=4]
     python run.py predict --run runs/xsum --text-file article.txt   (or --jsonl FILE, or stdin)
-    python run.py predict --run runs/xsum --merge merged/            # adapter folded into the weights
+    python run.py predict --run runs/xsum --merge merged/ [--dtype bfloat16] [--force]   # adapter folded in
 
 Training also runs under `accelerate launch run.py ...` for several GPUs.
 """
@@ -33,16 +33,24 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable), e.g. --set train.lr=1e-4")
 
+    def trust_remote_code(p):
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="allow a config with model.trust_remote_code true to run the model repository's code")
+
     train = sub.add_parser("train", help="fine-tune, then evaluate (the default command)")
     train.add_argument("--config", required=True, help="a JSON config, e.g. configs/xsum.json")
     train.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                        help="continue from the latest checkpoint of log.output_dir, or from CHECKPOINT")
+    train.add_argument("--resume-changed", action="store_true",
+                       help="with --resume: continue although values that change the updates or the data order "
+                            "differ from the checkpoint's (each change is recorded in resumes.jsonl)")
     overrides(train)
 
     ev = sub.add_parser("eval", help="score a run's adapter (or the base model) on data.eval_split")
     ev.add_argument("--run", help="a run folder (its config.json and adapter/ are used)")
     ev.add_argument("--config", help="a config instead of --run's; needed with --zero-shot and no run")
     ev.add_argument("--zero-shot", action="store_true", help="score the base model without the adapter")
+    trust_remote_code(ev)
     overrides(ev)
 
     pr = sub.add_parser("predict", help="summarize new articles with a run's adapter")
@@ -52,6 +60,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     src.add_argument("--jsonl", help="a jsonl file with one {\"id\", \"article\"} object per line")
     pr.add_argument("--out", help="write {id, summary, stop_reason} lines here instead of printing")
     pr.add_argument("--merge", metavar="OUT", help="write the base model with the adapter merged in (safetensors)")
+    pr.add_argument("--force", action="store_true", help="let --merge replace a non-empty folder")
+    pr.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                    help="dtype of the --merge weights (default: the base model's own; float32 for random weights)")
+    trust_remote_code(pr)
     overrides(pr)
 
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
@@ -60,13 +72,55 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def run_config(args):
+    """The config of the command, and for eval/predict every check that needs no model: a mistake in
+    the options fails in milliseconds, before a model loads or a folder is created."""
     from summ.config import ConfigError, load_config
 
     if getattr(args, "config", None):
-        return load_config(args.config, args.overrides)
-    if not args.run:
+        source = Path(args.config)
+    elif not args.run:
         raise ConfigError("eval: pass --run RUN_DIR, or --config with --zero-shot")
-    return load_config(Path(args.run) / "config.json", args.overrides)
+    else:
+        source = Path(args.run) / "config.json"
+    config = load_config(source, args.overrides)
+    if args.command in ("eval", "predict"):
+        check_inference_args(args, config, source)
+    return config
+
+
+def check_inference_args(args, config, source: Path) -> None:
+    from summ.config import ConfigError
+    from summ.model import require_adapter
+
+    if config.model.trust_remote_code and not args.trust_remote_code:
+        where = next((f"--set {o}" for o in args.overrides if o.split("=", 1)[0].strip() == "model.trust_remote_code"),
+                     str(source))
+        raise ConfigError(f"{where}: model.trust_remote_code is true, which runs code from the model's repository; "
+                          f"pass --trust-remote-code to allow it")
+    if args.command == "eval":
+        if not args.zero_shot:
+            run_dir = Path(args.run) if args.run else Path(config.log.output_dir)
+            require_adapter(run_dir / "adapter", "train first, or pass --zero-shot to score the base model")
+        return
+
+    from summ.predict import MISSING_ADAPTER_HINT, check_merge_target
+
+    require_adapter(Path(args.run) / "adapter", MISSING_ADAPTER_HINT)
+    if args.merge:
+        check_merge_target(args.merge, args.run, force=args.force)
+    else:
+        for flag, value in (("--force", args.force), ("--dtype", args.dtype)):
+            if value:
+                raise ConfigError(f"{flag}: only applies with --merge OUT")
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise ConfigError(f"--out {out}: is a folder; expected a file path")
+        parent = out.parent
+        if not parent.is_dir():
+            raise ConfigError(f"--out {out}: folder {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--out {out}: folder {parent} is not writable")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,14 +129,18 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from summ.config import ConfigError
     from summ.data import DataError
-    from summ.train import TrainingDiverged
+    from summ.checkpoint import CheckpointError
+    from summ.files import WriteError
+    from summ.train import TrainingError
 
     try:
         config = run_config(args)
         if args.command == "train":
             from summ.train import train
 
-            result = train(config, resume=args.resume)
+            if args.resume_changed and not args.resume:
+                raise ConfigError("--resume-changed: only applies with --resume")
+            result = train(config, resume=args.resume, accept_changes=args.resume_changed)
             print(f"trained: {result.steps} steps, final val loss {result.metrics['final_val_loss']}, "
                   f"outputs in {result.run_dir}")
             if config.eval.generate:
@@ -101,11 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from summ.predict import merge_adapter, read_articles, summarize
 
+            # Read the input before the merge: a bad file fails before any model loads.
+            articles = read_articles(text_file=args.text_file, jsonl=args.jsonl) \
+                if args.text_file or args.jsonl or not args.merge else None
             if args.merge:
-                print(f"merged model written to {merge_adapter(config, args.run, args.merge)}")
-                if not (args.text_file or args.jsonl):
+                folder, dtype = merge_adapter(config, args.run, args.merge, dtype=args.dtype, force=args.force)
+                print(f"merged model written to {folder} ({str(dtype).removeprefix('torch.')})")
+                if articles is None:
                     return 0
-            articles = read_articles(text_file=args.text_file, jsonl=args.jsonl)
             generations = summarize(config, args.run, [a["article"] for a in articles])
             lines = [{"id": a["id"], "summary": g.text, "stop_reason": g.stop_reason}
                      for a, g in zip(articles, generations)]
@@ -117,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingError, CheckpointError, WriteError) as e:
+        # The run started and stopped: its folder and last complete checkpoint are kept.
         print(f"error: {e}", file=sys.stderr)
         return 3
     return 0

@@ -50,7 +50,8 @@ def run(args, runner: str) -> dict:
 
     from summ.data import Encoder, load_rows
     from summ.evaluate import generate_summaries
-    from summ.model import load_base_model, load_tokenizer, peft_lora_config, resolve_compute_dtype
+    from summ.model import load_base_model, load_tokenizer, peft_lora_config
+    from summ.precision import resolve_compute_dtype
 
     cfg = eval_config(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

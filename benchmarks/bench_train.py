@@ -224,7 +224,8 @@ def describe(cfg) -> str:
 def run_ours(args, model: str, runner: str) -> dict:
     import torch
 
-    from summ.train import mixed_precision_mode, train
+    from summ.precision import mixed_precision_mode
+    from summ.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         if runner == "ours_t4":

@@ -3,8 +3,10 @@
 #
 #   bash benchmarks/gpu_suite.sh DATA OUT
 #
-# DATA holds xsum/ and cnn_dailymail/, each with train.jsonl and validation.jsonl (real rows; the
-# workplace's copies are 2,331 + 500 XSum and 1,219 + 300 CNN/DailyMail rows). OUT/<step>/ gets each
+# DATA is a folder holding xsum/ and cnn_dailymail/, each with train.jsonl and validation.jsonl (one
+# JSON object per line: XSum `document` / `summary`, CNN/DailyMail `article` / `highlights`). The
+# steps read at most 2,331 XSum and 1,219 CNN/DailyMail training rows (ROWS_X / ROWS_C below) and 500
+# XSum validation rows for generation: the sizes RESULTS.md was measured with. OUT/<step>/ gets each
 # script's JSON / markdown / plots, OUT/<step>.log its output, OUT/DONE the end.
 # TINY=1 runs the same sequence at CPU size in a few minutes, to check the sequence itself.
 set -u

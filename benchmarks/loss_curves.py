@@ -72,7 +72,8 @@ def run_hf_trainer(args) -> list[float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from summ.data import collate
-    from summ.model import load_base_model, peft_lora_config, resolve_compute_dtype
+    from summ.model import load_base_model, peft_lora_config
+    from summ.precision import resolve_compute_dtype
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = curve_config(args, Path(tmp), ("model.fused_ops=false",))

@@ -74,6 +74,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         sets = [f"train.micro_batch_tokens={args.tokens}", "train.grad_accum_steps=1", *args.overrides]
         cfg = run_config(args, args.model, Path(tmp), tuple(sets))
+        tokens = cfg.train.micro_batch_tokens  # a --set train.micro_batch_tokens=... overrides --tokens
         with profile(activities=activities,
                      schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1),
                      record_shapes=False) as prof:
@@ -99,7 +100,7 @@ def main() -> int:
     wall_s = (marks[args.warmup + args.steps - 1] - marks[args.warmup - 1]) / args.steps
     launches = sum(e.count for e in events) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
-    print(f"\n{args.model}, token budget {args.tokens}, overrides {args.overrides or 'none'}; "
+    print(f"\n{args.model}, token budget {tokens}, overrides {args.overrides or 'none'}; "
           f"peak allocated {peak:.2f} GiB")
     print(f"wall per optimizer step: {wall_s:.3f} s; {'GPU' if on_gpu else 'CPU'} busy per step: "
           f"{total_us / args.steps / 1e6:.3f} s ({100 * total_us / args.steps / 1e6 / max(wall_s, 1e-9):.0f}%); "
@@ -115,7 +116,7 @@ def main() -> int:
         us = getattr(e, device_time)
         print(f"| {e.key[:90]} | {kind_of(e.key)} | {e.count / args.steps:.0f} | {us / args.steps / 1e3:.1f} | "
               f"{100 * us / total_us:.1f}% |")
-    summary = {"model": args.model, "tokens": args.tokens, "overrides": args.overrides, "wall_s_per_step": wall_s,
+    summary = {"model": args.model, "tokens": tokens, "overrides": args.overrides, "wall_s_per_step": wall_s,
                "busy_s_per_step": total_us / args.steps / 1e6, "kernels_per_step": launches, "peak_allocated_gib": peak,
                "ms_per_step_by_kind": {k: v / args.steps / 1e3 for k, v in by_kind.items()}}
     print("SUMMARY " + json.dumps(summary))

@@ -99,8 +99,10 @@ def main() -> int:
     from accelerate import Accelerator
 
     from summ.data import collate, plan_batches
-    from summ.model import build_model, resolve_compute_dtype
-    from summ.train import accumulate_gradients, make_optimizer, mixed_precision_mode
+    from summ.model import build_model
+    from summ.precision import resolve_compute_dtype
+    from summ.precision import mixed_precision_mode
+    from summ.train import accumulate_gradients, make_optimizer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +189,6 @@ def main() -> int:
                 pickle.dump(snapshot, f)
             result["snapshot_stack_traces"] = snapshot_mode[0] is not None
             result["timeline_png"] = timeline_png(snapshot, static, out / "memory_timeline.png")
-    (out / "vram_breakdown.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Memory of one optimizer step: {args.model} on {result['device']}", "",
              f"Micro-batches (rows x padded length): {result['micro_batches']}; non-pad tokens "
              f"{result['non_pad_tokens']}.", "", "| part | GiB |", "|---|---|"]
@@ -201,6 +202,7 @@ def main() -> int:
                   f"| **peak allocated during the step** | **{peak / GIB:.3f}** |",
                   f"| transient: activations, recompute, logits, loss, gradients | {(peak - static) / GIB:.3f} |",
                   f"| peak reserved | {result['peak_reserved'] / GIB:.3f} |"]
+    (out / "vram_breakdown.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "vram_breakdown.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -55,8 +55,10 @@ def main() -> int:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from summ.data import collate, plan_batches
-    from summ.model import build_model, limit_checkpointing, resolve_compute_dtype
-    from summ.train import accumulate_gradients, make_optimizer, mixed_precision_mode
+    from summ.model import build_model, limit_checkpointing
+    from summ.precision import resolve_compute_dtype
+    from summ.precision import mixed_precision_mode
+    from summ.train import accumulate_gradients, make_optimizer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -137,8 +137,9 @@ def load_state(file: Path, **kwargs):
     except pickle.UnpicklingError as e:
         # torch's own text goes on to suggest weights_only=False, the unsafe way out; only its
         # finding is kept.
-        found = re.search(r"Unsupported (global|operand)[^\n.]*", str(e))
+        found = re.search(r"(?i)unsupported (?:global: )?(GLOBAL \S+|operand \S+)", str(e))
+        what = f"unsupported {found.group(1)}" if found else "unsupported pickle content"
         raise CheckpointError(
             f"{file}: refused to load: it holds Python objects other than tensors and plain containers "
-            f"({found.group(0).strip() if found else 'unsupported pickle content'}). Checkpoints written by summ never do, and unpickling such a file can run "
+            f"({what}). Checkpoints written by summ never do, and unpickling such a file can run "
             f"arbitrary code; resume from another checkpoint or start a new run") from None

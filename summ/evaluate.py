@@ -18,9 +18,10 @@ import torch
 from summ.config import EvalConfig, RunConfig
 from summ.data import Encoder, encode_rows, load_rows
 from summ.errors import aggregate_errors, analyze_example
-from summ.model import load_for_inference, load_tokenizer, resolve_compute_dtype
+from summ.loss import evaluate_loss
+from summ.model import load_for_inference, load_tokenizer
+from summ.precision import mixed_precision_mode, resolve_compute_dtype
 from summ.rouge import ROUGE_KEYS, aggregate, score_pairs
-from summ.train import evaluate_loss, mixed_precision_mode
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +81,46 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
 
 
 def finish_generation(tokens: list[int], tokenizer, stop_strings) -> Generation:
-    """Cut generated ids at EOS and the text at the first stop string, and say why it ended."""
-    eos = tokenizer.eos_token_id
-    reason = "max_new_tokens"
+    """Cut generated ids at EOS and the text at the first stop string, and say why it ended.
+
+    `tokens` is one row of a batch: a row that ended before the others is padded up to the
+    batch's length, so `new_tokens` counts only what the row generated itself (its EOS included,
+    the padding after it not)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    reason, generated = "max_new_tokens", len(tokens)
     if eos in tokens:
-        tokens, reason = tokens[:tokens.index(eos)], "eos"
+        generated = tokens.index(eos) + 1
+        tokens, reason = tokens[:generated - 1], "eos"
+    elif pad is not None:
+        # A row stopped by a stop string is padded after it; with a pad distinct from EOS that
+        # padding is the only trace left of where the row ended.
+        while generated and tokens[generated - 1] == pad:
+            generated -= 1
+        tokens = tokens[:generated]
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     hits = [text.find(s) for s in stop_strings if s in text]
     if hits:
         text, reason = text[:min(hits)], "stop_string"
-    return Generation(text=text.strip(), stop_reason=reason, new_tokens=len(tokens))
+        # Generation stopped at the token completing the stop string; what follows it is padding
+        # (Phi-2 pads with its EOS id, so the "EOS" found above may be padding too).
+        generated = _tokens_through_stop(tokens, tokenizer, stop_strings)
+    return Generation(text=text.strip(), stop_reason=reason, new_tokens=generated)
+
+
+def _tokens_through_stop(tokens: list[int], tokenizer, stop_strings) -> int:
+    """The length of the shortest prefix of `tokens` whose text holds a stop string."""
+    def stops(n: int) -> bool:
+        text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        return any(s in text for s in stop_strings)
+
+    low, high = 1, len(tokens)  # stops(high) holds: the caller found a stop string in all of them
+    while low < high:
+        mid = (low + high) // 2
+        if stops(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return high
 
 
 def template_markers(template: str, stop_strings) -> tuple[str, ...]:

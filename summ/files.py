@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -23,27 +24,36 @@ class WriteError(OSError):
 
 
 @contextmanager
-def atomic_folder(final: str | Path, *, replace: bool = True) -> Iterator[Path]:
+def atomic_folder(final: str | Path, *, shared_cache: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
 
     On any error the temporary folder is removed and `final` is left as it was. An `OSError`
     (disk full, permissions) comes back as a `WriteError` that names the folder.
+    `shared_cache`: several processes may build the same `final` at once (cached weights); each
+    builds in its own temporary folder and the first rename wins.
     """
     final = Path(final)
-    tmp = final.with_name(f".tmp-{final.name}")
+    if shared_cache:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        tmp.chmod(0o755)
+    else:
+        tmp = final.with_name(f".tmp-{final.name}")
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if not shared_cache:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         yield tmp
         _fsync_tree(tmp)
+        if shared_cache and final.exists():
+            shutil.rmtree(tmp)  # another process finished the same build first
+            return
         if final.exists():
-            if not replace:
-                raise FileExistsError(f"{final} already exists")
             shutil.rmtree(final)
         os.rename(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (WriteError, FileExistsError)):
+        if isinstance(e, WriteError):
             raise
         raise WriteError(f"could not write {final}: {e.strerror or e}; it was left as it was") from e
     except BaseException:

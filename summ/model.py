@@ -22,8 +22,6 @@ DEFAULT_LORA_TARGETS = {
     "gpt2": ("c_attn", "c_proj"),
 }
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 def load_tokenizer(cfg: RunConfig):
     from transformers import AutoTokenizer
@@ -41,14 +39,6 @@ def load_tokenizer(cfg: RunConfig):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
-
-
-def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def lora_targets(cfg: RunConfig, model_type: str) -> tuple[str, ...]:
@@ -243,11 +233,19 @@ def move_input_embeddings_to_host(model) -> None:
         torch.cuda.empty_cache()
 
 
+def require_adapter(adapter_dir, hint: str = "train first") -> None:
+    """Fail unless `adapter_dir` holds a trained adapter. `hint` says what to do instead; it comes
+    from the caller because only the caller knows which command (and options) the user ran."""
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no trained adapter ({hint})")
+
+
 def load_for_inference(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype, adapter_dir=None,
-                       quantize: bool | None = None):
-    """Base model plus, unless `adapter_dir` is None (zero-shot), a trained adapter; in eval mode."""
-    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir}: no trained adapter (train first, or pass --zero-shot)")
+                       quantize: bool | None = None, *, missing_hint: str = "train first"):
+    """Base model plus, unless `adapter_dir` is None (zero-shot), a trained adapter; in eval mode.
+    `missing_hint` ends the error for a missing adapter."""
+    if adapter_dir is not None:
+        require_adapter(adapter_dir, missing_hint)
     model = load_base_model(cfg, device, compute_dtype, quantize)
     if adapter_dir is not None:
         from peft import PeftModel
@@ -260,7 +258,8 @@ def load_for_inference(cfg: RunConfig, device: torch.device, compute_dtype: torc
 def disable_bnb_cpu_repack(model) -> None:
     """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights at the first no-grad forward into
     a layout with no backward; training after an evaluation then gets wrong LoRA gradients or
-    crashes (../shared/NOTES.md). Switching the repack off keeps train -> eval -> train exact."""
+    crashes. Switching the repack off keeps train -> eval -> train exact
+    (tests/test_train.py::test_train_eval_train_gradients_stay_exact_in_4bit guards it)."""
     import bitsandbytes as bnb
 
     for module in model.modules():

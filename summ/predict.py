@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,7 +12,10 @@ import torch
 from summ.config import RunConfig
 from summ.data import DataError, Encoder
 from summ.evaluate import Generation, generate_summaries
-from summ.model import load_for_inference, load_tokenizer, resolve_compute_dtype
+from summ.files import atomic_folder
+from summ.model import load_for_inference, load_tokenizer
+from summ.precision import DTYPES, resolve_compute_dtype
+from summ.sources import pretrained_folder
 
 
 def read_articles(*, text_file: str | None = None, jsonl: str | None = None, field: str = "article") -> list[dict]:
@@ -50,32 +53,76 @@ def read_articles(*, text_file: str | None = None, jsonl: str | None = None, fie
     return [{"id": where, "article": text.strip()}]
 
 
+# What to do when the run has no adapter, in terms of `predict`'s own options.
+MISSING_ADAPTER_HINT = "train first, or pass --run a run folder holding a trained adapter/"
+
+
 def summarize(cfg: RunConfig, run_dir: str | Path | None, articles: list[str]) -> list[Generation]:
     """Summaries with the run's adapter (run_dir None: the base model, zero-shot)."""
     device = _device()
     tokenizer = load_tokenizer(cfg)
     encoder = Encoder(tokenizer, cfg.data)
     adapter = None if run_dir is None else Path(run_dir) / "adapter"
-    model = load_for_inference(cfg, device, resolve_compute_dtype(cfg.quant.compute_dtype, device), adapter)
+    model = load_for_inference(cfg, device, resolve_compute_dtype(cfg.quant.compute_dtype, device), adapter,
+                               missing_hint=MISSING_ADAPTER_HINT)
     generations, _ = generate_summaries(model, tokenizer, encoder, articles, cfg.eval, device)
     return generations
 
 
-def merge_adapter(cfg: RunConfig, run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Fold the adapter into a full-precision copy of the base weights and save it as safetensors, for
-    serving without peft. Merging into 4-bit weights would round the update away, so the base is
-    loaded unquantized."""
-    device = _device()
-    dtype = resolve_compute_dtype(cfg.quant.compute_dtype, device)
-    model = load_for_inference(cfg, device, dtype, Path(run_dir) / "adapter", quantize=False).merge_and_unload()
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    load_tokenizer(cfg).save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+def check_merge_target(out_dir: str | Path, run_dir: str | Path, force: bool = False) -> None:
+    """Refuse to replace a folder the user may still need: a non-empty one unless `force`, and
+    never the run the adapter is read from. Nothing is loaded or written here."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--merge {out}: exists and is not a folder")
+    resolved, run = out.resolve(), Path(run_dir).resolve()
+    if resolved == run or resolved in run.parents:
+        raise FileExistsError(f"--merge {out}: would replace the run folder {run_dir} that holds the adapter")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"--merge {out}: folder exists and is not empty; pass --force to replace it")
+
+
+def base_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype the base weights are published in (their config's `dtype`, `torch_dtype` in older
+    configs); float32 for random weights, which have none of their own, or a config that is silent."""
+    if cfg.model.init == "random":
+        return torch.float32
+    from transformers import AutoConfig
+
+    m = cfg.model
+    config = AutoConfig.from_pretrained(pretrained_folder(m), revision=m.revision,
+                                        trust_remote_code=m.trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def merge_adapter(cfg: RunConfig, run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
+                  force: bool = False) -> tuple[Path, torch.dtype]:
+    """Fold the adapter into the base weights and save a plain transformers model (safetensors) for
+    serving without peft; returns the folder and the dtype written: `dtype` (a DTYPES name) or the
+    base model's own.
+
+    Merging into 4-bit weights would round the update away, so the base is loaded unquantized, on
+    the CPU (a merge needs no accelerator and host memory is the larger), and merged in float32."""
+    check_merge_target(out_dir, run_dir, force)
+    target = DTYPES[dtype] if dtype is not None else base_dtype(cfg)
+    # save_pretrained writes the state dict: HostEmbedding keeps its table out of it (the saved model
+    # would have no input embedding), and plain transformers modules are what a reader expects.
+    plain = replace(cfg, model=replace(cfg.model, embeddings_on_cpu=False, fused_ops=False))
+    # Random weights are built in the run's compute dtype (summ.model.load_base_model): load that
+    # same build, so the adapter lands on the base it was trained with.
+    load_dtype = torch.float32 if cfg.model.init == "pretrained" else \
+        resolve_compute_dtype(cfg.quant.compute_dtype, _device())
+    model = load_for_inference(plain, torch.device("cpu"), load_dtype, Path(run_dir) / "adapter", quantize=False,
+                               missing_hint=MISSING_ADAPTER_HINT)
+    model = model.float().merge_and_unload().to(target)
+    tokenizer = load_tokenizer(cfg)
+    with atomic_folder(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir), target
 
 
 def _device() -> torch.device:

@@ -12,13 +12,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from summ.config import ConfigError, ModelConfig
+from summ.files import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +106,5 @@ def _build_random(config, dtype: torch.dtype, seed: int, out: Path) -> None:
 
 
 def _atomic_build(target: Path, build) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(target, shared_cache=True) as tmp:
         build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished the same build first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,73 +1,152 @@
-"""The benchmark scripts run at tiny size on CPU so they keep working; speeds are not checked, the
-loss-curve equality is."""
+"""The benchmark scripts run at tiny size on CPU so they keep working; speeds are not checked, what
+they compute is (loss-curve equality, the tuner's recompute, the forced token count).
 
+Each script's `main()` runs in this process, with the command line a user would type: starting a
+Python process that imports torch, transformers, peft and bitsandbytes costs more than a tiny run
+itself. The drivers (bench_train, bench_generate, loss_curves) start one child process per runner,
+`[sys.executable, <script>, *argv, "--child", ...]`, and read its `RESULT ` line; `_child` takes
+the place of `subprocess.run` inside them and runs that same command line in this process.
+"""
+
+import contextlib
+import importlib
+import io
 import json
+import os
 import subprocess
 import sys
+import traceback
+import types
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).parents[1]
+BENCH = REPO / "benchmarks"
 
 
-def test_bench_train_runs_all_runners_tiny(tmp_path):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--tiny", "--steps", "2", "--warmup", "1",
-           "--rows", "12", "--tokens", "256", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _script(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # as each script does for its sibling `bench_train`
+    return importlib.import_module(name)
+
+
+def _call(name: str, argv: list[str]) -> tuple[int, str, str]:
+    """`python benchmarks/<name>.py ARGV` in this process: (exit status, stdout, stderr)."""
+    module = _script(name)
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_subprocess = sys.argv, getattr(module, "subprocess", None)
+    sys.argv = [str(BENCH / f"{name}.py"), *argv]
+    if saved_subprocess is not None:
+        module.subprocess = types.SimpleNamespace(run=_child)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = module.main()
+    except SystemExit as exit_:  # argparse errors, sys.exit()
+        rc = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    except Exception:  # noqa: BLE001 - a crashed child process: its traceback on stderr, status 1
+        err.write(traceback.format_exc())
+        rc = 1
+    finally:
+        sys.argv = saved_argv
+        if saved_subprocess is not None:
+            module.subprocess = saved_subprocess
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _child(cmd, **_):
+    assert cmd[0] == sys.executable and Path(cmd[1]).parent == BENCH, cmd
+    rc, out, err = _call(Path(cmd[1]).stem, [str(x) for x in cmd[2:]])
+    return subprocess.CompletedProcess(cmd, rc, out, err)
+
+
+def run_script(name: str, *argv) -> str:
+    rc, out, err = _call(name, [str(x) for x in argv])
+    assert rc == 0, (out + err)[-4000:]
+    return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _in_process():
+    # The tiny models' ops take microseconds: on 2 cores, intra-op threads cost more than they save
+    # and stall whenever the other core is busy. What the scripts change in this process (threads,
+    # sys.path, environment variables) is put back for the other test files.
+    import torch
+    import transformers  # noqa: F401 - the imports every script makes, timed here once, not in a test
+    import peft  # noqa: F401
+
+    threads, path, environ = torch.get_num_threads(), list(sys.path), dict(os.environ)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    sys.path[:] = path
+    os.environ.clear()
+    os.environ.update(environ)
+
+
+def test_bench_train_runs_each_runner_tiny(tmp_path):
+    # The peers share run_trainer_peer (reference and tuned differ in batch, padding and dtype);
+    # Phi-2 runs our loop in test_profile_kernels_runs_tiny, its HF Trainer recipe in the loss curves.
+    run_script("bench_train", "--tiny", "--models", "tinyllama", "--runners", "reference", "tuned", "ours",
+               "--steps", "2", "--warmup", "1", "--rows", "8", "--tokens", "256", "--out", tmp_path)
     results = json.loads((tmp_path / "bench_train.json").read_text())
-    for model in ("phi2", "tinyllama"):
-        runs = results["models"][model]
-        assert set(runs) == {"reference", "tuned", "ours"}
-        for r in runs.values():
-            assert r["measured_steps"] == 2 and r["non_pad_tokens_per_s"] > 0
-    table = (tmp_path / "bench_train.md").read_text()
-    assert "| phi2 | reference |" in table and "| tinyllama | ours |" in table
+    runs = results["models"]["tinyllama"]
+    assert list(results["models"]) == ["tinyllama"] and list(runs) == ["reference", "tuned", "ours"]
+    for r in runs.values():
+        assert r["measured_steps"] == 2 and r["non_pad_tokens_per_s"] > 0
+    assert (runs["reference"]["micro_batch"], runs["reference"]["accumulation"]) == ("1 rows padded to 128", 2)
+    assert (runs["tuned"]["micro_batch"], runs["tuned"]["accumulation"]) == ("2 rows (dynamic padding)", 1)
+    assert runs["ours"]["micro_batch"] == "token budget 256, length-grouped, checkpointing 0 layers"
+    table = (tmp_path / "bench_train.md").read_text().splitlines()
+    # Both peers ran, so each row ends with its ratios to them; the reference is 1.00x itself.
+    ratio = runs["reference"]["non_pad_tokens_per_s"] / runs["tuned"]["non_pad_tokens_per_s"]
+    reference_row = next(x for x in table if x.startswith("| tinyllama | reference |"))
+    assert reference_row.startswith("| tinyllama | reference | float32 | 1 rows padded to 128 |")
+    assert reference_row.endswith(f"| 1.00x | {ratio:.2f}x |")
+    assert sum(x.startswith("| tinyllama | ours | no | token budget 256") for x in table) == 1
 
 
 def test_profile_vram_runs_tiny(tmp_path):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "profile_vram.py"), "--tiny", "--rows", "12", "--tokens", "256",
-           "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script("profile_vram", "--tiny", "--rows", "6", "--tokens", "256", "--set", "train.grad_accum_steps=2",
+               "--set", "model.embeddings_on_cpu=true", "--out", tmp_path)
     result = json.loads((tmp_path / "vram_breakdown.json").read_text())
+    assert len(result["micro_batches"]) == 2  # the measured step is one window of 2 micro-batches
     parts = result["bytes"]
     assert parts["LoRA parameters"] > 0 and parts["optimizer state"] > 0
     assert parts["other frozen weights (embeddings, lm_head, norms)"] > parts["LoRA parameters"]
-    assert "| LoRA parameters |" in (tmp_path / "vram_breakdown.md").read_text()
+    # Phi-2's 51,200 x 64 (tiny) fp32 input embedding table, held in host memory.
+    assert result["input_embedding_in_host_memory"] == 51200 * 64 * 4
+    table = (tmp_path / "vram_breakdown.md").read_text()
+    assert "| LoRA parameters |" in table and "| (input embedding table, in host memory" in table
 
 
 def test_bench_generate_forces_the_token_count_tiny(tmp_path):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_generate.py"), "--tiny", "--rows", "6", "--new-tokens", "5",
-           "--batch-size", "4", "--reference-rows", "2", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script("bench_generate", "--tiny", "--rows", "5", "--new-tokens", "4", "--batch-size", "4",
+               "--reference-rows", "2", "--out", tmp_path)
     runners = json.loads((tmp_path / "bench_generate.json").read_text())["runners"]
-    assert runners["ours"]["articles"] == runners["reference"]["articles"] == 6
+    assert runners["ours"]["articles"] == runners["reference"]["articles"] == 5
     assert runners["reference"]["timed_articles"] == 2
-    assert runners["ours"]["generated_tokens_per_s"] == 6 * 5 / runners["ours"]["seconds"]
+    assert runners["ours"]["generated_tokens_per_s"] == 5 * 4 / runners["ours"]["seconds"]
 
 
 def test_profile_kernels_runs_tiny():
-    cmd = [sys.executable, str(REPO / "benchmarks" / "profile_kernels.py"), "--tiny", "--rows", "12", "--tokens", "256",
-           "--warmup", "1", "--steps", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("SUMMARY "))[len("SUMMARY "):])
+    # A --set of the token budget (as gpu_suite.sh passes the tuner's) wins over --tokens, and is reported.
+    out = run_script("profile_kernels", "--tiny", "--rows", "8", "--tokens", "512", "--warmup", "1", "--steps", "1",
+                     "--set", "train.micro_batch_tokens=256")
+    summary = json.loads(next(x for x in out.splitlines() if x.startswith("SUMMARY "))[len("SUMMARY "):])
+    assert summary["model"] == "phi2" and summary["tokens"] == 256
     assert summary["kernels_per_step"] > 0 and summary["ms_per_step_by_kind"]["matmul"] > 0
 
 
 def test_loss_curves_of_our_loop_equal_the_hf_trainer_on_equal_data_tiny(tmp_path):
     # Same rows in the same order, same weights and adapter init, no dropout: our loop's per-step
-    # losses (levers on and off) must be the HF Trainer recipe's.
-    cmd = [sys.executable, str(REPO / "benchmarks" / "loss_curves.py"), "--tiny", "--steps", "4", "--warmup", "1",
-           "--no-dropout", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # losses (levers on and off) must be the HF Trainer recipe's, with gradient accumulation.
+    run_script("loss_curves", "--tiny", "--steps", "3", "--warmup", "1", "--accumulation", "2", "--no-dropout",
+               "--out", tmp_path)
     results = json.loads((tmp_path / "loss_curves_no_dropout.json").read_text())
+    assert results["errors"] == {} and results["rows_per_step"] == 2
     trainer = results["losses"]["hf_trainer"]
-    assert len(trainer) == 4 and trainer[-1] < trainer[0]
+    assert len(trainer) == 3 and trainer[-1] < trainer[0]
     for runner in ("ours", "ours_hf_numerics"):
         assert results["losses"][runner] == pytest.approx(trainer, abs=1e-4)
     assert (tmp_path / "loss_curves_no_dropout.png").stat().st_size > 0
@@ -75,10 +154,8 @@ def test_loss_curves_of_our_loop_equal_the_hf_trainer_on_equal_data_tiny(tmp_pat
 
 def test_tune_microbatch_recomputes_the_layers_it_reports_tiny(tmp_path):
     # Recompute only happens in train mode; a tuner left in eval mode measured "0 layers" everywhere.
-    cmd = [sys.executable, str(REPO / "benchmarks" / "tune_microbatch.py"), "--tiny", "--rows", "12",
-           "--budgets", "128", "256", "--layers", "1", "--warmup", "1", "--steps", "1", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script("tune_microbatch", "--tiny", "--rows", "8", "--budgets", "128", "256", "--layers", "1",
+               "--warmup", "1", "--steps", "1", "--out", tmp_path)
     result = json.loads((tmp_path / "tune_phi2.json").read_text())
     assert result["layers"] == 2
     # On a CPU every point fits, so each budget stops at the fewest layers tried: 1 of 2.

@@ -37,25 +37,40 @@ def test_record_is_flat_and_json_round_trips():
     rec = analyze("Council approves £3.5m plan for 1,200 homes in Paris. ### Article:", stop_reason="max_new_tokens")
     assert set(rec) == KEYS
     assert json.loads(json.dumps(rec)) == rec
+    # By hand: 11 whitespace words / 4 = 2.75 (too long). Tokens after deleting punctuation:
+    # council approves 35m plan for 1200 homes in paris article (10, no repeated trigram); the article
+    # "the council approves the plan" has council/approves/plan -> 7/10 novel unigrams, and of the 9
+    # bigrams only "council approves" is copied -> 8/9 novel. "###" leaks the template. Numbers 3.5 and
+    # 1,200 are not in the article (value order); "Paris" is capitalised mid-sentence and absent,
+    # "Council" and "Article" open sentences and are exempt.
+    assert rec == {
+        "pred_words": 11, "ref_words": 4, "length_ratio": 2.75, "length_bucket": "too_long", "empty": False,
+        "repeated_trigram_share": 0.0, "repetitive": False, "template_leak": True, "run_on": True,
+        "novel_unigram_share": pytest.approx(7 / 10), "novel_bigram_share": pytest.approx(8 / 9),
+        "copied_bigram_share": pytest.approx(1 / 9), "unsupported_numbers": ["3.5", "1,200"],
+        "unsupported_names": ["Paris"], "hallucination_flag": True,
+    }
 
 
 # ----------------------------------------------------------------------------- length
 
 
-@pytest.mark.parametrize("prediction, ratio, bucket", [
-    ("a", 0.25, "too_short"),
-    ("a b", 0.5, "ok"),                    # exactly short_ratio is not too short
-    ("a b c d e f g h", 2.0, "ok"),        # exactly long_ratio is not too long
-    ("a b c d e f g h i", 2.25, "too_long"),
+@pytest.mark.parametrize("prediction, words, ratio, bucket", [
+    ("a", 1, 0.25, "too_short"),
+    ("a b", 2, 0.5, "ok"),                     # exactly short_ratio is not too short
+    ("a b c d e f g h", 8, 2.0, "ok"),         # exactly long_ratio is not too long
+    ("a b c d e f g h i", 9, 2.25, "too_long"),
 ])
-def test_length_buckets(prediction, ratio, bucket):
+def test_length_buckets(prediction, words, ratio, bucket):
     rec = analyze(prediction)
-    assert rec["ref_words"] == 4
-    assert rec["pred_words"] == len(prediction.split())
+    assert (rec["pred_words"], rec["ref_words"]) == (words, 4)
     assert rec["length_ratio"] == ratio
     assert rec["length_bucket"] == bucket
     assert rec["empty"] is False
-    assert bucket in LENGTH_BUCKETS
+
+
+def test_length_bucket_names_in_report_order():
+    assert LENGTH_BUCKETS == ("empty", "too_short", "ok", "too_long")
 
 
 def test_length_thresholds_are_configurable():
@@ -170,14 +185,21 @@ NUM_ARTICLE = "Officials said 1200 homes would cost 3.5 million pounds, with 40 
 def test_supported_numbers_with_paraphrased_format():
     # 1,200 -> 1200 after dropping the comma; "3.5m" is the digits 3.5 (units are deliberately not
     # compared, so "3.5 million" supports it); "40%" is 40, which the article has as "40 per cent".
-    rec = analyze("Council plans 1,200 homes for £3.5m, 40% for families", article=NUM_ARTICLE)
+    prediction = "Council plans 1,200 homes for £3.5m, 40% for families"
+    rec = analyze(prediction, article=NUM_ARTICLE)
     assert rec["unsupported_numbers"] == []
     assert rec["hallucination_flag"] is False
+    # Control: all three are read as numbers, so the empty list above means "supported", not "not seen".
+    rec = analyze(prediction, article="Officials said homes would cost millions.")
+    assert rec["unsupported_numbers"] == ["3.5", "40%", "1,200"]
+    assert rec["hallucination_flag"] is True
 
 
 def test_comma_normalisation_works_both_ways():
     rec = analyze("Council plans 1200 homes", article="The council plans 1,200 homes.")
     assert rec["unsupported_numbers"] == []
+    assert analyze("Council plans 1200 homes", article="The council plans 1,300 homes.")["unsupported_numbers"] \
+        == ["1200"]
 
 
 def test_unsupported_numbers_sorted_by_value_as_written():
@@ -211,9 +233,14 @@ def test_unsupported_name_flags_hallucination():
 
 def test_supported_names():
     # "Mayor Smith" is not in the article as a phrase, but both of its words are.
-    rec = analyze("The vote in Leeds was welcomed by Mayor Smith, the BBC said.", article=NAME_ARTICLE)
+    prediction = "The vote in Leeds was welcomed by Mayor Smith, the BBC said."
+    rec = analyze(prediction, article=NAME_ARTICLE)
     assert rec["unsupported_names"] == []
     assert rec["hallucination_flag"] is False
+    # Control: the same names against an article without them are all found and flagged.
+    rec = analyze(prediction, article=COUNCIL)
+    assert rec["unsupported_names"] == ["BBC", "Leeds", "Mayor Smith"]
+    assert rec["hallucination_flag"] is True
 
 
 def test_acronyms_are_names_and_matching_is_case_sensitive():
@@ -272,7 +299,7 @@ def test_aggregate_counts_and_shares():
     agg = aggregate_errors(batch())
     assert agg["n"] == 5
     assert agg["length_buckets"] == {"empty": 1, "too_short": 1, "ok": 2, "too_long": 1}
-    assert list(agg["length_buckets"]) == list(LENGTH_BUCKETS)
+    assert list(agg["length_buckets"]) == ["empty", "too_short", "ok", "too_long"]  # dict == ignores order
     counts = {"empty": 1, "repetitive": 1, "template_leak": 1, "run_on": 2, "hallucination_flag": 1}
     for flag, count in counts.items():
         assert agg[flag] == count
@@ -305,7 +332,7 @@ def test_worst_examples_lowest_first_ties_by_index():
 
 def test_worst_examples_nan_first_and_length_mismatch():
     assert worst_examples([{}] * 3, [0.2, math.nan, 0.1], k=2) == [1, 2]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^2 records but 3 scores$"):
         worst_examples([{}] * 2, [0.1, 0.2, 0.3])
 
 
@@ -323,11 +350,17 @@ def test_excerpt_cuts_at_word_boundary(max_chars, expected):
     assert excerpt("the quick brown fox", max_chars) == expected
 
 
+def test_excerpt_strips_whitespace_before_the_mark():
+    # "the quick  brown": the cut at 10 lands on the second of two spaces, so the head "the quick "
+    # ends in whitespace, which must not sit between the text and the "…".
+    assert excerpt("the quick  brown fox", 10) == "the quick…"
+    assert excerpt("the quick \n brown fox", 11) == "the quick…"
+
+
 def test_excerpt_long_word_and_default():
     assert excerpt("abcdefghij", 4) == "abcd…"
     text = "word " * 100
-    out = excerpt(text)
-    assert out.endswith("…") and len(out) <= 401
-    assert out[:-1] == ("word " * 80).rstrip()  # 400 chars = 80 whole words, trailing space dropped
-    with pytest.raises(ValueError):
+    # 400 chars = 80 whole words; the trailing space is dropped before the mark.
+    assert excerpt(text) == ("word " * 80).rstrip() + "…"
+    with pytest.raises(ValueError, match="^max_chars must be positive, got 0$"):
         excerpt("text", 0)

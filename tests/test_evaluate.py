@@ -1,18 +1,17 @@
+import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from summ.config import EvalConfig
 from summ.data import Encoder
-from summ.evaluate import evaluate_run, finish_generation, generate_summaries, template_markers
+from summ.evaluate import Generation, evaluate_run, finish_generation, generate_summaries, template_markers
 from summ.model import load_for_inference, load_tokenizer
+from summ.rouge import ROUGE_KEYS, aggregate, score_pairs
 from summ.train import train
 from tests.conftest import FIXTURES, tiny_config
 
-REPO = Path(__file__).parents[1]
 ARTICLES = [json.loads(line)["document"] for line in open(FIXTURES / "xsum_tiny" / "validation.jsonl")][:3]
 
 
@@ -31,67 +30,143 @@ def tiny_run(tmp_path_factory):
 
 def test_finish_generation_reports_why_it_stopped():
     tok = load_tokenizer(tiny_config("unused"))
+    eos = tok.eos_token_id
+    assert tok.pad_token_id == eos  # Phi-2 has no pad token: its EOS pads
     ids = tok(" Council backs plan.\n### Article: more", add_special_tokens=False).input_ids
-    g = finish_generation(ids, tok, ("\n", "###"))
-    assert (g.text, g.stop_reason) == ("Council backs plan.", "stop_string")
-    g = finish_generation(ids[:3] + [tok.eos_token_id] + ids[3:], tok, ("###",))
-    assert g.stop_reason == "eos" and g.new_tokens == 3 and g.text == tok.decode(ids[:3]).strip()
-    g = finish_generation(ids[:4], tok, ("###",))
-    assert g.stop_reason == "max_new_tokens" and g.new_tokens == 4
+    assert tok.convert_ids_to_tokens(ids[4]) == "Ċ"  # the newline is the 5th token
+    # Generation stops at the token completing a stop string: the 5 tokens through the newline.
+    assert finish_generation(ids, tok, ("\n", "###")) == Generation("Council backs plan.", "stop_string", 5)
+    # The EOS counts as generated; what follows it is padding.
+    assert finish_generation(ids[:3] + [eos] + ids[3:], tok, ("###",)) == \
+        Generation(tok.decode(ids[:3]).strip(), "eos", 4)
+    assert finish_generation(ids[:4], tok, ("###",)) == Generation("Council backs plan.", "max_new_tokens", 4)
+    # A row stopped by a stop string and padded with the EOS id: the padding is not an EOS it generated.
+    assert finish_generation(ids[:5] + [eos] * 3, tok, ("\n",)) == Generation("Council backs plan.", "stop_string", 5)
+
+    tok.pad_token = "!"  # a pad distinct from EOS: trailing padding is dropped from the count
+    pad = tok.pad_token_id
+    assert finish_generation(ids[:5] + [pad] * 3, tok, ("\n",)) == Generation("Council backs plan.", "stop_string", 5)
+    assert finish_generation(ids[:3] + [eos, pad, pad], tok, ()) == Generation("Council backs plan", "eos", 4)
 
 
 def greedy(model, tok, encoder, articles, **ev):
-    cfg = EvalConfig(generate_batch_size=len(articles), bootstrap_resamples=10, **ev)
-    return generate_summaries(model, tok, encoder, articles, cfg, torch.device("cpu"))[0]
+    return with_ids(model, tok, encoder, articles, **ev)[0]
 
 
-def base_for_generation(tmp_path):
+def with_ids(model, tok, encoder, articles, **ev) -> tuple[list[Generation], list[list[int]]]:
+    """generate_summaries in one batch, and the new ids model.generate returned (padding included)."""
+    outputs = []
+    generate = model.generate
+
+    def recording(**kw):
+        out = generate(**kw)
+        outputs.append(out[:, kw["input_ids"].shape[1]:].tolist())
+        return out
+
+    model.generate = recording
+    try:
+        cfg = EvalConfig(generate_batch_size=len(articles), bootstrap_resamples=10, **ev)
+        generations = generate_summaries(model, tok, encoder, articles, cfg, torch.device("cpu"))[0]
+    finally:
+        model.generate = generate
+    return generations, outputs[-1]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
     """The tiny random Phi-2 with no adapter, its left-padding tokenizer and encoder."""
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path_factory.mktemp("base"))
     tok = load_tokenizer(cfg)
     tok.padding_side = "left"
     return cfg, tok, Encoder(tok, cfg.data), load_for_inference(cfg, torch.device("cpu"), torch.float32)
 
 
-def test_left_padded_batches_match_one_by_one_and_stop(tmp_path):
-    cfg, tok, encoder, model = base_for_generation(tmp_path)
-    articles = [ARTICLES[0], ARTICLES[1][:300], ARTICLES[2][:120]]  # three prompt lengths: real left padding
-    free = greedy(model, tok, encoder, articles, max_new_tokens=8, stop_strings=())
+def retokened(cfg, tok, eos: str | None = None, pad: str | None = None):
+    """A copy of `tok` with another EOS and/or pad token, and its encoder."""
+    t = copy.deepcopy(tok)
+    if eos is not None:
+        t.eos_token = eos
+    if pad is not None:
+        t.pad_token = pad
+    return t, Encoder(t, cfg.data)
+
+
+SHAPES = (slice(None), slice(0, 300), slice(0, 120))  # three prompt lengths: real left padding
+
+
+def three_articles():
+    return [a[s] for a, s in zip(ARTICLES, SHAPES)]
+
+
+def test_left_padded_batches_match_one_by_one_and_stop(base):
+    cfg, tok, encoder, model = base
+    articles = three_articles()
+    free, ids = with_ids(model, tok, encoder, articles, max_new_tokens=8, stop_strings=())
     alone = [greedy(model, tok, encoder, [a], max_new_tokens=8, stop_strings=())[0] for a in articles]
-    assert [g.text for g in free] == [g.text for g in alone]
-    assert all(g.stop_reason == "max_new_tokens" and g.new_tokens == 8 for g in free)
+    assert free == alone
+    assert [(g.stop_reason, g.new_tokens) for g in free] == [("max_new_tokens", 8)] * 3
+    assert [g.text for g in free] == [tok.decode(row).strip() for row in ids]
 
-    # Make a token the first row generates its stop string, then its EOS: each row stops on its own.
-    first_ids = tok(free[0].text, add_special_tokens=False).input_ids
-    stop_text = tok.decode(first_ids[2:3]).strip()
-    assert stop_text
+    # The first row's third token becomes a stop string that the other rows never produce.
+    stop_text = tok.decode(ids[0][2:3]).strip()
+    assert stop_text and stop_text not in tok.decode(ids[0][:2]) and all(stop_text not in g.text for g in free[1:])
     stopped = greedy(model, tok, encoder, articles, max_new_tokens=8, stop_strings=(stop_text,))
-    assert stopped[0].stop_reason == "stop_string" and stop_text not in stopped[0].text
-    assert stopped[0].new_tokens < 8
-    for g, f in zip(stopped[1:], free[1:]):  # rows that never produce it run on unchanged
-        assert g.text == f.text or g.stop_reason == "stop_string"
+    assert stopped == [Generation(tok.decode(ids[0][:2]).strip(), "stop_string", 3), free[1], free[2]]
 
-    eos_tok = load_tokenizer(cfg)
-    eos_tok.padding_side = "left"
-    eos_tok.eos_token = tok.convert_ids_to_tokens(first_ids[3])
-    ended = greedy(model, eos_tok, Encoder(eos_tok, cfg.data), articles[:1], max_new_tokens=8, stop_strings=())
-    assert ended[0].stop_reason == "eos" and ended[0].new_tokens <= 3
+    # The first row's fourth token becomes EOS (Phi-2's EOS stays the pad): that row ends there, the
+    # others run on unchanged.
+    assert all(ids[0][3] not in row for row in ids[1:])
+    eos_tok, eos_encoder = retokened(cfg, tok, eos=tok.convert_ids_to_tokens(ids[0][3]))
+    ended = greedy(model, eos_tok, eos_encoder, articles, max_new_tokens=8, stop_strings=())
+    assert ended == [Generation(tok.decode(ids[0][:3]).strip(), "eos", 4), free[1], free[2]]
 
 
-def test_no_repeat_ngram_size_reaches_generation(tmp_path):
-    _, tok, encoder, model = base_for_generation(tmp_path)
-    outputs = []
-    generate = model.generate
-    model.generate = lambda **kw: outputs.append(generate(**kw)[:, kw["input_ids"].shape[1]:]) or \
-        torch.cat([kw["input_ids"], outputs[-1]], dim=1)
+def test_new_tokens_count_only_what_each_row_generated(base):
+    """A row that ends early is padded up to the batch's length; the padding is not generated tokens,
+    whether the pad id is a token of its own or the EOS (as for Phi-2). The other two cases (a stop
+    string padded with the EOS id, an EOS padded with another id) are in the test above."""
+    cfg, tok, encoder, model = base
+    articles = three_articles()
+    free, ids = with_ids(model, tok, encoder, articles, max_new_tokens=8, stop_strings=())
+    stop_text, eos_token = tok.decode(ids[0][2:3]).strip(), tok.convert_ids_to_tokens(ids[0][3])
+    for t, stop_strings, expected in ((retokened(cfg, tok, pad="!"), (stop_text,), 3),
+                                      (retokened(cfg, tok, eos=eos_token, pad=eos_token), (), 4)):
+        assert t[0].pad_token_id == (t[0].convert_tokens_to_ids("!") if stop_strings else t[0].eos_token_id)
+        ev = EvalConfig(generate_batch_size=3, max_new_tokens=8, stop_strings=stop_strings, bootstrap_resamples=10)
+        generations, speed = generate_summaries(model, *t, articles, ev, torch.device("cpu"))
+        assert [g.new_tokens for g in generations] == [expected, 8, 8]
+        assert generations[1:] == free[1:]
+        assert speed["generated_tokens"] == expected + 16
+
+
+def test_beam_search_batches_match_one_by_one(base):
+    cfg, tok, encoder, model = base
+    articles = three_articles()
+    beams, ids = with_ids(model, tok, encoder, articles, max_new_tokens=8, stop_strings=(), num_beams=3)
+    alone = [greedy(model, tok, encoder, [a], max_new_tokens=8, stop_strings=(), num_beams=3)[0] for a in articles]
+    assert beams == alone
+    assert [(g.stop_reason, g.new_tokens) for g in beams] == [("max_new_tokens", 8)] * 3
+    assert beams[0].text != greedy(model, tok, encoder, articles[:1], max_new_tokens=8, stop_strings=())[0].text
+
+    # One row's beams end on EOS and are padded; the others run on: batched still equals one-by-one.
+    assert all(ids[0][3] not in row for row in ids[1:])
+    eos_tok, eos_encoder = retokened(cfg, tok, eos=tok.convert_ids_to_tokens(ids[0][3]))
+    ended = greedy(model, eos_tok, eos_encoder, articles, max_new_tokens=8, stop_strings=(), num_beams=3)
+    first = greedy(model, eos_tok, eos_encoder, articles[:1], max_new_tokens=8, stop_strings=(), num_beams=3)
+    assert ended == first + beams[1:]
+    assert ended[0].stop_reason == "eos" and ended[0].new_tokens < 8
+
+
+def test_no_repeat_ngram_size_reaches_generation(base):
+    _, tok, encoder, model = base
 
     def repeats(new_ids):
-        return any(len(set(row.tolist())) < len(row) for row in new_ids)
+        return any(len(set(row)) < len(row) for row in new_ids)
 
-    greedy(model, tok, encoder, ARTICLES, max_new_tokens=32, stop_strings=())
-    assert repeats(outputs[-1])  # the random model repeats tokens when left alone...
-    greedy(model, tok, encoder, ARTICLES, max_new_tokens=32, stop_strings=(), no_repeat_ngram_size=1)
-    assert not repeats(outputs[-1])  # ...and never once the guard is on
+    _, ids = with_ids(model, tok, encoder, ARTICLES, max_new_tokens=32, stop_strings=())
+    assert repeats(ids)  # the random model repeats tokens when left alone...
+    _, ids = with_ids(model, tok, encoder, ARTICLES, max_new_tokens=32, stop_strings=(), no_repeat_ngram_size=1)
+    assert not repeats(ids)  # ...and never once the guard is on
 
 
 def test_template_markers_come_from_the_prompt():
@@ -109,64 +184,54 @@ def test_evaluate_writes_predictions_report_and_gain(tiny_run):
         preds = [json.loads(x) for x in (folder / "predictions.jsonl").read_text().splitlines()]
         errors = [json.loads(x) for x in (folder / "errors.jsonl").read_text().splitlines()]
         assert len(preds) == len(errors) == m["generated_rows"] == 6
-        assert {"id", "reference", "prediction", "stop_reason", "rouge1", "rougeLsum"} <= set(preds[0])
-        assert sum(m["stop_reasons"].values()) == 6
-        assert json.loads((folder / "eval_metrics.json").read_text())["val_loss"] == m["val_loss"]
-        for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
-            r = m["rouge"][key]
-            assert r["low"] <= r["mean"] <= r["high"]
-        assert m["generation"]["generated_tokens_per_s"] > 0
-    assert base["val_loss"] != tuned["val_loss"]  # the adapter was applied
+        assert [p["id"] for p in preds] == [e["id"] for e in errors]
+        assert all(set(p) == {"id", "reference", "prediction", "stop_reason", "new_tokens", *ROUGE_KEYS}
+                   for p in preds)
+        assert m["stop_reasons"] == {k: sum(p["stop_reason"] == k for p in preds)
+                                     for k in ("eos", "stop_string", "max_new_tokens")}
+        assert m["generation"]["generated_tokens"] == sum(p["new_tokens"] for p in preds)
+        assert all(1 <= p["new_tokens"] <= 8 for p in preds)
+        assert json.loads((folder / "eval_metrics.json").read_text()) == json.loads(json.dumps(m))
+        # Per-example scores are those of the prediction written, and the reported intervals the
+        # seeded bootstrap of exactly those scores.
+        assert [{k: p[k] for k in ROUGE_KEYS} for p in preds] == \
+            score_pairs([p["prediction"] for p in preds], [p["reference"] for p in preds])
+        assert m["rouge"] == aggregate([{k: p[k] for k in ROUGE_KEYS} for p in preds], n_resamples=200,
+                                       seed=cfg.train.seed)
+    # The adapter was applied: the run's own final validation loss, not the base model's.
+    trained = json.loads((run / "metrics.json").read_text())["final_val_loss"]
+    assert tuned["val_loss"] == pytest.approx(trained, abs=1e-5)
+    assert abs(base["val_loss"] - trained) > 5e-4  # 3 steps move the loss by ~1.3e-3 (deterministic)
     report = (run / "eval" / "eval_report.md").read_text()
-    assert "## Gain from fine-tuning" in report and "hit max_new_tokens=8 without stopping" in report
-    assert "worst examples by ROUGE-Lsum" in report and "ROUGE-Lsum" in report
+    assert "## Gain from fine-tuning" in report
+    assert "hit max_new_tokens=8 without stopping" in report
+    assert "worst examples by ROUGE-Lsum" in report
 
 
-def test_predict_and_merge_from_the_cli(tiny_run, tmp_path, capsys):
-    sys.path.insert(0, str(REPO))
-    import run as cli
-
-    cfg, run = tiny_run
-    articles = tmp_path / "articles.jsonl"
-    articles.write_text("".join(json.dumps({"id": f"a{i}", "article": a}) + "\n" for i, a in enumerate(ARTICLES)))
-    out = tmp_path / "out.jsonl"
-    assert cli.main(["predict", "--run", str(run), "--jsonl", str(articles), "--out", str(out)]) == 0
-    lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [x["id"] for x in lines] == ["a0", "a1", "a2"] and all("summary" in x for x in lines)
-
-    text = tmp_path / "article.txt"
-    text.write_text(ARTICLES[0])
-    assert cli.main(["predict", "--run", str(run), "--text-file", str(text)]) == 0
-    assert capsys.readouterr().out.strip() == lines[0]["summary"]
-
-    merged = tmp_path / "merged"
-    assert cli.main(["predict", "--run", str(run), "--merge", str(merged)]) == 0
-    from transformers import AutoModelForCausalLM
-    plain = AutoModelForCausalLM.from_pretrained(merged)
-    assert (merged / "model.safetensors").is_file()
-    with_adapter = load_for_inference(cfg, torch.device("cpu"), torch.float32, run / "adapter")
-    ids = torch.tensor([[464, 3797, 3332, 319, 262, 2603]])
-    torch.testing.assert_close(plain(ids).logits, with_adapter(ids).logits, rtol=1e-4, atol=1e-4)
+def test_rouge_intervals_are_seeded_bootstraps_around_the_mean():
+    """The interval evaluate_run reports, on scores spread enough to have one (a random tiny model
+    scores a constant 0)."""
+    spread = [0.0, 12.5, 20.0, 31.0, 44.4, 50.0, 61.0, 75.0]
+    rows = [{"rouge1": v, "rouge2": v / 2, "rougeL": 30.0, "rougeLsum": v} for v in spread]
+    result = aggregate(rows, n_resamples=500, seed=3)
+    r = result["rouge1"]
+    assert r["mean"] == pytest.approx(sum(spread) / len(spread), abs=1e-12)
+    assert min(spread) < r["low"] < r["mean"] < r["high"] < max(spread)
+    assert result["rougeLsum"] == r  # the same scores, the same seed: the same interval
+    assert result["rouge2"] == pytest.approx({k: v / 2 for k, v in r.items()})  # it scales with the scores
+    assert result["rougeL"] == {"mean": 30.0, "low": 30.0, "high": 30.0}  # identical scores: no spread
+    assert aggregate(rows, n_resamples=500, seed=3) == result  # deterministic for a seed
+    assert aggregate(rows, n_resamples=500, seed=4)["rouge1"] != r  # and the seed is used
+    more = aggregate(rows * 16, n_resamples=500, seed=3)["rouge1"]  # the same scores, 16 times as many
+    assert more["mean"] == pytest.approx(r["mean"], abs=1e-12)
+    assert r["low"] < more["low"] < more["mean"] < more["high"] < r["high"]
+    assert more["high"] - more["low"] < (r["high"] - r["low"]) / 2  # ~1/sqrt(16) as wide
 
 
-def test_malformed_prediction_input_names_the_row(tiny_run, tmp_path, capsys):
-    sys.path.insert(0, str(REPO))
-    import run as cli
-
-    _, run = tiny_run
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"article": "fine"}) + "\n{broken\n")
-    assert cli.main(["predict", "--run", str(run), "--jsonl", str(bad)]) == 2
-    assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
-    bad.write_text(json.dumps({"article": "fine"}) + "\n" + json.dumps({"text": "wrong key"}) + "\n")
-    assert cli.main(["predict", "--run", str(run), "--jsonl", str(bad)]) == 2
-    assert f"{bad}:2: expected an object with a non-empty string 'article'" in capsys.readouterr().err
-
-
-def test_static_kv_cache_generates_what_the_dynamic_one_does(tmp_path):
-    cfg, tok, encoder, model = base_for_generation(tmp_path)
-    articles = [ARTICLES[0], ARTICLES[1][:300], ARTICLES[2][:120]]
+def test_static_kv_cache_generates_what_the_dynamic_one_does(base):
+    cfg, tok, encoder, model = base
+    articles = three_articles()
     dynamic = greedy(model, tok, encoder, articles, max_new_tokens=8, stop_strings=())
     static = greedy(model, tok, encoder, articles, max_new_tokens=8, stop_strings=(), cache_implementation="static")
-    assert [g.text for g in static] == [g.text for g in dynamic]
-    assert all(g.new_tokens == 8 for g in static)
+    assert static == dynamic
+    assert [(g.stop_reason, g.new_tokens) for g in static] == [("max_new_tokens", 8)] * 3

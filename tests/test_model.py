@@ -25,10 +25,32 @@ def test_tinyllama_reference_lora_parameters():
     assert (trainable, total - trainable) == (4_505_600, 1_100_048_384)
 
 
-def test_default_targets_follow_the_architecture():
-    cfg = config_from_dict({"model": {"name_or_path": str(FIXTURES / "phi-2")}, "data": {"dataset": "x"}})
+def lora_wrapped(model) -> set[str]:
+    """The short names of the modules that carry a LoRA adapter."""
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+
+
+@pytest.mark.parametrize("name, targets, trainable", [
+    ("phi-2", {"q_proj", "k_proj", "v_proj", "dense"}, 10_485_760),
+    ("tinyllama", {"q_proj", "k_proj", "v_proj", "o_proj"}, 4_505_600),
+])
+def test_default_targets_follow_the_architecture(name, targets, trainable):
+    # No lora.target_modules in the config: the architecture's default is used (r 16 is the default rank).
+    cfg = config_from_dict({"model": {"name_or_path": str(FIXTURES / name)}, "data": {"dataset": "x"}})
+    assert cfg.lora.target_modules is None
     model = lora_on_meta(cfg)
-    assert model.get_nb_trainable_parameters()[0] == 10_485_760
+    assert lora_wrapped(model) == targets
+    assert model.get_nb_trainable_parameters()[0] == trainable
+
+
+def test_no_default_targets_for_an_unknown_architecture():
+    from summ.config import ConfigError
+    from summ.model import lora_targets
+
+    cfg = config_from_dict({"model": {"name_or_path": "x"}, "data": {"dataset": "x"}})
+    with pytest.raises(ConfigError, match=r"^lora.target_modules: no default for model type 'bloom'; "
+                                          r"list the module names \(defaults exist for \["):
+        lora_targets(cfg, "bloom")
 
 
 @pytest.mark.parametrize("upcast", [False, True])
@@ -44,13 +66,26 @@ def test_frozen_weights_stay_in_compute_dtype_unless_asked(tmp_path, upcast):
     frozen = torch.float32 if upcast else torch.bfloat16
     assert model.get_input_embeddings().weight.dtype == frozen
     assert model.get_output_embeddings().weight.dtype == frozen
-    lora = [p for n, p in model.named_parameters() if "lora_" in n]
-    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
-    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    # 2 layers x (q_proj, k_proj, v_proj, dense) x (lora_A, lora_B)
+    assert len(lora) == 16
+    assert {(p.dtype, p.requires_grad) for p in lora.values()} == {(torch.float32, True)}
+    assert [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n] == []
 
 
-@pytest.mark.parametrize("arch, swapped", [("phi", "gelu_tanh"), ("llama", "rms_norm")])
-def test_fused_ops_compute_the_same_function(tmp_path, arch, swapped):
+# Module class counts in the tiny 2-layer models without and with fused ops: Phi has one MLP
+# activation per layer and 3 LayerNorms (2 input norms + the final one); Llama has 2 RMSNorms per
+# layer + the final one. The LayerNorms keep their class's parameters, only the forward changes.
+FUSED_COUNTS = {
+    ("phi", False): {"NewGELUActivation": 2, "GELU": 0, "LayerNorm": 3, "StreamDtypeLayerNorm": 0},
+    ("phi", True): {"NewGELUActivation": 0, "GELU": 2, "LayerNorm": 0, "StreamDtypeLayerNorm": 3},
+    ("llama", False): {"LlamaRMSNorm": 5, "FusedRMSNorm": 0},
+    ("llama", True): {"LlamaRMSNorm": 0, "FusedRMSNorm": 5},
+}
+
+
+@pytest.mark.parametrize("arch", ["phi", "llama"])
+def test_fused_ops_compute_the_same_function(tmp_path, arch):
     import dataclasses
 
     from summ.model import load_base_model
@@ -62,8 +97,9 @@ def test_fused_ops_compute_the_same_function(tmp_path, arch, swapped):
     for fused in (False, True):
         c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fused_ops=fused))
         model = load_base_model(c, torch.device("cpu"), torch.float32)
-        names = {type(m).__name__ for m in model.modules()}
-        assert ("GELU" in names or "FusedRMSNorm" in names) == fused
+        names = [type(m).__name__ for m in model.modules()]
+        expected = FUSED_COUNTS[(arch, fused)]
+        assert {name: names.count(name) for name in expected} == expected
         logits[fused] = model(input_ids=ids).logits
     torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
 
@@ -99,7 +135,8 @@ def test_partial_checkpointing_keeps_gradients_and_picks_spread_layers(tmp_path)
 def test_checkpointed_layers_must_not_be_negative():
     from summ.config import ConfigError
 
-    with pytest.raises(ConfigError, match="model.checkpointed_layers"):
+    with pytest.raises(ConfigError, match=r"^<dict>: 'model.checkpointed_layers' must be >= 0 or null "
+                                          r"\(all layers\), got -1$"):
         config_from_dict({"model": {"name_or_path": "x", "checkpointed_layers": -1}, "data": {"dataset": "x"}})
 
 
@@ -135,12 +172,15 @@ def test_embeddings_on_cpu_train_exactly_as_on_the_device(tmp_path):
         "config_overrides": {**tiny_config(tmp_path, "phi").model.config_overrides, "initializer_range": 0.2},
         "embeddings_on_cpu": on_cpu, "gradient_checkpointing": True})) for on_cpu in (False, True)]
     assert runs[0].steps == runs[1].steps == 3
+    assert len(runs[0].train_losses) == len(runs[1].train_losses) == 3  # assert_close([], []) would pass
     torch.testing.assert_close(runs[1].train_losses, runs[0].train_losses, rtol=1e-6, atol=0)
 
     model = build_model(tiny_config(tmp_path / "m", model={"embeddings_on_cpu": True}), torch.device("cpu"),
                         torch.float32)
     embedding = model.get_input_embeddings()
-    assert isinstance(embedding, HostEmbedding) and list(embedding.parameters()) == []
+    assert type(embedding) is HostEmbedding
+    assert list(embedding.parameters()) == [] and list(embedding.buffers()) == []
+    assert embedding.host_weight.device == torch.device("cpu")
     assert not any("embed_tokens" in name for name in model.state_dict())
 
 
@@ -151,5 +191,6 @@ def test_embeddings_on_cpu_refuses_a_table_tied_to_the_lm_head(tmp_path):
 
     cfg = tiny_config(tmp_path, "llama", model={"embeddings_on_cpu": True, "config_overrides": {
         **tiny_config(tmp_path, "llama").model.config_overrides, "tie_word_embeddings": True}})
-    with pytest.raises(ConfigError, match="ties its input embedding"):
+    with pytest.raises(ConfigError, match="^model.embeddings_on_cpu: this model ties its input embedding to the "
+                                          "LM head, which must stay on the GPU$"):
         build_model(cfg, torch.device("cpu"), torch.float32)

@@ -7,10 +7,6 @@ from rouge_score import rouge_scorer
 from summ.rouge import ROUGE_KEYS, aggregate, bootstrap_ci, score_pairs, split_sentences
 
 
-def f1(p, r):
-    return 0.0 if p + r == 0 else 2 * p * r / (p + r)
-
-
 # ----------------------------------------------------------------------------- ROUGE by hand
 
 def test_rouge_simple_pair_by_hand():
@@ -42,7 +38,6 @@ def test_rouge_uses_porter_stemming_by_hand():
     assert s["rouge2"] == pytest.approx(100 * 2 / 5)
     assert s["rougeL"] == pytest.approx(100 * 6 / 7)
     assert s["rougeLsum"] == pytest.approx(100 * 6 / 7)
-    assert s["rouge1"] == pytest.approx(100 * f1(3 / 4, 3 / 3))
 
 
 def test_rougelsum_is_summary_level_union_lcs_by_hand():
@@ -111,14 +106,17 @@ def test_cnn_highlights_are_split_on_newlines_for_rougelsum():
 
 
 def test_score_pairs_length_mismatch_raises():
-    with pytest.raises(ValueError, match=r"2.*1"):
+    with pytest.raises(ValueError, match=r"^predictions and references differ in length: "
+                                         r"2 predictions vs 1 references$"):
         score_pairs(["a", "b"], ["a"])
 
 
 def test_score_pairs_returns_one_dict_per_pair_in_order():
+    # Pair 0 is identical ("the cat": one bigram, matched); pair 1 shares no token.
     out = score_pairs(["the cat", "completely different"], ["the cat", "the cat"])
-    assert len(out) == 2
-    assert out[0]["rouge1"] == pytest.approx(100.0) and out[1]["rouge1"] == 0.0
+    assert out == [{key: pytest.approx(100.0) for key in ROUGE_KEYS}, {key: 0.0 for key in ROUGE_KEYS}]
+    # Swapping the pairs swaps the results: order follows the input, not the score.
+    assert score_pairs(["completely different", "the cat"], ["the cat", "the cat"]) == out[::-1]
 
 
 # ----------------------------------------------------------------------------- sentence splitter
@@ -183,7 +181,11 @@ def test_split_sentences(text, expected):
 
 def test_split_sentences_preserves_every_non_space_character():
     text = 'Mr. Smith paid £1.2m... "Why?" he asked. (U.S. data.) Then\nnothing .'
-    assert "".join("".join(split_sentences(text)).split()) == "".join(text.split())
+    sentences = split_sentences(text)
+    assert "".join("".join(sentences).split()) == "".join(text.split())
+    # By hand: "Mr." never ends one; the ellipsis before a quote does; "Why?" before lowercase "he"
+    # does not; "asked." before "(" does; "(U.S." before lowercase "data" does not; the newline splits.
+    assert sentences == ['Mr. Smith paid £1.2m...', '"Why?" he asked.', "(U.S. data.)", "Then", "nothing ."]
 
 
 def test_split_sentences_is_linear_on_long_tokens():
@@ -193,6 +195,19 @@ def test_split_sentences_is_linear_on_long_tokens():
 
 
 # ----------------------------------------------------------------------------- bootstrap
+
+@pytest.mark.parametrize("confidence, interval", [
+    # Two values {0, 1}: a resample's mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4.
+    # 60%: the 20th percentile is 0 (P(0) = 25% > 20%) and the 80th is 1 (P(<= 0.5) = 75% < 80%).
+    (0.60, (0.0, 1.0)),
+    # 40%: the 30th and 70th percentiles both fall inside the 50% mass at 0.5.
+    (0.40, (0.5, 0.5)),
+])
+def test_bootstrap_interval_on_two_values_by_hand(confidence, interval):
+    # 4000 resamples keep the empirical shares (25% +- 0.7% sd) far from the 20%/30% cut points.
+    mean, low, high = bootstrap_ci([0.0, 1.0], n_resamples=4000, confidence=confidence, seed=0)
+    assert (mean, low, high) == (0.5, *interval)
+
 
 def test_bootstrap_mean_is_numpy_mean_and_bounds_it():
     values = list(np.random.default_rng(1).uniform(0, 100, size=200))
@@ -240,11 +255,11 @@ def test_bootstrap_constant_and_single_value():
 
 
 def test_bootstrap_empty_and_bad_arguments_raise():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^bootstrap_ci needs a non-empty 1-D list of values, got shape \(0,\)$"):
         bootstrap_ci([])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^confidence must be in \(0, 1\), got 1.5$"):
         bootstrap_ci([1.0, 2.0], confidence=1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^n_resamples must be >= 1, got 0$"):
         bootstrap_ci([1.0, 2.0], n_resamples=0)
 
 
@@ -254,12 +269,20 @@ def test_aggregate_reports_mean_and_interval_per_key():
         ["the cat lay on the mat", "the dog runs", "anything", "The cat sat. The dog ran."])
     out = aggregate(per_example, n_resamples=500, seed=0)
     assert set(out) == set(ROUGE_KEYS)
+    # Means by hand from the per-pair values worked out in the tests above (the empty prediction scores 0):
+    means = {
+        "rouge1": (100 * 5 / 6 + 100 * 6 / 7 + 0 + 100) / 4,
+        "rouge2": (100 * 3 / 5 + 100 * 2 / 5 + 0 + 80) / 4,
+        "rougeL": (100 * 5 / 6 + 100 * 6 / 7 + 0 + 50) / 4,
+        "rougeLsum": (100 * 5 / 6 + 100 * 6 / 7 + 0 + 100) / 4,
+    }
     for key in ROUGE_KEYS:
         assert set(out[key]) == {"mean", "low", "high"}
-        assert out[key]["mean"] == pytest.approx(np.mean([row[key] for row in per_example]))
-        assert out[key]["low"] <= out[key]["mean"] <= out[key]["high"]
-    # By hand: rouge1 = (500/6 + 600/7 + 0 + 100) / 4
-    assert out["rouge1"]["mean"] == pytest.approx((100 * 5 / 6 + 100 * 6 / 7 + 0 + 100) / 4)
+        assert out[key]["mean"] == pytest.approx(means[key])
+        # Each interval is this key's own bootstrap (same seed and resamples), not another key's.
+        scores = [row[key] for row in per_example]
+        assert (out[key]["low"], out[key]["high"]) == bootstrap_ci(scores, n_resamples=500, seed=0)[1:]
+        assert out[key]["low"] < out[key]["mean"] < out[key]["high"]
     assert aggregate(per_example, n_resamples=500, seed=0) == out
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^aggregate needs at least one scored example$"):
         aggregate([])
