@@ -150,7 +150,7 @@ def _read_local(path: Path) -> list[RawRow]:
     if looks_binary(path):
         raise DataError(f"{path}: binary file; expected UTF-8 text ({path.suffix[1:]})")
     if path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
     elif path.suffix == ".csv":
         rows = _read_csv(path)
     else:
@@ -160,7 +160,8 @@ def _read_local(path: Path) -> list[RawRow]:
     return rows
 
 
-def _read_jsonl(path: Path) -> list[RawRow]:
+def read_jsonl(path: Path) -> list[RawRow]:
+    """Every non-blank line of a JSON Lines file, parsed, or with the reason it could not be."""
     rows = []
     for line_no, text in text_lines(path):
         where = f"{path}:{line_no}"

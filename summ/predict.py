@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 
 from summ.config import RunConfig
-from summ.data import DataError, Encoder
+from summ.data import DataError, Encoder, read_jsonl
 from summ.evaluate import Generation, generate_summaries
 from summ.files import atomic_folder
 from summ.model import load_for_inference, load_tokenizer
@@ -27,17 +26,13 @@ def read_articles(*, text_file: str | None = None, jsonl: str | None = None, fie
         if not path.is_file():
             raise DataError(f"{path}: file not found")
         articles = []
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            text = row.get(field) if isinstance(row, dict) else None
+        for raw in read_jsonl(path):
+            if raw.problem:
+                raise DataError(f"{raw.where}: {raw.problem}")
+            text = raw.value.get(field) if isinstance(raw.value, dict) else None
             if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{path}:{line_no}: expected an object with a non-empty string '{field}'")
-            articles.append({"id": str(row.get("id", line_no)), "article": text.strip()})
+                raise DataError(f"{raw.where}: expected an object with a non-empty string '{field}'")
+            articles.append({"id": str(raw.value.get("id", raw.number)), "article": text.strip()})
         if not articles:
             raise DataError(f"{path}: no articles")
         return articles
@@ -47,7 +42,10 @@ def read_articles(*, text_file: str | None = None, jsonl: str | None = None, fie
         path = Path(text_file)
         if not path.is_file():
             raise DataError(f"{path}: file not found")
-        text, where = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, where = path.read_text(encoding="utf-8-sig"), str(path)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     if not text.strip():
         raise DataError(f"{where}: empty article")
     return [{"id": where, "article": text.strip()}]
