@@ -118,7 +118,8 @@ class TrainConfig:
     warmup_steps: int = 0
     # 0 switches clipping off.
     max_grad_norm: float = 1.0
-    # "auto": bf16 where supported, fp16 on GPUs without bf16, none on CPU.
+    # "auto": bf16 where supported, fp16 on GPUs without bf16 (T4); on a CPU bf16 only with native
+    # bf16 matmuls (AVX512-BF16 or AMX), otherwise fp32: the fallback bf16 GEMM is far slower than fp32.
     mixed_precision: str = "auto"
     # Steps whose loss or gradients are not finite are skipped (with fp16, the loss scaler also
     # skips a few while it calibrates its scale); this many in a row stop the run.

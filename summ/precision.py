@@ -22,6 +22,20 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return auto_dtype(device) if name == "auto" else DTYPES[name]
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 / AMX). Without it torch falls back to
+    a reference bf16 GEMM that is many times slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def mixed_precision_mode(name: str) -> str:
-    """train.mixed_precision as accelerate names it ("bf16", "fp16" or "no")."""
-    return _MODE_OF_DTYPE[auto_dtype()] if name == "auto" else name
+    """train.mixed_precision as accelerate names it ("bf16", "fp16" or "no"). On a CPU, "auto" is
+    bf16 autocast only where the CPU has native bf16 matmuls."""
+    if name != "auto":
+        return name
+    if not torch.cuda.is_available():
+        return "bf16" if cpu_has_fast_bf16() else "no"
+    return _MODE_OF_DTYPE[auto_dtype()]

@@ -150,7 +150,8 @@ def test_rows_are_skipped_counted_and_none_lost(tmp_path):
 def finished_run(tmp_path_factory):
     """A 3-step run with a checkpoint after every step; tests copy it before resuming."""
     root = tmp_path_factory.mktemp("finished")
-    cfg = tiny_config(root / "run", train={"save_every": 1, "keep_last": 5}, eval={"at_end": False})
+    cfg = tiny_config(root / "run", train={"save_every": 1, "keep_last": 5}, eval={"at_end": False},
+                      log={"tensorboard": True})
     result = train(cfg)
     return root / "run", result
 
@@ -163,7 +164,8 @@ def copy_run(finished_run, tmp_path) -> Path:
 
 def resume_from_step_1(run_dir, accept_changes=False, **sections):
     cfg = tiny_config(run_dir, train={"save_every": 1, "keep_last": 5, **sections.pop("train", {})},
-                      eval={"at_end": False, **sections.pop("eval", {})}, **sections)
+                      eval={"at_end": False, **sections.pop("eval", {})},
+                      log={"tensorboard": True, **sections.pop("log", {})}, **sections)
     return train(cfg, resume=run_dir / "checkpoints" / "step-0000001", accept_changes=accept_changes)
 
 
@@ -191,6 +193,12 @@ def test_resume_allows_evaluation_and_logging_changes_and_logs_each_step_once(fi
     torch.testing.assert_close(resumed.train_losses, finished_run[1].train_losses, rtol=1e-6, atol=0)
     steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+    # TensorBoard: the resumed writer purges what the killed one logged after step 1.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    logged = [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")]
+    assert logged == [(step, round(loss, 4)) for step, loss in zip((1, 2, 3), resumed.train_losses)]
     record = json.loads((run_dir / "resumes.jsonl").read_text())
     assert record["changed"] == {"eval.batch_size": [4, 2], "log.output_dir": [str(finished_run[0]), str(run_dir)]}
     assert record["forced"] is False
@@ -213,7 +221,8 @@ def test_resume_changed_accepts_and_records_instead_of_overwriting(finished_run,
 def test_cli_resume_mismatch_is_a_one_line_error(finished_run, tmp_path, capsys):
     run_dir = copy_run(finished_run, tmp_path)
     config = tmp_path / "config.json"
-    tiny_config(run_dir, train={"save_every": 1, "keep_last": 5}, eval={"at_end": False}).save(config)
+    tiny_config(run_dir, train={"save_every": 1, "keep_last": 5}, eval={"at_end": False},
+                log={"tensorboard": True}).save(config)
     assert run.main(["--config", str(config), "--set", "train.weight_decay=0.1", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "changed since the checkpoint: train.weight_decay: 0.0 -> 0.1" in err and err.count("\n") == 1

@@ -304,3 +304,14 @@ def test_only_right_padded_batches_drop_their_padding_mask():
     # Left padding (generation) or a hole: real tokens would attend to pads without the mask.
     assert not is_right_padded(torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
     assert not is_right_padded(torch.tensor([[1, 0, 1, 1]]))
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "no")])
+def test_auto_precision_on_a_cpu_uses_bf16_only_where_it_is_fast(monkeypatch, native_bf16, expected):
+    import summ.precision as precision
+
+    monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: native_bf16)
+    assert precision.mixed_precision_mode("auto") == expected
+    assert precision.mixed_precision_mode("fp16") == "fp16"
+    assert precision.resolve_compute_dtype("auto", torch.device("cpu")) == torch.float32
