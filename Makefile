@@ -1,4 +1,4 @@
-# `make demo`: install into .venv and fine-tune SmolLM2-135M-Instruct on the bundled XSum sample (CPU, < 10 min).
+# `make demo`: install into .venv and fine-tune SmolLM2-135M-Instruct on the bundled XSum sample (2-core CPU, ~14 min).
 # `make test`: the test suite (CPU, offline).
 PYTHON ?= python3
 VENV ?= .venv
