@@ -146,12 +146,13 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
     # Data first: a bad split fails before a model loads.
     tokenizer = load_tokenizer(cfg)
     encoder = Encoder(tokenizer, cfg.data)
+    encoder.check_generation_room(ev.max_new_tokens)
     rows, row_stats = load_rows(cfg.data, cfg.data.eval_split, cfg.data.max_eval_rows)
     examples = encode_rows(encoder, rows, cfg.data.eval_split)
     gen_rows = rows[:ev.generate_rows] if ev.generate_rows else rows
 
     dtype = resolve_compute_dtype(cfg.quant.compute_dtype, accelerator.device)
-    model = load_for_inference(cfg, accelerator.device, dtype, adapter_dir)
+    model = load_for_inference(cfg, accelerator.device, dtype, adapter_dir, merge=ev.merge_adapter)
     val_loss = evaluate_loss(model, examples, ev.batch_size, tokenizer.pad_token_id, accelerator)
     generations, speed = generate_summaries(model, tokenizer, encoder, [r["article"] for r in gen_rows], ev,
                                             accelerator.device)
@@ -170,7 +171,8 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
         "rouge": aggregate(scores, n_resamples=ev.bootstrap_resamples, seed=cfg.train.seed),
         "stop_reasons": stop_counts,
         "stopped_by_itself_share": 1 - stop_counts["max_new_tokens"] / max(len(generations), 1),
-        "generation": {"max_new_tokens": ev.max_new_tokens, "num_beams": ev.num_beams, "do_sample": ev.do_sample,
+        "generation": {"adapter_merged": bool(adapter_dir) and ev.merge_adapter and not cfg.quant.enabled,
+                       "max_new_tokens": ev.max_new_tokens, "num_beams": ev.num_beams, "do_sample": ev.do_sample,
                        "no_repeat_ngram_size": ev.no_repeat_ngram_size, "repetition_penalty": ev.repetition_penalty,
                        "stop_strings": list(ev.stop_strings), **speed},
         "errors": aggregate_errors(analyses),

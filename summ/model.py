@@ -241,16 +241,22 @@ def require_adapter(adapter_dir, hint: str = "train first") -> None:
 
 
 def load_for_inference(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype, adapter_dir=None,
-                       quantize: bool | None = None, *, missing_hint: str = "train first"):
+                       quantize: bool | None = None, *, merge: bool = False, missing_hint: str = "train first"):
     """Base model plus, unless `adapter_dir` is None (zero-shot), a trained adapter; in eval mode.
-    `missing_hint` ends the error for a missing adapter."""
+
+    `merge` folds the adapter into the weights of this copy when the base is not 4-bit (the saved
+    adapter is untouched). `missing_hint` ends the error for a missing adapter.
+    """
     if adapter_dir is not None:
         require_adapter(adapter_dir, missing_hint)
+    quantize = cfg.quant.enabled if quantize is None else quantize
     model = load_base_model(cfg, device, compute_dtype, quantize)
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
+        if merge and not quantize:
+            model = model.merge_and_unload()
     model.eval()
     return model
 

@@ -235,3 +235,27 @@ def test_static_kv_cache_generates_what_the_dynamic_one_does(base):
     static = greedy(model, tok, encoder, articles, max_new_tokens=8, stop_strings=(), cache_implementation="static")
     assert static == dynamic
     assert [(g.stop_reason, g.new_tokens) for g in static] == [("max_new_tokens", 8)] * 3
+
+
+def test_merged_adapter_evaluates_like_the_separate_one(tiny_run, tmp_path):
+    """eval.merge_adapter folds LoRA into the loaded copy: same loss and same greedy summaries; the
+    saved adapter stays a separate PEFT adapter."""
+    import dataclasses
+
+    cfg, run = tiny_run
+    adapter_before = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    results = {}
+    for merge in (False, True):
+        cfg_m = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, merge_adapter=merge))
+        metrics = evaluate_run(cfg_m, run)
+        preds = [json.loads(x) for x in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+        results[merge] = (metrics, [(p["prediction"], p["stop_reason"], p["new_tokens"]) for p in preds])
+    assert results[True][0]["generation"]["adapter_merged"] is True
+    assert results[False][0]["generation"]["adapter_merged"] is False
+    assert results[True][1] == results[False][1] and len(results[True][1]) == 6
+    assert results[True][0]["val_loss"] == pytest.approx(results[False][0]["val_loss"], rel=0, abs=1e-6)
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter_before
+    merged = load_for_inference(cfg, torch.device("cpu"), torch.float32, run / "adapter", merge=True)
+    separate = load_for_inference(cfg, torch.device("cpu"), torch.float32, run / "adapter", merge=False)
+    assert not [n for n, _ in merged.named_modules() if "lora" in n]
+    assert len([n for n, _ in separate.named_modules() if n.endswith("lora_A")]) == 8
