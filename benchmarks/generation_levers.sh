@@ -13,23 +13,25 @@ S="--set data.dataset=$DATA/xsum --set data.max_train_rows=null --set data.max_e
    --set train.lr=5e-4 --set train.warmup_steps=10 --set eval.eval_every=50 --set eval.generate_batch_size=64 \
    --set train.save_every=1000 --set log.output_dir=$RUN --set train.mixed_precision=bf16"
 python run.py --config configs/demo.json $S --set eval.generate=false 2>&1 | tail -3 > "$OUT/train.log"
-for merge in false true; do
-  python run.py eval --run "$RUN" --set eval.merge_adapter=$merge 2>&1 | tail -2 > "$OUT/eval_merge_$merge.log"
-  mkdir -p "$OUT/merge_$merge" && cp "$RUN/eval/eval_metrics.json" "$RUN/eval/predictions.jsonl" "$OUT/merge_$merge/"
+# The unmerged evaluation runs twice: the second tells run-to-run variation from the effect of merging.
+for name in false true false_again; do
+  python run.py eval --run "$RUN" --set eval.merge_adapter=${name%_again} 2>&1 | tail -2 > "$OUT/eval_merge_$name.log"
+  mkdir -p "$OUT/merge_$name" && cp "$RUN/eval/eval_metrics.json" "$RUN/eval/predictions.jsonl" "$OUT/merge_$name/"
 done
 python - "$OUT" <<'EOF'
 import json, sys
 out = sys.argv[1]
 rows = {}
-for merge in ("false", "true"):
-    m = json.load(open(f"{out}/merge_{merge}/eval_metrics.json"))
-    preds = [json.loads(x)["prediction"] for x in open(f"{out}/merge_{merge}/predictions.jsonl")]
-    rows[merge] = (m, preds)
-same = sum(a == b for a, b in zip(rows["false"][1], rows["true"][1]))
-print("| eval.merge_adapter | generated tok/s | articles/s | generation s | val loss | ROUGE-1 | identical summaries |")
+for name in ("false", "true", "false_again"):
+    m = json.load(open(f"{out}/merge_{name}/eval_metrics.json"))
+    preds = [json.loads(x)["prediction"] for x in open(f"{out}/merge_{name}/predictions.jsonl")]
+    rows[name] = (m, preds)
+first = rows["false"][1]
+print("| eval.merge_adapter | generated tok/s | articles/s | generation s | val loss | ROUGE-1 | summaries identical to the first row's |")
 print("|---|---|---|---|---|---|---|")
-for merge, (m, preds) in rows.items():
+for name, (m, preds) in rows.items():
     g = m["generation"]
-    print(f"| {merge} | {g['generated_tokens_per_s']:,.0f} | {g['articles_per_s']:.1f} | {g['seconds']:.1f} | "
+    same = sum(a == b for a, b in zip(first, preds))
+    print(f"| {name} | {g['generated_tokens_per_s']:,.0f} | {g['articles_per_s']:.1f} | {g['seconds']:.1f} | "
           f"{m['val_loss']:.4f} | {m['rouge']['rouge1']['mean']:.2f} | {same} of {len(preds)} |")
 EOF
