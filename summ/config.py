@@ -146,9 +146,10 @@ class EvalConfig:
     cache_implementation: str = "dynamic"
     # Fold LoRA into (a freshly loaded copy of) the weights before evaluating and predicting, when
     # the base is not 4-bit: one matmul per layer instead of three. Exact in fp32; in bf16 the merged
-    # weights are rounded, which changed 210 of 500 greedy SmolLM2 summaries for a 1.28x faster
-    # generation (benchmarks/generation_levers.sh), so it is off by default. A 4-bit base always
-    # keeps the adapter separate (merging would round the update into 4-bit weights).
+    # weights are rounded: on one GPU it generated 1.3-1.7x faster but only 296 of 500 greedy SmolLM2
+    # summaries matched the unmerged ones (two unmerged runs matched on 446), ROUGE-1 within noise
+    # (benchmarks/generation_levers.sh), so it is off by default. A 4-bit base always keeps the
+    # adapter separate (merging would round the update into 4-bit weights).
     merge_adapter: bool = False
     max_new_tokens: int = 64
     num_beams: int = 1

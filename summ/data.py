@@ -147,7 +147,7 @@ def _read_split(cfg: DataConfig, split: str) -> tuple[list[RawRow], str]:
 def _read_local(path: Path) -> list[RawRow]:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
-    if looks_binary(path):
+    if path.suffix in (".jsonl", ".json", ".csv") and looks_binary(path):
         raise DataError(f"{path}: binary file; expected UTF-8 text ({path.suffix[1:]})")
     if path.suffix == ".jsonl":
         rows = read_jsonl(path)
@@ -180,22 +180,27 @@ def _read_csv(path: Path) -> list[RawRow]:
     # lone surrogates that mark their row as bad instead of failing the file.
     rows = []
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.DictReader(f)
-        first_line = 2
+        reader = csv.reader(f)
         try:
-            for record in reader:
-                where, number = f"{path}:{first_line}", first_line
-                first_line = reader.line_num + 1
-                if any(isinstance(v, str) and _has_surrogates(v) for v in record.values()):
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: empty file")
+            while True:
+                number = reader.line_num + 1  # the line the next record starts on
+                values = next(reader, None)
+                if values is None:
+                    break
+                if not values:  # a blank line
+                    continue
+                where = f"{path}:{number}"
+                if any(_has_surrogates(v) for v in values):
                     rows.append(RawRow(where, number, None, "not UTF-8 text"))
-                elif None in record or None in record.values():
-                    rows.append(RawRow(where, number, None, f"{len(reader.fieldnames)} columns expected"))
+                elif len(values) != len(header):
+                    rows.append(RawRow(where, number, None, f"{len(values)} columns, {len(header)} expected"))
                 else:
-                    rows.append(RawRow(where, number, record))
+                    rows.append(RawRow(where, number, dict(zip(header, values))))
         except csv.Error as e:
             raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
-    if reader.fieldnames is None:
-        raise DataError(f"{path}: empty file")
     return rows
 
 
@@ -227,13 +232,14 @@ def _slice(rows: list, split: str, base: str, where: str) -> list:
 
 
 def _check_columns(rows: list, cfg: DataConfig, where: str) -> None:
-    first = next((r for r in rows if isinstance(r, dict)), None)
-    if first is None:
+    """A field no row has is a wrong name (an error); one that some rows lack is bad rows (skipped)."""
+    objects = [r for r in rows if isinstance(r, dict)]
+    if not objects:
         return
     for key in ("article_field", "summary_field"):
         column = getattr(cfg, key)
-        if column not in first:
-            raise ConfigError(f"{where}: data.{key}='{column}' is not a column; columns are {sorted(first)}")
+        if not any(column in r for r in objects):
+            raise ConfigError(f"{where}: data.{key}='{column}' is not a column; columns are {sorted(objects[0])}")
 
 
 # ----------------------------------------------------------------------------- tokenization

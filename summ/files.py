@@ -50,15 +50,31 @@ def atomic_folder(final: str | Path, *, shared_cache: bool = False) -> Iterator[
             return
         if final.exists():
             shutil.rmtree(final)
-        os.rename(tmp, final)
-    except OSError as e:
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (shared_cache and final.exists()):  # another process renamed the same build first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, WriteError):
+        if isinstance(e, WriteError) or not is_write_failure(e):
             raise
-        raise WriteError(f"could not write {final}: {e.strerror or e}; it was left as it was") from e
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise WriteError(f"could not write {final}: {reason}; nothing was written there") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def is_write_failure(e: Exception) -> bool:
+    """An OSError, or what torch.save and safetensors raise when the disk fills under them."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    return type(e).__name__ == "SafetensorError" or (
+        isinstance(e, RuntimeError) and any(k in text for k in ("inline_container", "file write failed",
+                                                                 "unexpected pos", "PytorchStreamWriter")))
 
 
 def write_atomic(path: str | Path, text: str) -> None:

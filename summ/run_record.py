@@ -78,7 +78,8 @@ def check_resume(cfg: RunConfig, checkpoint: Path | None, world_size: int, data_
     if record["world_size"] != world_size:
         refused.append(f"processes: {record['world_size']} -> {world_size} (each reads its own share of the batches)")
     if record["data_fingerprint"] != data_fingerprint:
-        refused.append(f"training data (rows:hash): {record['data_fingerprint']} -> {data_fingerprint}")
+        refused.append(f"tokenized training rows (data, template, tokenizer or max_length; rows:hash): "
+                       f"{record['data_fingerprint']} -> {data_fingerprint}")
     if refused and not accept_changes:
         raise ResumeMismatch(f"{checkpoint}: cannot resume exactly, changed since the checkpoint: "
                              f"{'; '.join(refused)}. Restore them, or pass --resume-changed to continue with the "
@@ -93,21 +94,27 @@ def check_resume(cfg: RunConfig, checkpoint: Path | None, world_size: int, data_
             "world_size": [record["world_size"], world_size]}
 
 
-def write_run_record(cfg: RunConfig, run_dir: Path, accelerator, resume_from: Path | None, changes: dict,
-                     tokenizer) -> None:
-    """A fresh run writes config, prompt and environment; a resume appends to resumes.jsonl instead,
-    so config.json keeps saying what the run started with."""
+def write_run_record(cfg: RunConfig, run_dir: Path, accelerator, tokenizer, resuming: bool) -> None:
+    """config.json, prompt.json and environment.json of a fresh run, or of a resume into a folder that
+    lacks them (a resume from another run's checkpoint); a resume never rewrites them, so config.json
+    keeps saying what the run started with (changes go to resumes.jsonl, see `record_resume`)."""
     if not accelerator.is_main_process:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    if resume_from is None:
-        cfg.save(run_dir / "config.json")
-        write_json(run_dir / "prompt.json", prompt_record(cfg, tokenizer))
-        write_json(run_dir / "environment.json", environment())
+    if resuming and (run_dir / "config.json").is_file():
         return
-    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(resume_from), **changes,
+    cfg.save(run_dir / "config.json")
+    write_json(run_dir / "prompt.json", prompt_record(cfg, tokenizer))
+    write_json(run_dir / "environment.json", environment())
+
+
+def record_resume(cfg: RunConfig, run_dir: Path, accelerator, checkpoint: Path, step: int, changes: dict) -> None:
+    """One line of resumes.jsonl, written once the checkpoint has loaded."""
+    if not accelerator.is_main_process:
+        return
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(checkpoint), "step": step, **changes,
             "config": cfg.to_dict() if changes.get("forced") else None, "environment": environment()}
-    with open(run_dir / "resumes.jsonl", "a", encoding="utf-8") as f:
+    with open(Path(run_dir) / "resumes.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
@@ -158,12 +165,18 @@ class RunLog:
     def __init__(self, accelerator, cfg: RunConfig, run_dir: Path, resumed_at: int | None):
         self.accelerator = accelerator
         self.file = Path(run_dir) / "log.jsonl"
-        if accelerator.is_main_process and resumed_at is not None and self.file.is_file():
-            write_atomic(self.file, "".join(line + "\n" for line in self.file.read_text().splitlines()
-                                            if _step_of(line) is not None and _step_of(line) <= resumed_at))
+        if accelerator.is_main_process and self.file.is_file():
+            if resumed_at is None:
+                # A fresh run in a folder an earlier attempt left without a checkpoint: its log is
+                # kept beside, not mixed into this one.
+                self.file.rename(self.file.with_name(f"log.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
+            else:
+                write_atomic(self.file, "".join(line + "\n" for line in self.file.read_text().splitlines()
+                                                if _step_of(line) is not None and _step_of(line) <= resumed_at))
         if cfg.log.tensorboard:
-            # purge_step hides events at and after it, the ones the resumed run writes again.
-            init_kwargs = {} if resumed_at is None else {"tensorboard": {"purge_step": resumed_at + 1}}
+            # purge_step hides earlier events at and after it: those the resumed run writes again, or
+            # all of an earlier attempt's for a fresh run.
+            init_kwargs = {"tensorboard": {"purge_step": 0 if resumed_at is None else resumed_at + 1}}
             accelerator.init_trackers("tensorboard", config=_hparams(cfg), init_kwargs=init_kwargs)
 
     def write(self, step: int, values: dict) -> None:

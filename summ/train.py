@@ -25,7 +25,8 @@ from summ.data import Encoder, Example, RowStats, collate, encode_rows, load_row
 from summ.loss import count_label_tokens, evaluate_loss, forward_summed_loss
 from summ.model import build_model, count_parameters, load_tokenizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
-from summ.run_record import RunLog, check_resume, save_adapter, write_metrics, write_run_record
+from summ.run_record import (RunLog, check_resume, record_resume, save_adapter, write_metrics,
+                              write_run_record)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
     # Inputs first, before any folder is made or model loaded: bad input fails in seconds.
     data = setup_data(cfg, accelerator)
     changes = check_resume(cfg, resume_from, accelerator.num_processes, data.fingerprint, accept_changes)
-    write_run_record(cfg, run_dir, accelerator, resume_from, changes, data.tokenizer)
+    write_run_record(cfg, run_dir, accelerator, data.tokenizer, resuming=resume_from is not None)
 
     model, optimizer, scheduler = setup_model(cfg, accelerator, data.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -97,6 +98,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
         state = TrainState.from_dict(load_checkpoint(accelerator, resume_from, model, optimizer, scheduler))
         if changes.get("forced"):
             use_new_optimizer_settings(optimizer, scheduler, t)
+        record_resume(cfg, run_dir, accelerator, resume_from, state.step, changes)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     run_log = RunLog(accelerator, cfg, run_dir, resumed_at=state.step if resume_from is not None else None)
     resume_record = {"config": cfg.to_dict(), "world_size": accelerator.num_processes,
@@ -346,7 +348,7 @@ def use_new_optimizer_settings(optimizer, scheduler, t: TrainConfig) -> None:
     carry the old learning rate, betas, eps and weight decay; put the config's values in their place."""
     for group in optimizer.param_groups:
         group.update(initial_lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                     weight_decay=t.weight_decay if group["decayed"] else 0.0)
+                     weight_decay=t.weight_decay if group.get("decayed", group["weight_decay"] > 0) else 0.0)
     scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
     for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group["lr"] = t.lr * lr_lambda(scheduler.last_epoch)

@@ -257,3 +257,25 @@ def test_plan_without_shuffle_keeps_file_order():
     plan = plan_batches(lengths, micro_batch_size=3, micro_batch_tokens=None, seed=3, epoch=0,
                         length_grouping=False, shuffle=False)
     assert plan == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+
+def test_parquet_csv_line_numbers_and_a_field_only_some_rows_lack(tmp_path):
+    import pandas as pd
+
+    rows = [{"id": str(i), "document": f"article {i}", "summary": f"summary {i}"} for i in range(20)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "train.parquet")
+    cfg = DataConfig(dataset=str(tmp_path), article_field="document", summary_field="summary")
+    loaded, _ = load_rows(cfg, "train")
+    assert [r["id"] for r in loaded] == [str(i) for i in range(20)]
+
+    # Blank lines before a bad row: its number is the line it is on.
+    (tmp_path / "validation.csv").write_text("id,document,summary\n\n\n1,text,\n" + "".join(
+        f"{i},article {i},summary {i}\n" for i in range(2, 22)))
+    loaded, stats = load_rows(cfg, "validation")
+    assert len(loaded) == 20 and stats.examples == [f"{tmp_path / 'validation.csv'}:4: empty summary field 'summary'"]
+
+    # The first row lacking the summary field is a bad row, not a wrong field name.
+    lines = [json.dumps({"id": "0", "document": "text"})] + [json.dumps(r) for r in rows]
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    loaded, stats = load_rows(cfg, "test")
+    assert len(loaded) == 20 and stats.examples == [f"{tmp_path / 'test.jsonl'}:1: missing summary field 'summary'"]

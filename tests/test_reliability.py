@@ -183,7 +183,7 @@ def test_resume_with_other_training_data_is_refused(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     rows = (FIXTURES / "xsum_tiny" / "train.jsonl").read_text().splitlines()
     data = data_folder(tmp_path, ("\n".join(rows[1:] + rows[:1]) + "\n").encode())  # same rows, other order
-    with pytest.raises(ResumeMismatch, match=r"training data \(rows:hash\): 12:\w+ -> 12:\w+"):
+    with pytest.raises(ResumeMismatch, match=r"tokenized training rows \(data, template, tokenizer or max_length; rows:hash\): 12:\w+ -> 12:\w+"):
         resume_from_step_1(run_dir, data={"dataset": str(data)})
 
 
@@ -295,21 +295,27 @@ def test_fp16_overflow_steps_are_skipped_counted_and_the_scaler_updated(tmp_path
     assert len(weights) == 16 and all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure, reason", [
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    # What torch.save raises when the disk fills under its zip writer.
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+     "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+])
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure, reason):
     import summ.checkpoint as ck
 
     real_save = torch.save
 
     def save(obj, file, *args, **kwargs):
         if ".tmp-step-0000002" in str(file) and str(file).endswith("optimizer.pt"):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise failure
         return real_save(obj, file, *args, **kwargs)
 
     monkeypatch.setattr(ck.torch, "save", save)
     cfg = tiny_config(tmp_path / "run", train={"save_every": 1}, eval={"at_end": False})
     with pytest.raises(CheckpointError, match=re.escape(
-            f"checkpoint at step 2 not written: could not write {tmp_path}/run/checkpoints/step-0000002: No space "
-            f"left on device; it was left as it was. The last complete checkpoint, {tmp_path}/run/checkpoints/"
+            f"checkpoint at step 2 not written: could not write {tmp_path}/run/checkpoints/step-0000002: {reason}; "
+            f"nothing was written there. The last complete checkpoint, {tmp_path}/run/checkpoints/"
             f"step-0000001, is intact")):
         train(cfg)
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000001"]
@@ -345,3 +351,34 @@ def test_a_checkpoint_holding_code_is_refused_without_unsafe_advice(finished_run
     assert message.startswith(f"{evil}: refused to load: it holds Python objects other than tensors")
     assert "(unsupported GLOBAL posix.system)" in message
     assert "weights_only=False" not in message and "\n" not in message
+
+
+def test_resume_into_a_new_folder_gives_it_a_complete_record(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    elsewhere = tmp_path / "continued"
+    cfg = tiny_config(elsewhere, train={"save_every": 1, "keep_last": 5}, eval={"at_end": False},
+                      log={"tensorboard": True})
+    train(cfg, resume=run_dir / "checkpoints" / "step-0000002")
+    assert sorted(p.name for p in elsewhere.iterdir() if p.suffix in (".json", ".jsonl")) == [
+        "config.json", "environment.json", "log.jsonl", "metrics.json", "prompt.json", "resumes.jsonl"]
+    assert json.loads((elsewhere / "config.json").read_text())["log"]["output_dir"] == str(elsewhere)
+    assert json.loads((elsewhere / "resumes.jsonl").read_text())["step"] == 2
+
+
+def test_a_fresh_run_keeps_an_earlier_attempts_log_beside_its_own(tmp_path, monkeypatch):
+    import summ.train as tr
+
+    def crash(*args, **kwargs):
+        raise TrainingError("stopped before the first checkpoint")
+
+    cfg = tiny_config(tmp_path / "run", eval={"at_end": False})
+    real = tr.save_checkpoint
+    monkeypatch.setattr(tr, "save_checkpoint", crash)
+    with pytest.raises(TrainingError, match="stopped before the first checkpoint"):
+        train(cfg)
+    monkeypatch.setattr(tr, "save_checkpoint", real)
+    train(cfg)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    (earlier,) = (tmp_path / "run").glob("log.before-*.jsonl")
+    assert [json.loads(x)["step"] for x in earlier.read_text().splitlines()] == [1, 2, 3]
