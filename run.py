@@ -103,12 +103,10 @@ def check_inference_args(args, config, source: Path) -> None:
             require_adapter(run_dir / "adapter", "train first, or pass --zero-shot to score the base model")
         return
 
-    from summ.predict import MISSING_ADAPTER_HINT, check_merge_target
+    from summ.predict import MISSING_ADAPTER_HINT
 
     require_adapter(Path(args.run) / "adapter", MISSING_ADAPTER_HINT)
-    if args.merge:
-        check_merge_target(args.merge, args.run, force=args.force)
-    else:
+    if not args.merge:  # merge_adapter checks its target itself, before loading anything
         for flag, value in (("--force", args.force), ("--dtype", args.dtype)):
             if value:
                 raise ConfigError(f"{flag}: only applies with --merge OUT")

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from summ.files import not_utf8
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, mistyped or out of range."""
@@ -216,7 +218,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{source}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+        raise ConfigError(f"{source}: {not_utf8(e)}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{source}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):

@@ -171,7 +171,7 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
         "rouge": aggregate(scores, n_resamples=ev.bootstrap_resamples, seed=cfg.train.seed),
         "stop_reasons": stop_counts,
         "stopped_by_itself_share": 1 - stop_counts["max_new_tokens"] / max(len(generations), 1),
-        "generation": {"adapter_merged": bool(adapter_dir) and ev.merge_adapter and not cfg.quant.enabled,
+        "generation": {"adapter_merged": adapter_dir is not None and not hasattr(model, "peft_config"),
                        "max_new_tokens": ev.max_new_tokens, "num_beams": ev.num_beams, "do_sample": ev.do_sample,
                        "no_repeat_ngram_size": ev.no_repeat_ngram_size, "repetition_penalty": ev.repetition_penalty,
                        "stop_strings": list(ev.stop_strings), **speed},

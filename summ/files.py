@@ -114,6 +114,10 @@ def text_lines(path: Path) -> Iterator[tuple[int, str | None]]:
                 yield line_no, None
 
 
+def not_utf8(e: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+
+
 def _fsync_tree(folder: Path) -> None:
     for file in folder.rglob("*"):
         if file.is_file():

@@ -10,9 +10,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 _MODE_OF_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
 
 
-def auto_dtype(device: torch.device | None = None) -> torch.dtype:
-    on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-    if on_cuda:
+def auto_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
@@ -38,4 +37,4 @@ def mixed_precision_mode(name: str) -> str:
         return name
     if not torch.cuda.is_available():
         return "bf16" if cpu_has_fast_bf16() else "no"
-    return _MODE_OF_DTYPE[auto_dtype()]
+    return _MODE_OF_DTYPE[auto_dtype(torch.device("cuda"))]

@@ -11,7 +11,7 @@ import torch
 from summ.config import RunConfig
 from summ.data import DataError, Encoder, read_jsonl
 from summ.evaluate import Generation, generate_summaries
-from summ.files import atomic_folder
+from summ.files import atomic_folder, not_utf8
 from summ.model import load_for_inference, load_tokenizer
 from summ.precision import DTYPES, resolve_compute_dtype
 from summ.sources import pretrained_folder
@@ -45,7 +45,7 @@ def read_articles(*, text_file: str | None = None, jsonl: str | None = None, fie
         try:
             text, where = path.read_text(encoding="utf-8-sig"), str(path)
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+            raise DataError(f"{path}: {not_utf8(e)}") from None
     if not text.strip():
         raise DataError(f"{where}: empty article")
     return [{"id": where, "article": text.strip()}]

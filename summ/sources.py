@@ -53,7 +53,8 @@ def pretrained_folder(cfg: ModelConfig) -> str:
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
     if not (target / "config.json").is_file():
-        _atomic_build(target, lambda tmp: _rebuild_gguf(folder, cfg.gguf_file, tmp))
+        with atomic_folder(target, shared_cache=True) as tmp:
+            _rebuild_gguf(folder, cfg.gguf_file, tmp)
     return str(target)
 
 
@@ -86,7 +87,8 @@ def random_folder(cfg: ModelConfig, dtype: torch.dtype, seed: int) -> str:
     key = hashlib.sha256(json.dumps([config.to_dict(), str(dtype), seed], sort_keys=True, default=str).encode())
     target = cache_root() / "random" / f"{config.model_type}-{key.hexdigest()[:12]}"
     if not (target / "config.json").is_file():
-        _atomic_build(target, lambda tmp: _build_random(config, dtype, seed, tmp))
+        with atomic_folder(target, shared_cache=True) as tmp:
+            _build_random(config, dtype, seed, tmp)
     return str(target)
 
 
@@ -104,7 +106,3 @@ def _build_random(config, dtype: torch.dtype, seed: int, out: Path) -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
 
-
-def _atomic_build(target: Path, build) -> None:
-    with atomic_folder(target, shared_cache=True) as tmp:
-        build(tmp)

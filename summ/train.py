@@ -405,8 +405,6 @@ def final_metrics(state: TrainState, data: TrainData, params: tuple[int, int]) -
         "eval_history": state.eval_history, "skipped_steps": state.skipped_steps,
         "overflow_steps": state.overflow_steps, "tokens_seen": state.tokens_seen,
         "trainable_params": params[0], "total_params": params[1],
-        "train_rows": data.stats["train"].kept, "train_rows_skipped": data.stats["train"].skipped,
-        "eval_rows": data.stats["eval"].kept, "eval_rows_skipped": data.stats["eval"].skipped,
         "data": {name: stats.summary() for name, stats in data.stats.items()},
         # Peak GPU memory while training (evaluation peaks are in eval_history).
         **state.peak_memory,
