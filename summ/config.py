@@ -142,16 +142,29 @@ class EvalConfig:
     generate: bool = True
     # Rows to summarize (None: all of data.eval_split after data.max_eval_rows).
     generate_rows: Optional[int] = None
-    generate_batch_size: int = 16
-    # "static" preallocates each batch's KV cache (prompt + max_new_tokens) instead of growing it
-    # by concatenation every step, which fragments GPU memory at large batches.
+    # "fast": summ.generate's batched greedy decoder (the decode step captured once as a CUDA graph
+    # on a GPU; the same greedy text as "hf"). Beam search, sampling, no_repeat_ngram_size and
+    # repetition_penalty always run on transformers' `generate`. "hf": `generate` for everything.
+    engine: str = "fast"
+    # How the fast engine turns its decode step into one CUDA graph replay (CUDA only; a CPU runs it
+    # eagerly): "inductor" (torch.compile mode="reduce-overhead": fused kernels; the first batch
+    # pays about a minute of compilation, which torch caches on disk for later runs), "cudagraphs"
+    # (torch.compile's CUDA-graph backend: no fusion, copies the KV cache into its graph's memory)
+    # or "none".
+    compile: str = "inductor"
+    # Articles per generation batch; null: as many as fit eval.generate_memory_gib (at most 64).
+    generate_batch_size: Optional[int] = None
+    # The memory generation batches may take for their KV cache and activations; null: half of what
+    # is free on the GPU once the model is loaded (16 rows on a CPU).
+    generate_memory_gib: Optional[float] = None
+    # For engine "hf": "static" preallocates each batch's KV cache (prompt + max_new_tokens) instead
+    # of growing it by concatenation every step.
     cache_implementation: str = "dynamic"
     # Fold LoRA into (a freshly loaded copy of) the weights before evaluating and predicting, when
     # the base is not 4-bit: one matmul per layer instead of three. Exact in fp32; in bf16 the merged
-    # weights are rounded: on one GPU it generated 1.3-1.7x faster but only 296 of 500 greedy SmolLM2
-    # summaries matched the unmerged ones (two unmerged runs matched on 446), ROUGE-1 within noise
-    # (benchmarks/generation_levers.sh), so it is off by default. A 4-bit base always keeps the
-    # adapter separate (merging would round the update into 4-bit weights).
+    # weights are rounded, which changes some greedy summaries (benchmarks/bench_generate.py counts
+    # them), so it is off by default. A 4-bit base always keeps the adapter separate (merging would
+    # round the update into 4-bit weights).
     merge_adapter: bool = False
     max_new_tokens: int = 64
     num_beams: int = 1
@@ -206,6 +219,8 @@ CHOICES = {
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "eval.cache_implementation": ("dynamic", "static"),
+    "eval.engine": ("fast", "hf"),
+    "eval.compile": ("inductor", "cudagraphs", "none"),
 }
 
 
@@ -374,7 +389,7 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
         "train.save_every": t.save_every, "train.keep_last": t.keep_last,
         "train.max_consecutive_bad_steps": t.max_consecutive_bad_steps,
         "eval.batch_size": e.batch_size, "log.log_every": log.log_every, "data.max_length": d.max_length,
-        "eval.generate_batch_size": e.generate_batch_size, "eval.max_new_tokens": e.max_new_tokens,
+        "eval.max_new_tokens": e.max_new_tokens,
         "eval.num_beams": e.num_beams, "eval.temperature": e.temperature, "eval.top_p": e.top_p,
         "eval.repetition_penalty": e.repetition_penalty,
     }
@@ -382,7 +397,7 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
         if value <= 0:
             fail(key, "> 0")
     for key in ("train.max_steps", "train.micro_batch_tokens", "data.max_train_rows", "data.max_eval_rows",
-                "eval.generate_rows"):
+                "eval.generate_rows", "eval.generate_batch_size", "eval.generate_memory_gib"):
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if value is not None and value <= 0:

@@ -18,6 +18,7 @@ import torch
 from summ.config import EvalConfig, RunConfig
 from summ.data import Encoder, encode_rows, load_rows
 from summ.errors import aggregate_errors, analyze_example
+from summ.generate import GreedyDecoder
 from summ.loss import evaluate_loss
 from summ.model import load_for_inference, load_tokenizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
@@ -37,13 +38,70 @@ class Generation:
     new_tokens: int
 
 
+def uses_fast_engine(ev: EvalConfig) -> bool:
+    """Whether summ.generate's greedy decoder can run `ev`: greedy decoding with no logits processors."""
+    return (ev.engine == "fast" and ev.num_beams == 1 and not ev.do_sample and ev.no_repeat_ngram_size == 0
+            and ev.repetition_penalty == 1.0)
+
+
+def compiled(ev: EvalConfig, device: torch.device) -> str | None:
+    """How the fast engine captures its decode step here (None: eagerly)."""
+    return ev.compile if uses_fast_engine(ev) and ev.compile != "none" and device.type == "cuda" else None
+
+
+def generation_batch_size(ev: EvalConfig, model, prompts: list[list[int]], device: torch.device) -> int:
+    """eval.generate_batch_size, or the most rows (a power of two, at most 64) whose KV cache and
+    prefill activations fit eval.generate_memory_gib (default: half the free GPU memory)."""
+    if ev.generate_batch_size is not None:
+        return ev.generate_batch_size
+    if device.type != "cuda":
+        return 16
+    budget = ev.generate_memory_gib * 2**30 if ev.generate_memory_gib else torch.cuda.mem_get_info(device)[0] / 2
+    config = model.config.get_text_config(decoder=True)
+    width = max((len(p) for p in prompts), default=1)
+    length = width + ev.max_new_tokens
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
+    kv_cache = 2 * config.num_hidden_layers * heads * head_dim * length * element
+    # The widest prefill activations (the MLP's hidden layer, a few copies) and fp32 logits.
+    intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    prefill = 4 * width * intermediate * element + 4 * config.vocab_size
+    rows = 64
+    while rows > 1 and rows * (kv_cache + prefill) > budget:
+        rows //= 2
+    return rows
+
+
 @torch.no_grad()
 def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], ev: EvalConfig,
                        device: torch.device, min_new_tokens: int = 0) -> tuple[list[Generation], dict]:
-    """Summaries for `articles`, batched with left padding and the KV cache; returns them in input
-    order with throughput figures. `min_new_tokens` forces length (benchmarks)."""
+    """Summaries for `articles` in input order, with throughput figures. Greedy decoding runs on
+    summ.generate's decoder (eval.engine "fast"), everything else on transformers' `generate`;
+    both give the same text. `min_new_tokens` forces length (benchmarks)."""
     prompts = [encoder.encode_prompt(a, ev.max_new_tokens) for a in articles]
-    # Longest prompts first: similar lengths share a batch and pad little.
+    batch_size = generation_batch_size(ev, model, prompts, device)
+    model.eval()
+    started = time.perf_counter()
+    if uses_fast_engine(ev):
+        decoder = GreedyDecoder(model, tokenizer, ev.stop_strings, device, compile=compiled(ev, device))
+        new_ids = decoder.generate(prompts, ev.max_new_tokens, batch_size, min_new_tokens=min_new_tokens)
+    else:
+        new_ids = _generate_with_transformers(model, tokenizer, prompts, ev, device, batch_size, min_new_tokens)
+    results = [finish_generation(ids, tokenizer, ev.stop_strings) for ids in new_ids]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    new_tokens = sum(g.new_tokens for g in results)
+    speed = {"engine": "fast" if uses_fast_engine(ev) else "hf", "batch_size": batch_size, "seconds": seconds,
+             "generated_tokens": new_tokens, "generated_tokens_per_s": new_tokens / seconds,
+             "articles_per_s": len(results) / seconds}
+    return results, speed
+
+
+def _generate_with_transformers(model, tokenizer, prompts: list[list[int]], ev: EvalConfig, device: torch.device,
+                                batch_size: int, min_new_tokens: int) -> list[list[int]]:
+    """New ids per prompt from `model.generate`, longest prompts first in left-padded batches."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     pad = tokenizer.pad_token_id
     kwargs = dict(max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, do_sample=ev.do_sample,
@@ -57,11 +115,9 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
         kwargs.update(temperature=None, top_p=None, top_k=None)  # silence sampling defaults of generation_config
     if ev.stop_strings:
         kwargs.update(stop_strings=list(ev.stop_strings), tokenizer=tokenizer)
-    results: list[Generation | None] = [None] * len(prompts)
-    model.eval()
-    started = time.perf_counter()
-    for s in range(0, len(order), ev.generate_batch_size):
-        rows = order[s:s + ev.generate_batch_size]
+    new_ids: list[list[int] | None] = [None] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
         width = max(len(prompts[i]) for i in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -70,14 +126,8 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
             attention_mask[r, width - len(prompts[i]):] = 1
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
         for r, i in enumerate(rows):
-            results[i] = finish_generation(out[r, width:].tolist(), tokenizer, ev.stop_strings)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    new_tokens = sum(g.new_tokens for g in results)
-    speed = {"seconds": seconds, "generated_tokens": new_tokens, "generated_tokens_per_s": new_tokens / seconds,
-             "articles_per_s": len(results) / seconds}
-    return results, speed
+            new_ids[i] = out[r, width:].tolist()
+    return new_ids
 
 
 def finish_generation(tokens: list[int], tokenizer, stop_strings) -> Generation:
@@ -172,6 +222,7 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
         "stop_reasons": stop_counts,
         "stopped_by_itself_share": 1 - stop_counts["max_new_tokens"] / max(len(generations), 1),
         "generation": {"adapter_merged": adapter_dir is not None and not hasattr(model, "peft_config"),
+                       "compile": compiled(ev, accelerator.device),
                        "max_new_tokens": ev.max_new_tokens, "num_beams": ev.num_beams, "do_sample": ev.do_sample,
                        "no_repeat_ngram_size": ev.no_repeat_ngram_size, "repetition_penalty": ev.repetition_penalty,
                        "stop_strings": list(ev.stop_strings), **speed},

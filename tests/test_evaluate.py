@@ -54,7 +54,8 @@ def greedy(model, tok, encoder, articles, **ev):
 
 
 def with_ids(model, tok, encoder, articles, **ev) -> tuple[list[Generation], list[list[int]]]:
-    """generate_summaries in one batch, and the new ids model.generate returned (padding included)."""
+    """generate_summaries in one batch, and the new ids model.generate returned (padding included);
+    engine "hf" unless `ev` names one (the fast engine records no ids)."""
     outputs = []
     generate = model.generate
 
@@ -64,8 +65,9 @@ def with_ids(model, tok, encoder, articles, **ev) -> tuple[list[Generation], lis
         return out
 
     model.generate = recording
+    outputs.append(None)
     try:
-        cfg = EvalConfig(generate_batch_size=len(articles), bootstrap_resamples=10, **ev)
+        cfg = EvalConfig(generate_batch_size=len(articles), bootstrap_resamples=10, **{"engine": "hf", **ev})
         generations = generate_summaries(model, tok, encoder, articles, cfg, torch.device("cpu"))[0]
     finally:
         model.generate = generate
@@ -98,11 +100,16 @@ def three_articles():
     return [a[s] for a, s in zip(ARTICLES, SHAPES)]
 
 
-def test_left_padded_batches_match_one_by_one_and_stop(base):
+@pytest.mark.parametrize("engine", ["hf", "fast"])
+def test_left_padded_batches_match_one_by_one_and_stop(base, engine):
+    """Both engines against the ids of transformers' `generate`: the fast engine gives the same text,
+    stop reasons and token counts."""
     cfg, tok, encoder, model = base
     articles = three_articles()
     free, ids = with_ids(model, tok, encoder, articles, max_new_tokens=8, stop_strings=())
-    alone = [greedy(model, tok, encoder, [a], max_new_tokens=8, stop_strings=())[0] for a in articles]
+    assert free == greedy(model, tok, encoder, articles, max_new_tokens=8, stop_strings=(), engine=engine)
+    alone = [greedy(model, tok, encoder, [a], max_new_tokens=8, stop_strings=(), engine=engine)[0]
+             for a in articles]
     assert free == alone
     assert [(g.stop_reason, g.new_tokens) for g in free] == [("max_new_tokens", 8)] * 3
     assert [g.text for g in free] == [tok.decode(row).strip() for row in ids]
@@ -110,18 +117,19 @@ def test_left_padded_batches_match_one_by_one_and_stop(base):
     # The first row's third token becomes a stop string that the other rows never produce.
     stop_text = tok.decode(ids[0][2:3]).strip()
     assert stop_text and stop_text not in tok.decode(ids[0][:2]) and all(stop_text not in g.text for g in free[1:])
-    stopped = greedy(model, tok, encoder, articles, max_new_tokens=8, stop_strings=(stop_text,))
+    stopped = greedy(model, tok, encoder, articles, max_new_tokens=8, stop_strings=(stop_text,), engine=engine)
     assert stopped == [Generation(tok.decode(ids[0][:2]).strip(), "stop_string", 3), free[1], free[2]]
 
     # The first row's fourth token becomes EOS (Phi-2's EOS stays the pad): that row ends there, the
     # others run on unchanged.
     assert all(ids[0][3] not in row for row in ids[1:])
     eos_tok, eos_encoder = retokened(cfg, tok, eos=tok.convert_ids_to_tokens(ids[0][3]))
-    ended = greedy(model, eos_tok, eos_encoder, articles, max_new_tokens=8, stop_strings=())
+    ended = greedy(model, eos_tok, eos_encoder, articles, max_new_tokens=8, stop_strings=(), engine=engine)
     assert ended == [Generation(tok.decode(ids[0][:3]).strip(), "eos", 4), free[1], free[2]]
 
 
-def test_new_tokens_count_only_what_each_row_generated(base):
+@pytest.mark.parametrize("engine", ["hf", "fast"])
+def test_new_tokens_count_only_what_each_row_generated(base, engine):
     """A row that ends early is padded up to the batch's length; the padding is not generated tokens,
     whether the pad id is a token of its own or the EOS (as for Phi-2). The other two cases (a stop
     string padded with the EOS id, an EOS padded with another id) are in the test above."""
@@ -132,7 +140,8 @@ def test_new_tokens_count_only_what_each_row_generated(base):
     for t, stop_strings, expected in ((retokened(cfg, tok, pad="!"), (stop_text,), 3),
                                       (retokened(cfg, tok, eos=eos_token, pad=eos_token), (), 4)):
         assert t[0].pad_token_id == (t[0].convert_tokens_to_ids("!") if stop_strings else t[0].eos_token_id)
-        ev = EvalConfig(generate_batch_size=3, max_new_tokens=8, stop_strings=stop_strings, bootstrap_resamples=10)
+        ev = EvalConfig(generate_batch_size=3, max_new_tokens=8, stop_strings=stop_strings, bootstrap_resamples=10,
+                        engine=engine)
         generations, speed = generate_summaries(model, *t, articles, ev, torch.device("cpu"))
         assert [g.new_tokens for g in generations] == [expected, 8, 8]
         assert generations[1:] == free[1:]

@@ -1,0 +1,109 @@
+"""The fast greedy decoder against transformers' `generate`: the same new ids, row for row, on
+tiny random models of the real architectures with a LoRA adapter that changes the output, on a
+dynamic cache and on the static cache with fixed batch shapes that the CUDA-graph path uses."""
+
+import json
+
+import pytest
+import torch
+
+from summ.data import Encoder
+from summ.evaluate import finish_generation
+from summ.generate import CHECK_EVERY, GreedyDecoder, stop_candidates
+from summ.model import load_base_model, load_tokenizer, peft_lora_config
+from tests.conftest import FIXTURES, tiny_config
+
+CPU = torch.device("cpu")
+NEW = 12
+
+
+@pytest.fixture(scope="module", params=[("phi", False), ("llama", True)], ids=["phi", "llama-4bit"])
+def lora_model(request, tmp_path_factory):
+    """A tiny random model (Phi-2 in fp32; TinyLlama in 4-bit) with a LoRA adapter whose update is
+    not zero, its tokenizer and five prompts of different lengths."""
+    from peft import get_peft_model
+
+    arch, quant = request.param
+    cfg = tiny_config(tmp_path_factory.mktemp(arch), arch=arch, quant=quant)
+    tok = load_tokenizer(cfg)
+    model = load_base_model(cfg, CPU, torch.float32)
+    model = get_peft_model(model, peft_lora_config(cfg, model.config.model_type))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    model.eval()
+    data = FIXTURES / ("xsum_tiny" if arch == "phi" else "cnn_tiny")
+    rows = [json.loads(line) for line in open(data / "validation.jsonl")]
+    articles = [r[cfg.data.article_field] for r in rows]
+    encoder = Encoder(tok, cfg.data)
+    prompts = [encoder.encode_prompt(articles[i % len(articles)][:n], NEW)
+               for i, n in enumerate((4000, 90, 200, 300, 40))]
+    assert len({len(p) for p in prompts}) == 5
+    return model, tok, prompts
+
+
+def reference_ids(model, tok, prompts, stop_strings=(), min_new_tokens=0, eos=None) -> list[list[int]]:
+    """`model.generate` on each prompt alone (no padding at all): new ids, padded to NEW."""
+    rows = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        kwargs = dict(stop_strings=list(stop_strings), tokenizer=tok) if stop_strings else {}
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                             min_new_tokens=min_new_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id if eos is None else eos, temperature=None, top_p=None,
+                             top_k=None, **kwargs)
+        new = out[0, len(p):].tolist()
+        rows.append(new + [tok.pad_token_id] * (NEW - len(new)))
+    return rows
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic-cache", "static-cache"])
+def test_fast_decoder_gives_generates_ids(lora_model, static):
+    model, tok, prompts = lora_model
+    expected = reference_ids(model, tok, prompts)
+    decoder = GreedyDecoder(model, tok, (), CPU, static=static)
+    # Batches of 2: two left-padded batches and a last one of 1 (filled up to 2 on the static cache).
+    assert decoder.generate(prompts, NEW, batch_size=2) == expected
+
+    # EOS blocked for the first tokens, as generate's min_new_tokens does.
+    eos = expected[0][1]
+    with_eos = reference_ids(model, tok, prompts, eos=eos)
+    assert with_eos[0][:2] == [expected[0][0], eos]
+    tok_eos = tok.eos_token_id
+    try:
+        tok.eos_token = tok.convert_ids_to_tokens(eos)
+        decoder = GreedyDecoder(model, tok, (), CPU, static=static)
+        assert decoder.generate(prompts, NEW, batch_size=2) == with_eos
+        assert decoder.generate(prompts, NEW, batch_size=2, min_new_tokens=4) == \
+            reference_ids(model, tok, prompts, min_new_tokens=4, eos=eos)
+    finally:
+        tok.eos_token = tok.convert_ids_to_tokens(tok_eos)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic-cache", "static-cache"])
+def test_stop_strings_give_generates_text(lora_model, static):
+    """A stop string completed inside a check window: the decoder runs on up to CHECK_EVERY steps
+    more, and the text, stop reason and token count come out as `generate`'s."""
+    model, tok, prompts = lora_model
+    free = reference_ids(model, tok, prompts)
+    # The first new word early in a row that the row has not written before becomes the stop string.
+    row, at = next((r, k) for r in range(len(free)) for k in range(1, CHECK_EVERY - 1)
+                   if (text := tok.decode(free[r][k:k + 1]).strip()) and text not in tok.decode(free[r][:k]))
+    stop = tok.decode(free[row][at:at + 1]).strip()
+    expected_ids = reference_ids(model, tok, prompts, stop_strings=(stop,))
+    assert expected_ids[row][at + 1:] == [tok.pad_token_id] * (NEW - at - 1)  # generate stopped the row at once
+    ids = GreedyDecoder(model, tok, (stop,), CPU, static=static).generate(prompts, NEW, batch_size=2)
+    assert NEW > CHECK_EVERY and ids[row][at + 1] != tok.pad_token_id  # ours stopped it at the next check
+    assert [finish_generation(row, tok, (stop,)) for row in ids] == \
+        [finish_generation(row, tok, (stop,)) for row in expected_ids]
+
+
+def test_stop_candidates_are_the_tokens_that_can_complete_a_stop_string():
+    tok = load_tokenizer(tiny_config("unused"))
+    table = stop_candidates(tok, ("\n\n", "###"), 50_304)
+    assert table.shape == (50_304,) and table[len(tok):].all()  # ids past the vocabulary: checked by text
+    newline, hashes, word = (tok.convert_tokens_to_ids(t) for t in ("Ċ", "###", "Ġcouncil"))
+    assert table[newline] and table[hashes] and not table[word]
+    assert table[:len(tok)].sum() < len(tok) // 50
+    assert stop_candidates(tok, ("\n\n", "###"), 50_304) is table  # built once per tokenizer
