@@ -67,7 +67,8 @@ def variant_config(args, model: str, dataset: str, variant: str):
     data = args.data_xsum if dataset == "xsum" else args.data_cnn
     sets = list(MODELS[model]) + [
         f"data.dataset={data}", "data.train_split=train", "data.eval_split=validation",
-        f"data.max_eval_rows={rows}", f"eval.generate_batch_size={args.batch_size}"] + VARIANTS[variant]
+        f"data.max_eval_rows={rows}", f"eval.generate_batch_size={args.batch_size}",
+        "eval.compile_min_articles=1", "eval.merge_adapter=false"] + VARIANTS[variant]
     if dataset == "xsum":  # the XSum jsonl files name the fields as the hub dataset does
         sets += ["data.article_field=document", "data.summary_field=summary", "data.id_field=id"]
     else:
@@ -88,7 +89,7 @@ def run(args, model_name: str, dataset: str, variant: str) -> dict:
     from peft import get_peft_model
 
     from summ.data import Encoder, load_rows
-    from summ.evaluate import compiled, generate_summaries
+    from summ.evaluate import generate_summaries
     from summ.model import load_base_model, load_tokenizer, peft_lora_config
     from summ.precision import resolve_compute_dtype
 
@@ -116,7 +117,7 @@ def run(args, model_name: str, dataset: str, variant: str) -> dict:
     again, warm = generate_summaries(model, tokenizer, encoder, articles, cfg.eval, device) \
         if variant != "plain" or args.plain_twice else (generations, cold)
     return {"model": model_name, "dataset": dataset, "variant": variant, "articles": len(articles),
-            "batch_size": cold["batch_size"], "engine": cold["engine"], "compile": compiled(cfg.eval, device),
+            "batch_size": cold["batch_size"], "engine": cold["engine"], "compile": cold["compile"],
             "dtype": str(dtype).replace("torch.", ""), "four_bit": cfg.quant.enabled,
             "max_new_tokens": cfg.eval.max_new_tokens, "stop_strings": list(cfg.eval.stop_strings),
             "cold": cold, "warm": warm, "second_pass_identical": sum(a == b for a, b in zip(generations, again)),
@@ -151,6 +152,8 @@ def main() -> int:
         return 0
 
     results = {"environment": environment(), "command": " ".join(["python"] + sys.argv), "runs": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for pair in args.pairs:
         model, dataset = pair.split(":")
         for variant in args.variants:
@@ -163,14 +166,12 @@ def main() -> int:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
                 results["runs"].append({"model": model, "dataset": dataset, "variant": variant, "error": tail[0]})
                 print(f"{pair} {variant}: FAILED ({tail[0]})\n{proc.stderr[-3000:]}", file=sys.stderr)
-                continue
-            results["runs"].append(json.loads(lines[-1][len("RESULT "):]))
-    table = markdown_table(results)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_generate.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "bench_generate.md").write_text(table)
-    print(table)
+            else:
+                results["runs"].append(json.loads(lines[-1][len("RESULT "):]))
+            # Written after every variant: a run cut short keeps what it measured.
+            (out / "bench_generate.json").write_text(json.dumps(results, indent=2) + "\n")
+            (out / "bench_generate.md").write_text(markdown_table(results))
+    print(markdown_table(results))
     return 0 if all("error" not in r for r in results["runs"]) else 1
 
 

@@ -20,11 +20,11 @@ X=$DATA/xsum
 C=$DATA/cnn_dailymail
 if [ "${TINY:-0}" = 1 ]; then
   SIZE=(--tiny --rows 12) STEPS=(--steps 2 --warmup 1) BUDGETS_PHI=(128 256) BUDGETS_TL=(128 256)
-  GEN=(--tiny --rows 6 --new-tokens 4 --batch-size 4 --reference-rows 2) CURVES=(--tiny --steps 3 --warmup 1)
+  GEN=(--tiny --pairs smollm2:xsum phi2:xsum --xsum-rows 6 --batch-size 4) CURVES=(--tiny --steps 3 --warmup 1)
   VRAM=(--tiny --rows 12 --tokens 256) LAYER_STEP=1
 else
   SIZE=() STEPS=(--steps 20 --warmup 2) BUDGETS_PHI=(2048 4096 8192 16384) BUDGETS_TL=(4096 8192 16384)
-  GEN=(--rows 500 --reference-rows 10) CURVES=(--steps 20 --warmup 5 --micro-batch 8 --accumulation 1)
+  GEN=(--pairs tinyllama:cnn phi2:xsum) CURVES=(--steps 20 --warmup 5 --micro-batch 8 --accumulation 1)
   VRAM=(--rows 2331) LAYER_STEP=4
 fi
 ROWS_X=(--rows 2331) ROWS_C=(--rows 1219)
@@ -56,7 +56,7 @@ step tune_tinyllama $PY benchmarks/tune_microbatch.py --model tinyllama --data-c
 # shellcheck disable=SC2046
 step bench_tinyllama $PY benchmarks/bench_train.py --models tinyllama --runners reference tuned ours --t4 "${SIZE[@]}" \
   "${ROWS_C[@]}" "${STEPS[@]}" --data-cnn "$C" --variant best $(best tune_tinyllama) --out "$OUT/bench_tinyllama"
-step generate $PY benchmarks/bench_generate.py --data-xsum "$X" "${GEN[@]}" --out "$OUT/generate"
+step generate $PY benchmarks/bench_generate.py --data-xsum "$X" --data-cnn "$C" "${GEN[@]}" --out "$OUT/generate"
 # Same rows, same seed: the HF Trainer recipe against our loop with the tuned recompute setting.
 # shellcheck disable=SC2046
 step curves $PY benchmarks/loss_curves.py --data-xsum "$X" "${CURVES[@]}" --runners hf_trainer ours \

@@ -44,31 +44,38 @@ def uses_fast_engine(ev: EvalConfig) -> bool:
             and ev.repetition_penalty == 1.0)
 
 
-def compiled(ev: EvalConfig, device: torch.device) -> str | None:
-    """How the fast engine captures its decode step here (None: eagerly)."""
-    return ev.compile if uses_fast_engine(ev) and ev.compile != "none" and device.type == "cuda" else None
+def compiled(ev: EvalConfig, device: torch.device, articles: int) -> str | None:
+    """How the fast engine captures its decode step for `articles` here (None: eagerly)."""
+    if not uses_fast_engine(ev) or ev.compile == "none" or device.type != "cuda":
+        return None
+    return ev.compile if articles >= ev.compile_min_articles else None
 
 
 def generation_batch_size(ev: EvalConfig, model, prompts: list[list[int]], device: torch.device) -> int:
-    """eval.generate_batch_size, or the most rows (a power of two, at most 64) whose KV cache and
-    prefill activations fit eval.generate_memory_gib (default: half the free GPU memory)."""
+    """eval.generate_batch_size, or as many rows as fit eval.generate_memory_gib (default: half the
+    free GPU memory; 16 on a CPU)."""
     if ev.generate_batch_size is not None:
         return ev.generate_batch_size
     if device.type != "cuda":
         return 16
     budget = ev.generate_memory_gib * 2**30 if ev.generate_memory_gib else torch.cuda.mem_get_info(device)[0] / 2
-    config = model.config.get_text_config(decoder=True)
     width = max((len(p) for p in prompts), default=1)
-    length = width + ev.max_new_tokens
+    element = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
+    return rows_that_fit(model.config.get_text_config(decoder=True), element, width, ev.max_new_tokens, budget)
+
+
+def rows_that_fit(config, element_bytes: int, width: int, max_new_tokens: int, budget_bytes: float,
+                  most: int = 64) -> int:
+    """The most rows (a power of two, at most `most`) whose KV cache for `width + max_new_tokens`
+    positions, prefill activations and logits fit `budget_bytes`."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    element = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
-    kv_cache = 2 * config.num_hidden_layers * heads * head_dim * length * element
-    # The widest prefill activations (the MLP's hidden layer, a few copies) and fp32 logits.
+    kv_cache = 2 * config.num_hidden_layers * heads * head_dim * (width + max_new_tokens) * element_bytes
+    # The widest prefill activation (the MLP's hidden layer) a few times over, and fp32 logits.
     intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
-    prefill = 4 * width * intermediate * element + 4 * config.vocab_size
-    rows = 64
-    while rows > 1 and rows * (kv_cache + prefill) > budget:
+    per_row = kv_cache + 4 * width * intermediate * element_bytes + 4 * config.vocab_size
+    rows = most
+    while rows > 1 and rows * per_row > budget_bytes:
         rows //= 2
     return rows
 
@@ -84,7 +91,8 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
     model.eval()
     started = time.perf_counter()
     if uses_fast_engine(ev):
-        decoder = GreedyDecoder(model, tokenizer, ev.stop_strings, device, compile=compiled(ev, device))
+        decoder = GreedyDecoder(model, tokenizer, ev.stop_strings, device,
+                                compile=compiled(ev, device, len(articles)))
         new_ids = decoder.generate(prompts, ev.max_new_tokens, batch_size, min_new_tokens=min_new_tokens)
     else:
         new_ids = _generate_with_transformers(model, tokenizer, prompts, ev, device, batch_size, min_new_tokens)
@@ -93,7 +101,8 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     new_tokens = sum(g.new_tokens for g in results)
-    speed = {"engine": "fast" if uses_fast_engine(ev) else "hf", "batch_size": batch_size, "seconds": seconds,
+    speed = {"engine": "fast" if uses_fast_engine(ev) else "hf", "batch_size": batch_size,
+             "compile": compiled(ev, device, len(articles)), "seconds": seconds,
              "generated_tokens": new_tokens, "generated_tokens_per_s": new_tokens / seconds,
              "articles_per_s": len(results) / seconds}
     return results, speed
@@ -222,7 +231,6 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
         "stop_reasons": stop_counts,
         "stopped_by_itself_share": 1 - stop_counts["max_new_tokens"] / max(len(generations), 1),
         "generation": {"adapter_merged": adapter_dir is not None and not hasattr(model, "peft_config"),
-                       "compile": compiled(ev, accelerator.device),
                        "max_new_tokens": ev.max_new_tokens, "num_beams": ev.num_beams, "do_sample": ev.do_sample,
                        "no_repeat_ngram_size": ev.no_repeat_ngram_size, "repetition_penalty": ev.repetition_penalty,
                        "stop_strings": list(ev.stop_strings), **speed},

@@ -120,13 +120,18 @@ def test_profile_vram_runs_tiny(tmp_path):
     assert "| LoRA parameters |" in table and "| (input embedding table, in host memory" in table
 
 
-def test_bench_generate_forces_the_token_count_tiny(tmp_path):
-    run_script("bench_generate", "--tiny", "--rows", "5", "--new-tokens", "4", "--batch-size", "4",
-               "--reference-rows", "2", "--out", tmp_path)
-    runners = json.loads((tmp_path / "bench_generate.json").read_text())["runners"]
-    assert runners["ours"]["articles"] == runners["reference"]["articles"] == 5
-    assert runners["reference"]["timed_articles"] == 2
-    assert runners["ours"]["generated_tokens_per_s"] == 5 * 4 / runners["ours"]["seconds"]
+def test_bench_generate_compares_plain_and_fast_on_the_same_articles_tiny(tmp_path):
+    run_script("bench_generate", "--tiny", "--pairs", "smollm2:xsum", "phi2:xsum", "--variants", "plain", "fast",
+               "--xsum-rows", "5", "--batch-size", "2", "--out", tmp_path)
+    runs = json.loads((tmp_path / "bench_generate.json").read_text())["runs"]
+    assert [(r["model"], r["variant"], r["four_bit"], r["engine"]) for r in runs] == [
+        ("smollm2", "plain", False, "hf"), ("smollm2", "fast", False, "fast"),
+        ("phi2", "plain", True, "hf"), ("phi2", "fast", True, "fast")]
+    # fp32 on a CPU: the fast engine writes the plain path's summaries exactly.
+    assert runs[0]["texts"] == runs[1]["texts"] and runs[2]["texts"] == runs[3]["texts"]
+    assert all(r["articles"] == 5 and r["warm"]["generated_tokens"] == r["cold"]["generated_tokens"] > 0 for r in runs)
+    table = (tmp_path / "bench_generate.md").read_text()
+    assert "| smollm2 | xsum | fast | 2 | 5 |" in table and "| 5/5 | 5/5 |" in table
 
 
 def test_profile_kernels_runs_tiny():

@@ -72,6 +72,9 @@ def test_reference_recipe_values():
                                            "or null for the architecture's default, got ()"),
     (minimal(model={"name_or_path": ""}), "'model.name_or_path' must be a hub id, a local folder or pypi:<package>, "
                                           "got ''"),
+    (minimal(eval={"engine": "vllm"}), "'eval.engine' must be one of ['fast', 'hf'], got 'vllm'"),
+    (minimal(eval={"compile": True}), "'eval.compile' must be a string, got True"),
+    (minimal(eval={"generate_batch_size": 0}), "'eval.generate_batch_size' must be > 0 or null, got 0"),
 ])
 def test_config_errors_name_file_and_key(tmp_path, raw, message):
     path = write(tmp_path, raw)

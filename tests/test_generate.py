@@ -66,10 +66,12 @@ def test_fast_decoder_gives_generates_ids(lora_model, static):
     # Batches of 2: two left-padded batches and a last one of 1 (filled up to 2 on the static cache).
     assert decoder.generate(prompts, NEW, batch_size=2) == expected
 
-    # EOS blocked for the first tokens, as generate's min_new_tokens does.
-    eos = expected[0][1]
+    # A token the first row writes for the first time (after its first) becomes EOS: that row ends
+    # there; then EOS blocked for the first tokens, as generate's min_new_tokens does.
+    at = next(k for k in range(1, NEW) if expected[0][k] not in expected[0][:k])
+    eos = expected[0][at]
     with_eos = reference_ids(model, tok, prompts, eos=eos)
-    assert with_eos[0][:2] == [expected[0][0], eos]
+    assert with_eos[0][:at + 1] == expected[0][:at + 1]
     tok_eos = tok.eos_token_id
     try:
         tok.eos_token = tok.convert_ids_to_tokens(eos)
@@ -107,3 +109,18 @@ def test_stop_candidates_are_the_tokens_that_can_complete_a_stop_string():
     assert table[newline] and table[hashes] and not table[word]
     assert table[:len(tok)].sum() < len(tok) // 50
     assert stop_candidates(tok, ("\n\n", "###"), 50_304) is table  # built once per tokenizer
+
+
+def test_batch_size_from_the_memory_budget():
+    """Phi-2's KV cache in bf16 is 2 x 32 layers x 2560 x 2 bytes = 320 KiB per position; 576
+    positions (512 of prompt, 64 new) make 180 MiB per row, plus prefill activations and logits."""
+    from transformers import AutoConfig
+
+    from summ.evaluate import rows_that_fit
+
+    phi2 = AutoConfig.from_pretrained(FIXTURES / "phi-2")
+    per_row = 2 * 32 * 2560 * 576 * 2 + 4 * 512 * 10240 * 2 + 4 * 51200
+    assert rows_that_fit(phi2, 2, 512, 64, 16 * per_row) == 16
+    assert rows_that_fit(phi2, 2, 512, 64, 16 * per_row - 1) == 8
+    assert rows_that_fit(phi2, 2, 512, 64, 1000 * per_row) == 64  # at most 64
+    assert rows_that_fit(phi2, 2, 512, 64, 0) == 1  # never none
