@@ -4,6 +4,9 @@
     python run.py eval --run runs/xsum [--zero-shot] [--set eval.num_beams=4]
     python run.py predict --run runs/xsum --text-file article.txt   (or --jsonl FILE, or stdin)
     python run.py predict --run runs/xsum --merge merged/ [--dtype bfloat16] [--force]   # adapter folded in
+    python run.py eval --run runs/xsum --baseline lead         # LEAD-1 (XSum) / LEAD-3 (CNN/DM) on the same rows
+    python run.py tune --config configs/demo.json [--search search.json] [--address ADDR] [--resume]
+    python run.py report runs/a runs/search-b ... --out report/ [--baseline RUN --best RUN]
 
 Training also runs under `accelerate launch run.py ...` for several GPUs.
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 # tokens of Phi-2 generation, 4-6 GiB reserved but unusable under a 15 GiB cap).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-COMMANDS = ("train", "eval", "predict")
+COMMANDS = ("train", "eval", "predict", "tune", "report")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -50,6 +53,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ev.add_argument("--run", help="a run folder (its config.json and adapter/ are used)")
     ev.add_argument("--config", help="a config instead of --run's; needed with --zero-shot and no run")
     ev.add_argument("--zero-shot", action="store_true", help="score the base model without the adapter")
+    ev.add_argument("--baseline", choices=("lead",),
+                    help="score the extractive LEAD baseline (first sentences of the article) instead of a model")
     trust_remote_code(ev)
     overrides(ev)
 
@@ -66,6 +71,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     trust_remote_code(pr)
     overrides(pr)
 
+    tu = sub.add_parser("tune", help="search hyperparameters with Ray Tune (pip install -e '.[tune]')")
+    tu.add_argument("--config", required=True, help="a JSON config; its \"search\" section is the search space")
+    tu.add_argument("--search", help="a JSON file holding the search section instead of the config's")
+    tu.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    tu.add_argument("--resume", action="store_true", help="restore the interrupted search in log.output_dir")
+    overrides(tu)
+
+    rp = sub.add_parser("report", help="compare runs and searches: tables, plots, published results, LEAD")
+    rp.add_argument("paths", nargs="+", help="run folders and search folders")
+    rp.add_argument("--out", required=True, help="folder for report.md, results.csv and the plots")
+    rp.add_argument("--baseline", help="the run to show as the baseline")
+    rp.add_argument("--best", help="the run to show as the best")
+
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv = ["train", *argv]
     return parser.parse_args(argv)
@@ -76,6 +94,8 @@ def run_config(args):
     the options fails in milliseconds, before a model loads or a folder is created."""
     from summ.config import ConfigError, load_config
 
+    if args.command == "report":
+        return None
     if getattr(args, "config", None):
         source = Path(args.config)
     elif not args.run:
@@ -98,7 +118,9 @@ def check_inference_args(args, config, source: Path) -> None:
         raise ConfigError(f"{where}: model.trust_remote_code is true, which runs code from the model's repository; "
                           f"pass --trust-remote-code to allow it")
     if args.command == "eval":
-        if not args.zero_shot:
+        if args.baseline and args.zero_shot:
+            raise ConfigError("--baseline lead and --zero-shot: pick one")
+        if not args.zero_shot and not args.baseline:
             run_dir = Path(args.run) if args.run else Path(config.log.output_dir)
             require_adapter(run_dir / "adapter", "train first, or pass --zero-shot to score the base model")
         return
@@ -146,6 +168,27 @@ def main(argv: list[str] | None = None) -> int:
 
                 evaluate_run(config, result.run_dir)
                 print(f"report: {result.run_dir / 'eval' / 'eval_report.md'}")
+        elif args.command == "tune":
+            from summ.tune import load_search, run_search
+
+            # The config as loaded (with --set applied), and the search section of its file.
+            search = load_search(json.loads(Path(args.config).read_text(encoding="utf-8-sig")), args.config,
+                                 args.search)
+            result = run_search(config.to_dict(), search, args.config, address=args.address, resume=args.resume)
+            print(f"search: {len(result['trials'])} trials; table: {result['out_dir'] / 'trials.md'}"
+                  + (f"; best config: {result['out_dir'] / 'best.json'}" if result["best"] else "; no trial completed"))
+        elif args.command == "report":
+            from summ.compare import write_comparison
+
+            write_comparison(args.paths, args.out, baseline=args.baseline, best=args.best)
+            print(f"report: {Path(args.out) / 'report.md'}")
+        elif args.command == "eval" and args.baseline:
+            from summ.lead import evaluate_lead
+
+            run_dir = Path(args.run) if args.run else Path(config.log.output_dir)
+            metrics = evaluate_lead(config, run_dir)
+            rouge = " ".join(f"{k} {v['mean']:.2f}" for k, v in metrics["rouge"].items())
+            print(f"{metrics['baseline']}: {rouge}; files: {run_dir / 'lead'}")
         elif args.command == "eval":
             from summ.evaluate import evaluate_run
 

@@ -208,6 +208,9 @@ class RunConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+# A config file may carry a "search" section for `run.py tune`; it is not part of a run's config.
+SEARCH_SECTION = "search"
+
 _SECTION_CLASSES = {
     "model": ModelConfig, "quant": QuantConfig, "lora": LoraConfig, "data": DataConfig,
     "train": TrainConfig, "eval": EvalConfig, "log": LogConfig,
@@ -252,6 +255,8 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides=()) -> RunConf
         origins[_apply_override(raw, item)] = f"--set {item}"
     sections = {}
     for name, value in raw.items():
+        if name == SEARCH_SECTION:
+            continue  # read by `run.py tune` (summ.tune); training ignores it
         if name not in _SECTION_CLASSES:
             raise ConfigError(f"{source}: unknown section '{name}'; expected one of {sorted(_SECTION_CLASSES)}")
         if not isinstance(value, dict):

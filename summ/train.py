@@ -16,6 +16,7 @@ from array import array
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -77,7 +78,10 @@ class TrainData:
     total_steps: int
 
 
-def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: bool = False) -> RunResult:
+def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: bool = False,
+          on_validation: Callable[[int, dict], None] | None = None) -> RunResult:
+    """Fine-tune as `cfg` says, into log.output_dir. `on_validation(step, record)` is called after
+    each validation (a search reports it to its scheduler)."""
     from accelerate.utils import set_seed
 
     t = cfg.train
@@ -110,6 +114,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
         run_log.write(step, record)
         accelerator.print(f"step {step}: val loss {record['val/loss']:.4f}, "
                           f"perplexity {record['val/perplexity']:.2f}")
+        if on_validation is not None:
+            on_validation(step, record)
 
     if state.step == 0 and cfg.eval.at_start:
         validate(0)

@@ -1,0 +1,99 @@
+"""The search: a bad space fails before Ray starts; a 2-trial search on a tiny model runs the real
+loop, ASHA stops the trial that trails, best.json trains as is, and a finished search restores."""
+
+import json
+import re
+import sys
+
+import pytest
+
+from summ.config import ConfigError, load_config
+from summ.tune import MissingExtra, SearchConfig, load_search, run_search
+from tests.conftest import tiny_config
+
+
+def base_raw(out_dir) -> dict:
+    raw = tiny_config(out_dir).to_dict()
+    raw["data"].update(max_train_rows=16, max_eval_rows=4)
+    raw["eval"]["generate"] = False
+    return raw
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"train.lr": {"normal": [0, 1]}}, "'search.space.train.lr': expected one of {\"loguniform\": [low, high]}, "
+                                       "{\"uniform\": [low, high]}, {\"choice\": [values]}, {\"grid\": [values]}; "
+                                       "got {\"normal\": [0, 1]}"),
+    ({"train.lr": {"loguniform": [0, 1e-3]}}, "'search.space.train.lr': loguniform needs low > 0, got 0"),
+    ({"train.lr": {"uniform": [1e-3, 1e-4]}},
+     "'search.space.train.lr': uniform needs [low, high] numbers with low < high, got [0.001, 0.0001]"),
+    ({"lora.dropout": {"choice": [0.1, 1.5]}},
+     "'search.space.lora.dropout': the value 1.5 gives an invalid config ('lora.dropout' must be in [0, 1), got 1.5)"),
+    ({"train.lrr": {"choice": [1]}},
+     "'search.space.train.lrr': the value 1 gives an invalid config (unknown key 'train.lrr'; expected one of"),
+    ({"train.max_steps": {"grid": [1, 2]}},
+     "'search.space.train.max_steps': set by the search itself (max_steps, eval_every), not searchable"),
+])
+def test_a_bad_search_space_fails_before_ray_starts(tmp_path, space, message):
+    import ray
+
+    with pytest.raises(ConfigError, match="^" + re.escape(f"cfg.json: {message}")):
+        run_search(base_raw(tmp_path / "out"), SearchConfig(space=space), "cfg.json")
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_search_section_fields_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape("cfg.json: 'search.metric' must be one of ['val_loss', "
+                                                    "'rougeLsum'], got 'bleu'")):
+        load_search({"search": {"space": {"train.lr": {"choice": [1e-3]}}, "metric": "bleu"}}, "cfg.json")
+    with pytest.raises(ConfigError, match=re.escape("cfg.json: no \"search\" section; add one or pass --search FILE")):
+        load_search({}, "cfg.json")
+    # The config file may carry the section: training ignores it.
+    path = tmp_path / "with_search.json"
+    path.write_text(json.dumps({**base_raw(tmp_path / "o"), "search": {"space": {}}}))
+    assert load_config(path).train.lr == 1e-3
+
+
+def test_without_ray_the_command_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(MissingExtra, match=re.escape("run.py tune needs Ray Tune: pip install -e '.[tune]'")):
+        run_search(base_raw(tmp_path / "out"), SearchConfig(space={"train.lr": {"choice": [1e-3]}}), "cfg.json")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_two_trials_asha_stops_the_trailing_one_and_best_trains(tmp_path, ray_local):
+    from summ.config import config_from_dict
+    from summ.train import train
+
+    out = tmp_path / "search"
+    # One trial at a time, the better learning rate first: ASHA keeps it and stops the other at its
+    # first rung, where its validation loss trails.
+    search = SearchConfig(space={"train.lr": {"grid": [3e-3, 1e-6]}}, trials=1, max_steps=2, eval_every=1,
+                          grace_period=1, reduction_factor=2, max_concurrent=1, cpus_per_trial=1)
+    result = run_search(base_raw(out), search, "cfg.json")
+    rows = {r["train.lr"]: r for r in result["trials"]}
+    assert (rows[3e-3]["status"], rows[3e-3]["steps"]) == ("completed", 2)
+    assert (rows[1e-6]["status"], rows[1e-6]["steps"]) == ("stopped early", 1)
+    assert rows[3e-3]["best_val_loss"] < rows[1e-6]["best_val_loss"]
+    assert result["best"] is rows[3e-3]
+    header = (out / "trials.csv").read_text().splitlines()[0]
+    assert header == "trial_id,train.lr,status,steps,best_val_loss,last_val_loss,rougeLsum,wall_s,peak_gib,run_dir"
+    assert len((out / "trials.csv").read_text().splitlines()) == 3
+    assert (out / "trials" / rows[3e-3]["trial_id"] / "adapter" / "adapter_config.json").is_file()
+
+    best = json.loads((out / "best.json").read_text())
+    assert best["train"]["lr"] == 3e-3 and best["log"]["output_dir"] == str(out / "best")
+    cfg = config_from_dict({**best, "train": {**best["train"], "max_steps": 1}}, "best.json")
+    assert train(cfg).steps == 1
+
+    # A finished search restores without running its trials again.
+    again = run_search(base_raw(out), search, "cfg.json", resume=True)
+    assert [(r["trial_id"], r["status"]) for r in again["trials"]] == \
+        [(r["trial_id"], r["status"]) for r in result["trials"]]
