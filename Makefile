@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install demo test clean
+.PHONY: install demo test search-demo clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,17 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/python run.py --config configs/demo.json --set log.output_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+# A 3-trial Ray Tune search (ASHA) on the demo model and data, then the best trial against the
+# zero-shot model, LEAD-1 and the published results: runs/search-demo/report/report.md.
+SEARCH_DIR ?= runs/search-demo
+search-demo: install
+	rm -rf $(SEARCH_DIR)
+	$(BIN)/python run.py tune --config configs/demo.json --search configs/search_demo.json --set log.output_dir=$(SEARCH_DIR)
+	BEST=$$($(BIN)/python -c "import json; print(json.load(open('$(SEARCH_DIR)/search.json'))['best_trial'])") && \
+	$(BIN)/python run.py eval --run $$BEST --zero-shot --set eval.generate_rows=16 --set data.max_eval_rows=16 && \
+	$(BIN)/python run.py eval --run $$BEST --baseline lead --set eval.generate_rows=16 --set data.max_eval_rows=16
+	$(BIN)/python run.py report $(SEARCH_DIR) --out $(SEARCH_DIR)/report
 
 test: install
 	$(BIN)/python -m pytest -q tests

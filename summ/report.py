@@ -11,8 +11,28 @@ ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L (sen
                "rougeLsum": "ROUGE-Lsum (summary-level)"}
 
 
-def _rouge_cell(r: dict) -> str:
+def rouge_cell(r: dict) -> str:
     return f"{r['mean']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+
+
+def error_summary_lines(e: dict) -> list[str]:
+    """The aggregate error analysis (`summ.errors.aggregate_errors` of at least one example) as a
+    markdown table and a line of means, ending with a blank line."""
+    lines = ["| signal | examples | share |", "|---|---|---|"]
+    lines += [f"| length: {b.replace('_', ' ')} | {e['length_buckets'].get(b, 0)} | "
+              f"{e['length_buckets'].get(b, 0) / e['n']:.1%} |" for b in LENGTH_BUCKETS]
+    for key, label in (("repetitive", "repeated trigrams (> 20% of trigrams)"),
+                       ("template_leak", "template leakage (prompt markers in the output)"),
+                       ("run_on", "run-on (never stopped, or leaked the template)"),
+                       ("hallucination_flag", "numbers or names absent from the article")):
+        lines.append(f"| {label} | {e[key]} | {e[key + '_share']:.1%} |")
+    return lines + [
+        "",
+        f"Mean length ratio (prediction / reference words): {e['mean_length_ratio']:.2f} "
+        f"(median {e['median_length_ratio']:.2f}). Mean share of novel bigrams (not in the article; "
+        f"abstractiveness): {e['mean_novel_bigram_share']:.1%}.",
+        "",
+    ]
 
 
 def write_report(path: Path, metrics: dict, rows: list[dict], generations: list[dict], scores: list[dict],
@@ -30,7 +50,7 @@ def write_report(path: Path, metrics: dict, rows: list[dict], generations: list[
         f"| validation loss (summary + EOS tokens) | {m['val_loss']:.4f} |",
         f"| perplexity | {m['val_perplexity']:.2f} |",
     ]
-    lines += [f"| {ROUGE_NAMES[k]} F1, mean [95% bootstrap CI] | {_rouge_cell(m['rouge'][k])} |" for k in ROUGE_KEYS]
+    lines += [f"| {ROUGE_NAMES[k]} F1, mean [95% bootstrap CI] | {rouge_cell(m['rouge'][k])} |" for k in ROUGE_KEYS]
     lines += [
         "",
         "ROUGE with `rouge-score`, Porter stemming on. ROUGE-Lsum splits prediction and reference into one "
@@ -69,23 +89,8 @@ def write_report(path: Path, metrics: dict, rows: list[dict], generations: list[
 
     e = m["errors"]
     if e.get("n"):
-        lines += ["## Error analysis", "", "| signal | examples | share |", "|---|---|---|"]
-        lines += [f"| length: {b.replace('_', ' ')} | {e['length_buckets'].get(b, 0)} | "
-                  f"{e['length_buckets'].get(b, 0) / e['n']:.1%} |" for b in LENGTH_BUCKETS]
-        for key, label in (("repetitive", "repeated trigrams (> 20% of trigrams)"),
-                           ("template_leak", "template leakage (prompt markers in the output)"),
-                           ("run_on", "run-on (never stopped, or leaked the template)"),
-                           ("hallucination_flag", "numbers or names absent from the article")):
-            lines.append(f"| {label} | {e[key]} | {e[key + '_share']:.1%} |")
-        lines += [
-            "",
-            f"Mean length ratio (prediction / reference words): {e['mean_length_ratio']:.2f} "
-            f"(median {e['median_length_ratio']:.2f}). Mean share of novel bigrams (not in the article; "
-            f"abstractiveness): {e['mean_novel_bigram_share']:.1%}.",
-            "",
-            f"## The {min(worst_k, len(rows))} worst examples by ROUGE-Lsum",
-            "",
-        ]
+        lines += ["## Error analysis", "", *error_summary_lines(e),
+                  f"## The {min(worst_k, len(rows))} worst examples by ROUGE-Lsum", ""]
         for i in worst_examples(analyses, [s["rougeLsum"] for s in scores], k=worst_k):
             a = analyses[i]
             flags = [k for k in ("empty", "repetitive", "template_leak", "run_on", "hallucination_flag") if a[k]]

@@ -358,6 +358,7 @@ def write_search_outputs(out_dir: Path, base: dict, search: SearchConfig, rows: 
         lines += ["", "No trial completed its budget: no best config."]
     write_atomic(out_dir / "trials.md", "\n".join(lines) + "\n")
     write_json(out_dir / "search.json", {"metric": search.metric, "mode": METRICS[search.metric],
+                                         "best_trial": best["run_dir"] if best else None,
                                          **dataclasses.asdict(search)})
     if best:
         raw = json.loads(json.dumps(base))
