@@ -336,8 +336,9 @@ def _pick(entries: list[Entry], spec: str | Path, option: str) -> Entry:
 
 
 def assign_roles(entries: list[Entry], baseline=None, best=None) -> tuple[Entry | None, Entry | None]:
-    """The baseline (default: the first run's zero-shot row, else its LEAD row) and the best row
-    (default: the fine-tuned row with the lowest validation loss)."""
+    """The baseline (default: the zero-shot row of the best run, else of the first run, else of any
+    run, then the same for LEAD rows) and the best row (default: the fine-tuned row with the lowest
+    validation loss)."""
     best_entry = _pick(entries, best, "--best") if best is not None else min(
         (e for e in entries if e.kind == "run" and e.values["val_loss"] is not None),
         key=lambda e: e.values["val_loss"], default=None)
@@ -345,8 +346,9 @@ def assign_roles(entries: list[Entry], baseline=None, best=None) -> tuple[Entry 
         base_entry = _pick(entries, baseline, "--baseline")
     else:
         first = next((e.run for e in entries if e.kind == "run"), entries[0].run if entries else None)
-        base_entry = next((e for kind in ("zero-shot", "lead") for e in entries
-                           if e.kind == kind and e.run is first), None)
+        preferred = [best_entry.run if best_entry is not None else None, first, None]
+        base_entry = next((e for kind in ("zero-shot", "lead") for run in preferred for e in entries
+                           if e.kind == kind and (run is None or e.run is run)), None)
     if base_entry is not None and base_entry is best_entry:
         raise ReportError(f"--baseline and --best both name {base_entry.name}; pick two different rows")
     for e, role in ((base_entry, "baseline"), (best_entry, "best")):
