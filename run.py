@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_search(config.to_dict(), search, args.config, address=args.address, resume=args.resume)
             print(f"search: {len(result['trials'])} trials; table: {result['out_dir'] / 'trials.md'}"
                   + (f"; best config: {result['out_dir'] / 'best.json'}" if result["best"] else "; no trial completed"))
+            if not result["best"]:
+                return 3  # the trials' own folders and errors are in the table
         elif args.command == "report":
             from summ.compare import write_comparison
 
