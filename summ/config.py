@@ -84,6 +84,11 @@ class DataConfig:
     id_field: Optional[str] = "id"
     # Must contain {article} once and end with {summary}: the summary and EOS are the completion.
     template: str = "Summarize: {article}\n\nSummary: {summary}"
+    # "raw": data.template as written. "chat": the tokenizer's own chat template, data.chat_instruction
+    # as the user turn and the summary as the assistant turn (labels on the summary and the end of
+    # the turn); what an instruct model was tuned on, so its zero-shot scores are its honest best.
+    prompt_format: str = "raw"
+    chat_instruction: str = "Summarize the following news article.\n\n{article}"
     max_length: int = 512
     # Article tokens kept even when a summary is so long that it must be cut instead.
     min_article_tokens: int = 64
@@ -170,7 +175,11 @@ class EvalConfig:
     # base always keeps the adapter separate (merging would round the update into 4-bit weights).
     merge_adapter: bool = True
     max_new_tokens: int = 64
+    # EOS cannot end a summary before this many tokens (BART's CNN/DailyMail decoding: 55).
+    min_new_tokens: int = 0
     num_beams: int = 1
+    # Beam search only: > 1 favours longer beams (BART: 2.0 on CNN/DailyMail, 1.0 on XSum).
+    length_penalty: float = 1.0
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -226,6 +235,7 @@ CHOICES = {
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "eval.cache_implementation": ("dynamic", "static"),
     "eval.engine": ("fast", "hf"),
+    "data.prompt_format": ("raw", "chat"),
     "eval.compile": ("inductor", "cudagraphs", "none"),
 }
 
@@ -414,6 +424,7 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
                        "eval.bootstrap_resamples": e.bootstrap_resamples,
                        "eval.no_repeat_ngram_size": e.no_repeat_ngram_size,
                        "eval.compile_min_articles": e.compile_min_articles,
+                       "eval.min_new_tokens": e.min_new_tokens,
                        "train.max_grad_norm": t.max_grad_norm, "eval.eval_every": e.eval_every,
                        "data.min_article_tokens": d.min_article_tokens}.items():
         if value < 0:
@@ -435,10 +446,14 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
         fail("data.template", "a string with {article} once and ending with {summary}")
     if t.max_steps is not None and t.warmup_steps > t.max_steps:
         fail("train.warmup_steps", f"<= train.max_steps ({t.max_steps})")
+    if d.chat_instruction.count("{article}") != 1:
+        fail("data.chat_instruction", "a string with {article} once")
     if m.gguf_file is not None and m.init == "random":
         fail("model.init", "'pretrained' when model.gguf_file is set")
     if e.top_p > 1:
         fail("eval.top_p", "in (0, 1]")
+    if e.min_new_tokens > e.max_new_tokens:
+        fail("eval.min_new_tokens", f"<= eval.max_new_tokens ({e.max_new_tokens})")
     if e.max_new_tokens >= d.max_length:
         fail("eval.max_new_tokens", f"< data.max_length ({d.max_length}) so the prompt keeps some article")
     if any(not s for s in e.stop_strings):

@@ -255,28 +255,58 @@ class Example:
 
 @dataclass
 class PromptTemplate:
-    """`head{article}tail{summary}`; the tail's trailing whitespace belongs to the completion.
+    """`head{article}tail{summary}`; with `completion_takes_space` the tail's trailing whitespace
+    belongs to the completion.
 
-    BPE and SentencePiece tokenizers fold the space before a word into the word's token, so the
+    BPE and SentencePiece tokenizers fold the space before a word into the word's token, so a raw
     prompt ends at "Summary:" and the completion starts with " The...". Generation then sees the
-    same prompt tokens as training did.
+    same prompt tokens as training did. A chat template's assistant turn starts after a newline of
+    its own, which stays in the prompt, as the chat template's generation prompt has it.
     """
 
     head: str
     tail: str
+    completion_takes_space: bool = True
 
     @classmethod
-    def parse(cls, template: str) -> "PromptTemplate":
+    def parse(cls, template: str, completion_takes_space: bool = True) -> "PromptTemplate":
         head, rest = template.split("{article}", 1)
-        return cls(head=head, tail=rest[: -len("{summary}")])
+        return cls(head=head, tail=rest[: -len("{summary}")], completion_takes_space=completion_takes_space)
 
     @property
     def prompt_tail(self) -> str:
-        return self.tail.rstrip()
+        return self.tail.rstrip() if self.completion_takes_space else self.tail
 
     @property
     def completion_prefix(self) -> str:
-        return self.tail[len(self.tail.rstrip()):]
+        return self.tail[len(self.prompt_tail):]
+
+    @property
+    def text(self) -> str:
+        return self.head + "{article}" + self.tail + "{summary}"
+
+
+def prompt_template(cfg: DataConfig, tokenizer) -> PromptTemplate:
+    """data.template as written ("raw"), or ("chat") data.chat_instruction as the user turn and the
+    summary as the assistant turn, through the tokenizer's own chat template."""
+    if cfg.prompt_format == "raw":
+        return PromptTemplate.parse(cfg.template)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"data.prompt_format: 'chat' needs a tokenizer with a chat template; "
+                          f"{tokenizer.name_or_path} has none (use 'raw' and data.template)")
+    # Placeholders travel through the template's Jinja as plain text and are found again after it.
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": cfg.chat_instruction}, {"role": "assistant", "content": "{summary}"}],
+        tokenize=False)
+    if rendered.count("{article}") != 1 or rendered.count("{summary}") != 1:
+        raise ConfigError(f"data.prompt_format: the chat template of {tokenizer.name_or_path} does not keep the "
+                          f"message text as written")
+    template, after = rendered.split("{summary}")
+    if not after.startswith(tokenizer.eos_token):
+        raise ConfigError(f"data.prompt_format: the chat template of {tokenizer.name_or_path} ends the assistant "
+                          f"turn with {after[:20]!r}, not with the EOS token {tokenizer.eos_token!r} that "
+                          f"training teaches and generation stops at; use 'raw'")
+    return PromptTemplate.parse(template + "{summary}", completion_takes_space=False)
 
 
 class Encoder:
@@ -288,7 +318,9 @@ class Encoder:
         if tokenizer.eos_token_id is None:
             raise ConfigError("model.tokenizer: the tokenizer has no EOS token; summaries could not learn to stop")
         self.tokenizer = tokenizer
-        self.template = PromptTemplate.parse(cfg.template)
+        self.template = prompt_template(cfg, tokenizer)
+        # A rendered chat template holds its own special tokens (BOS where the model wants one).
+        self.add_special_tokens = cfg.prompt_format == "raw"
         self.max_length = cfg.max_length
         self.min_article_tokens = cfg.min_article_tokens
         self.eos_id = tokenizer.eos_token_id
@@ -319,7 +351,7 @@ class Encoder:
         t = self.template
         prompt_text = t.head + article + t.prompt_tail
         text = prompt_text if summary is None else prompt_text + t.completion_prefix + summary
-        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=self.add_special_tokens)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         a0, a1, p_end = len(t.head), len(t.head) + len(article), len(prompt_text)
         pre, art, post, completion = [], [], [], []

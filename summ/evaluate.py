@@ -85,7 +85,8 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
                        device: torch.device, min_new_tokens: int = 0) -> tuple[list[Generation], dict]:
     """Summaries for `articles` in input order, with throughput figures. Greedy decoding runs on
     summ.generate's decoder (eval.engine "fast"), everything else on transformers' `generate`;
-    both give the same text. `min_new_tokens` forces length (benchmarks)."""
+    both give the same text. `min_new_tokens` (benchmarks) raises eval.min_new_tokens."""
+    min_new_tokens = max(min_new_tokens, ev.min_new_tokens)
     prompts = [encoder.encode_prompt(a, ev.max_new_tokens) for a in articles]
     batch_size = generation_batch_size(ev, model, prompts, device)
     model.eval()
@@ -115,7 +116,8 @@ def _generate_with_transformers(model, tokenizer, prompts: list[list[int]], ev: 
     pad = tokenizer.pad_token_id
     kwargs = dict(max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, do_sample=ev.do_sample,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=True, min_new_tokens=min_new_tokens,
-                  no_repeat_ngram_size=ev.no_repeat_ngram_size, repetition_penalty=ev.repetition_penalty)
+                  no_repeat_ngram_size=ev.no_repeat_ngram_size, repetition_penalty=ev.repetition_penalty,
+                  length_penalty=ev.length_penalty)
     if ev.cache_implementation == "static":
         kwargs["cache_implementation"] = "static"
     if ev.do_sample:
@@ -218,7 +220,7 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
 
     references = [r["summary"] for r in gen_rows]
     scores = score_pairs([g.text for g in generations], references)
-    markers = template_markers(cfg.data.template, ev.stop_strings)
+    markers = template_markers(encoder.template.text, ev.stop_strings)
     analyses = [analyze_example(r["article"], r["summary"], g.text, stop_reason=g.stop_reason,
                                 template_markers=markers) for r, g in zip(gen_rows, generations)]
     stop_counts = {k: sum(g.stop_reason == k for g in generations) for k in ("eos", "stop_string", "max_new_tokens")}
@@ -231,7 +233,8 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
         "stop_reasons": stop_counts,
         "stopped_by_itself_share": 1 - stop_counts["max_new_tokens"] / max(len(generations), 1),
         "generation": {"adapter_merged": adapter_dir is not None and not hasattr(model, "peft_config"),
-                       "max_new_tokens": ev.max_new_tokens, "num_beams": ev.num_beams, "do_sample": ev.do_sample,
+                       "max_new_tokens": ev.max_new_tokens, "min_new_tokens": ev.min_new_tokens,
+                       "num_beams": ev.num_beams, "length_penalty": ev.length_penalty, "do_sample": ev.do_sample,
                        "no_repeat_ngram_size": ev.no_repeat_ngram_size, "repetition_penalty": ev.repetition_penalty,
                        "stop_strings": list(ev.stop_strings), **speed},
         "errors": aggregate_errors(analyses),

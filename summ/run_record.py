@@ -24,7 +24,7 @@ from pathlib import Path
 
 from summ.checkpoint import read_resume_record
 from summ.config import ConfigError, RunConfig
-from summ.data import PromptTemplate
+from summ.data import prompt_template
 from summ.files import atomic_folder, write_atomic, write_json
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,8 @@ def record_resume(cfg: RunConfig, run_dir: Path, accelerator, checkpoint: Path, 
 def prompt_record(cfg: RunConfig, tokenizer) -> dict:
     """The prompt exactly as training built it: the whitespace after the prompt belongs to the completion,
     so a server that rebuilds the prompt from this file sees the tokens the model was trained on."""
-    template = PromptTemplate.parse(cfg.data.template)
-    return {"template": cfg.data.template,
+    template = prompt_template(cfg.data, tokenizer)
+    return {"template": template.text, "prompt_format": cfg.data.prompt_format,
             "prompt": template.head + "{article}" + template.prompt_tail,
             "completion": template.completion_prefix + "{summary}" + (tokenizer.eos_token or ""),
             "eos_token": tokenizer.eos_token, "max_length": cfg.data.max_length,

@@ -279,3 +279,50 @@ def test_parquet_csv_line_numbers_and_a_field_only_some_rows_lack(tmp_path):
     (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
     loaded, stats = load_rows(cfg, "test")
     assert len(loaded) == 20 and stats.examples == [f"{tmp_path / 'test.jsonl'}:1: missing summary field 'summary'"]
+
+
+def test_chat_format_labels_the_assistant_turn_and_prompts_as_the_chat_template_does(llama_tok):
+    """The summary and the end of the assistant turn (TinyLlama's EOS) are labelled; the generation
+    prompt is exactly the chat template's own generation prompt, and a long article is cut, never
+    the summary."""
+    cfg = DataConfig(dataset="x", prompt_format="chat", max_length=96, min_article_tokens=8)
+    enc = Encoder(llama_tok, cfg)
+    article, summary = "The council approved the plan on Monday. It costs 3.5m.", "Council backs 3.5m plan."
+    ex = enc.encode(article, summary)
+    first = next(i for i, t in enumerate(ex.labels) if t != IGNORE_INDEX)
+    assert ex.labels[first:] == ex.input_ids[first:]
+    assert ex.input_ids[-1] == llama_tok.eos_token_id and llama_tok.decode(ex.input_ids[first:-1]) == summary
+    # The tokens are the chat template's own for the whole conversation (it ends the turn with "</s>\n").
+    conversation = [{"role": "user", "content": "Summarize the following news article.\n\n" + article},
+                    {"role": "assistant", "content": summary}]
+    whole = llama_tok(llama_tok.apply_chat_template(conversation, tokenize=False), add_special_tokens=False).input_ids
+    assert ex.input_ids == whole[:len(ex.input_ids)] and llama_tok.decode(whole[len(ex.input_ids):]) == "\n"
+    chat = llama_tok.apply_chat_template(
+        [{"role": "user", "content": "Summarize the following news article.\n\n" + article}],
+        tokenize=False, add_generation_prompt=True)
+    assert chat == "<|user|>\nSummarize the following news article.\n\n" + article + "</s>\n<|assistant|>\n"
+    assert ex.input_ids[:first] == llama_tok(chat, add_special_tokens=False).input_ids
+    assert enc.encode_prompt(article, max_new_tokens=16) == ex.input_ids[:first]
+
+    long = enc.encode("The council met again. " * 200, summary)
+    assert len(long.input_ids) == 96 and long.article_truncated and not long.summary_truncated
+    assert [t for t in long.labels if t != IGNORE_INDEX] == ex.input_ids[first:]
+
+
+def test_chat_format_needs_a_chat_template(phi_tok):
+    with pytest.raises(ConfigError, match=re.escape(
+            f"data.prompt_format: 'chat' needs a tokenizer with a chat template; {phi_tok.name_or_path} has none "
+            f"(use 'raw' and data.template)")):
+        Encoder(phi_tok, DataConfig(dataset="x", prompt_format="chat"))
+
+
+def test_decoding_options_round_trip(tmp_path):
+    from summ.config import config_from_dict
+
+    cfg = config_from_dict({"model": {"name_or_path": "m"}, "data": {"dataset": "d", "prompt_format": "chat"},
+                            "eval": {"num_beams": 4, "length_penalty": 2.0, "min_new_tokens": 55, "max_new_tokens": 140,
+                                     "no_repeat_ngram_size": 3}})
+    again = config_from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and (again.eval.length_penalty, again.eval.min_new_tokens) == (2.0, 55)
+    with pytest.raises(ConfigError, match=re.escape("'eval.min_new_tokens' must be <= eval.max_new_tokens (64), got 65")):
+        config_from_dict({"model": {"name_or_path": "m"}, "data": {"dataset": "d"}, "eval": {"min_new_tokens": 65}})
