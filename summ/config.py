@@ -454,8 +454,6 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
         fail("eval.top_p", "in (0, 1]")
     if e.min_new_tokens > e.max_new_tokens:
         fail("eval.min_new_tokens", f"<= eval.max_new_tokens ({e.max_new_tokens})")
-    if e.max_new_tokens >= d.max_length:
-        fail("eval.max_new_tokens", f"< data.max_length ({d.max_length}) so the prompt keeps some article")
     if any(not s for s in e.stop_strings):
         fail("eval.stop_strings", "a list of non-empty strings")
     if not 0 <= d.max_bad_row_share <= 1:

@@ -338,14 +338,6 @@ class Encoder:
                 f"data.min_article_tokens to at most {cfg.max_length - fixed - 2} or raise data.max_length")
         self.fixed_tokens = fixed
 
-    def check_generation_room(self, max_new_tokens: int) -> None:
-        """Refuse a generation budget that would leave the prompt no article (checked before any model loads)."""
-        if self.fixed_tokens + 1 + max_new_tokens > self.max_length:
-            raise ConfigError(
-                f"eval.max_new_tokens={max_new_tokens} does not fit data.max_length={self.max_length}: the "
-                f"template takes {self.fixed_tokens} tokens and the prompt needs at least one article token; "
-                f"use at most {self.max_length - self.fixed_tokens - 1}")
-
     def _split(self, article: str, summary: str | None):
         """Token ids of (template before the article, article, template after it, completion)."""
         t = self.template
@@ -385,12 +377,12 @@ class Encoder:
         return Example(input_ids=prompt + completion, labels=[IGNORE_INDEX] * len(prompt) + completion,
                        article_truncated=article_truncated, summary_truncated=summary_truncated)
 
-    def encode_prompt(self, article: str, max_new_tokens: int) -> list[int]:
-        """Prompt ids for generation: the article cut so the prompt plus `max_new_tokens` fit."""
+    def encode_prompt(self, article: str) -> list[int]:
+        """Prompt ids for generation, with as much article as a training prompt of the shortest
+        summary carried: generation runs past max_length by its new tokens instead of cutting the
+        article to make room for them (the model would otherwise summarize less than it learned on)."""
         pre, art, post, _ = self._split(article, None)
-        self.check_generation_room(max_new_tokens)
-        budget = self.max_length - len(pre) - len(post) - max_new_tokens
-        return pre + art[:budget] + post
+        return pre + art[:self.max_length - len(pre) - len(post) - 1] + post
 
 
 def encode_rows(encoder: Encoder, rows: list[dict], where: str) -> list[Example]:

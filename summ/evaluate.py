@@ -87,7 +87,7 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
     summ.generate's decoder (eval.engine "fast"), everything else on transformers' `generate`;
     both give the same text. `min_new_tokens` (benchmarks) raises eval.min_new_tokens."""
     min_new_tokens = max(min_new_tokens, ev.min_new_tokens)
-    prompts = [encoder.encode_prompt(a, ev.max_new_tokens) for a in articles]
+    prompts = [encoder.encode_prompt(a) for a in articles]
     batch_size = generation_batch_size(ev, model, prompts, device)
     model.eval()
     started = time.perf_counter()
@@ -207,7 +207,6 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
     # Data first: a bad split fails before a model loads.
     tokenizer = load_tokenizer(cfg)
     encoder = Encoder(tokenizer, cfg.data)
-    encoder.check_generation_room(ev.max_new_tokens)
     rows, row_stats = load_rows(cfg.data, cfg.data.eval_split, cfg.data.max_eval_rows)
     examples = encode_rows(encoder, rows, cfg.data.eval_split)
     gen_rows = rows[:ev.generate_rows] if ev.generate_rows else rows

@@ -60,7 +60,6 @@ def summarize(cfg: RunConfig, run_dir: str | Path | None, articles: list[str]) -
     device = _device()
     tokenizer = load_tokenizer(cfg)
     encoder = Encoder(tokenizer, cfg.data)
-    encoder.check_generation_room(cfg.eval.max_new_tokens)
     adapter = None if run_dir is None else Path(run_dir) / "adapter"
     model = load_for_inference(cfg, device, resolve_compute_dtype(cfg.quant.compute_dtype, device), adapter,
                                merge=cfg.eval.merge_adapter, missing_hint=MISSING_ADAPTER_HINT)

@@ -265,8 +265,6 @@ def setup_data(cfg: RunConfig, accelerator) -> TrainData:
     t, d = cfg.train, cfg.data
     tokenizer = load_tokenizer(cfg)
     encoder = Encoder(tokenizer, d)
-    if cfg.eval.generate:
-        encoder.check_generation_room(cfg.eval.max_new_tokens)
     train_rows, train_stats = load_rows(d, d.train_split, d.max_train_rows)
     eval_rows, eval_stats = load_rows(d, d.eval_split, d.max_eval_rows)
     train_examples = encode_rows(encoder, train_rows, d.train_split)

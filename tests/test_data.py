@@ -43,7 +43,7 @@ def test_labels_are_exactly_summary_and_eos(request, tok_name, template):
     first = ex.labels.index(labelled[0])
     assert all(t == IGNORE_INDEX for t in ex.labels[:first]) and IGNORE_INDEX not in ex.labels[first:]
     # Generation sees exactly the prompt tokens the model was trained on.
-    assert enc.encode_prompt(article, max_new_tokens=32) == ex.input_ids[:first]
+    assert enc.encode_prompt(article) == ex.input_ids[:first]
 
 
 def test_eos_inside_text_keeps_its_label_when_pad_is_eos(phi_tok):
@@ -101,13 +101,18 @@ def test_article_reserve_that_leaves_no_summary_room_is_refused(phi_tok):
     assert labelled == phi_tok(" " + summary)["input_ids"][:1] + [phi_tok.eos_token_id]
 
 
-def test_generation_budget_that_leaves_no_article_is_refused(phi_tok):
+def test_generation_prompt_carries_the_article_training_did(phi_tok):
+    """A long article fills max_length less EOS in the generation prompt, whatever max_new_tokens is,
+    so the model summarizes at least the article it saw in training with any summary."""
     enc = Encoder(phi_tok, DataConfig(dataset="x", template=XSUM_TEMPLATE, max_length=64, min_article_tokens=8))
-    assert len(enc.encode_prompt("word " * 100, max_new_tokens=37)) == 64 - 37
-    with pytest.raises(ConfigError, match=re.escape("eval.max_new_tokens=38 does not fit data.max_length=64: the "
-                                                    "template takes 26 tokens and the prompt needs at least one "
-                                                    "article token; use at most 37")):
-        enc.encode_prompt("word " * 100, max_new_tokens=38)
+    article = "word " * 100
+    prompt = enc.encode_prompt(article)
+    assert len(prompt) == 63 and enc.fixed_tokens == 26
+    trained = enc.encode(article, "Council backs plan.")
+    first = next(i for i, t in enumerate(trained.labels) if t != IGNORE_INDEX)
+    pre, _, post, _ = enc._split(article, None)
+    assert len(prompt) - len(pre) - len(post) == 64 - 26 - 1 > first - len(pre) - len(post)
+    assert trained.input_ids[:first - len(post)] == prompt[:first - len(post)]  # the same article, longer
 
 
 def test_template_whitespace_goes_with_completion():
@@ -302,7 +307,7 @@ def test_chat_format_labels_the_assistant_turn_and_prompts_as_the_chat_template_
         tokenize=False, add_generation_prompt=True)
     assert chat == "<|user|>\nSummarize the following news article.\n\n" + article + "</s>\n<|assistant|>\n"
     assert ex.input_ids[:first] == llama_tok(chat, add_special_tokens=False).input_ids
-    assert enc.encode_prompt(article, max_new_tokens=16) == ex.input_ids[:first]
+    assert enc.encode_prompt(article) == ex.input_ids[:first]
 
     long = enc.encode("The council met again. " * 200, summary)
     assert len(long.input_ids) == 96 and long.article_truncated and not long.summary_truncated

@@ -37,7 +37,7 @@ def lora_model(request, tmp_path_factory):
     rows = [json.loads(line) for line in open(data / "validation.jsonl")]
     articles = [r[cfg.data.article_field] for r in rows]
     encoder = Encoder(tok, cfg.data)
-    prompts = [encoder.encode_prompt(articles[i % len(articles)][:n], NEW)
+    prompts = [encoder.encode_prompt(articles[i % len(articles)][:n])
                for i, n in enumerate((4000, 90, 200, 300, 40))]
     assert len({len(p) for p in prompts}) == 5
     return model, tok, prompts

@@ -57,7 +57,7 @@ def prompt_ids(cfg) -> torch.Tensor:
     from summ.data import Encoder
     from summ.model import load_tokenizer
 
-    return torch.tensor([Encoder(load_tokenizer(cfg), cfg.data).encode_prompt(ARTICLES[0], 8)])
+    return torch.tensor([Encoder(load_tokenizer(cfg), cfg.data).encode_prompt(ARTICLES[0])])
 
 
 def greedy_ids(model, ids: torch.Tensor) -> list[int]:

@@ -63,8 +63,6 @@ BAD_INPUTS = {
                                  "'data.template' must be a string with {article} once and ending with {summary}"),
     "min article too long": (["data.min_article_tokens=120"],
                              "data.min_article_tokens=120 does not fit data.max_length=128"),
-    "generation too long": (["eval.max_new_tokens=120", "eval.generate=true"],
-                            "eval.max_new_tokens=120 does not fit data.max_length=128"),
     "resume-changed alone": (["--resume-changed"], "--resume-changed: only applies with --resume"),
 }
 
