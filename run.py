@@ -143,6 +143,15 @@ def check_inference_args(args, config, source: Path) -> None:
             raise ConfigError(f"--out {out}: folder {parent} is not writable")
 
 
+def end_processes() -> None:
+    """After training and its evaluation: every rank is done, then the process group ends."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("SUMM_LOG_LEVEL", "INFO"),
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 evaluate_run(config, result.run_dir)
                 print(f"report: {result.run_dir / 'eval' / 'eval_report.md'}")
+            end_processes()
         elif args.command == "tune":
             from summ.tune import load_search, run_search
 

@@ -191,6 +191,19 @@ def template_markers(template: str, stop_strings) -> tuple[str, ...]:
     return tuple(sorted(markers | {s for s in stop_strings if s.strip()}))
 
 
+def gather_in_order(accelerator, indices: list[int], items: list, total: int) -> list:
+    """Every rank's `items` (item k belongs at `indices[k]`), on every rank, in input order."""
+    pairs = list(zip(indices, items))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        pairs = gather_object(pairs)
+    ordered = [None] * total
+    for i, item in pairs:
+        ordered[i] = item
+    return ordered
+
+
 def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False) -> dict:
     """Score the run's adapter (or, with `zero_shot`, the base model) on data.eval_split and write
     predictions.jsonl, errors.jsonl, eval_metrics.json and eval_report.md."""
@@ -214,8 +227,11 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
     dtype = resolve_compute_dtype(cfg.quant.compute_dtype, accelerator.device)
     model = load_for_inference(cfg, accelerator.device, dtype, adapter_dir, merge=ev.merge_adapter)
     val_loss = evaluate_loss(model, examples, ev.batch_size, tokenizer.pad_token_id, accelerator)
-    generations, speed = generate_summaries(model, tokenizer, encoder, [r["article"] for r in gen_rows], ev,
+    # Each rank summarizes every num_processes-th row; all ranks get every summary, in input order.
+    mine = range(accelerator.process_index, len(gen_rows), accelerator.num_processes)
+    generations, speed = generate_summaries(model, tokenizer, encoder, [gen_rows[i]["article"] for i in mine], ev,
                                             accelerator.device)
+    generations = gather_in_order(accelerator, list(mine), generations, len(gen_rows))
 
     references = [r["summary"] for r in gen_rows]
     scores = score_pairs([g.text for g in generations], references)

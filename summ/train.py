@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import time
 from array import array
 from contextlib import contextmanager, nullcontext
@@ -188,7 +189,9 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), data.tokenizer, cfg, run_dir)
         write_metrics(run_dir, metrics)
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # adapter/ is whole before any rank evaluates it
+    for tracker in accelerator.trackers:  # not end_training(): it ends the process group the evaluation needs
+        tracker.finish()
     return RunResult(run_dir=run_dir, steps=state.step, train_losses=state.train_losses,
                      eval_history=state.eval_history, metrics=metrics)
 
@@ -256,8 +259,25 @@ def out_of_memory_hint(batches: list[dict], cfg: RunConfig):
 def make_accelerator(cfg: RunConfig, run_dir: Path):
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=mixed_precision_mode(cfg.train.mixed_precision),
-                       log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(run_dir))
+    accelerator = Accelerator(mixed_precision=mixed_precision_mode(cfg.train.mixed_precision),
+                              log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(run_dir))
+    check_launch(accelerator.num_processes)
+    return accelerator
+
+
+def check_launch(processes: int) -> None:
+    """Refuse a launch whose processes would not train as one run: without GPUs, torchrun or
+    `accelerate launch --multi_gpu` start ranks that each set up a run of their own unless
+    ACCELERATE_USE_CPU is set, and `accelerate launch --cpu --num_processes N` starts one process."""
+    how = ("for N CPU processes run ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N run.py ... "
+           "(or ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N run.py ...)")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != processes:
+        raise ConfigError(f"{launched} processes were launched (WORLD_SIZE) but accelerate set up {processes}; {how}")
+    if processes == 1 and "MASTER_ADDR" in os.environ and os.environ.get("ACCELERATE_USE_CPU", "").lower() in (
+            "1", "true", "yes"):
+        raise ConfigError(f"`accelerate launch --cpu --num_processes N` starts one process (accelerate starts "
+                          f"several CPU processes only through mpirun); {how}")
 
 
 def setup_data(cfg: RunConfig, accelerator) -> TrainData:
@@ -380,7 +400,10 @@ def resume_point(run_dir: Path, resume: bool | str | Path) -> Path | None:
 
 
 def run_validation(model, data: TrainData, cfg: RunConfig, accelerator) -> dict:
-    val_loss = evaluate_loss(model, data.eval_examples, cfg.eval.batch_size, data.tokenizer.pad_token_id, accelerator)
+    # The bare model: DDP's forward broadcasts buffers, a collective that a rank without an
+    # evaluation batch never joins.
+    val_loss = evaluate_loss(accelerator.unwrap_model(model), data.eval_examples, cfg.eval.batch_size,
+                             data.tokenizer.pad_token_id, accelerator)
     record = {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}
     record.update({k.replace("memory/", "val/"): v for k, v in _memory_stats().items()})
     _reset_peak_memory()  # so training logs report training memory only
