@@ -170,13 +170,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.resume_changed and not args.resume:
                 raise ConfigError("--resume-changed: only applies with --resume")
             result = train(config, resume=args.resume, accept_changes=args.resume_changed)
-            print(f"trained: {result.steps} steps, final val loss {result.metrics['final_val_loss']}, "
-                  f"outputs in {result.run_dir}")
+            say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # once per launch
+            say(f"trained: {result.steps} steps, final val loss {result.metrics['final_val_loss']}, "
+                f"outputs in {result.run_dir}")
             if config.eval.generate:
                 from summ.evaluate import evaluate_run
 
                 evaluate_run(config, result.run_dir)
-                print(f"report: {result.run_dir / 'eval' / 'eval_report.md'}")
+                say(f"report: {result.run_dir / 'eval' / 'eval_report.md'}")
             end_processes()
         elif args.command == "tune":
             from summ.tune import load_search, run_search

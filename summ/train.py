@@ -291,6 +291,7 @@ def setup_data(cfg: RunConfig, accelerator) -> TrainData:
     eval_examples = encode_rows(encoder, eval_rows, d.eval_split)
     lengths = [len(e.input_ids) for e in train_examples]
     world, rank = accelerator.num_processes, accelerator.process_index
+    warned: set[int] = set()
 
     def windows_of_epoch(epoch: int) -> list[list[list[int]]]:
         plan = plan_batches(lengths, micro_batch_size=t.micro_batch_size, micro_batch_tokens=t.micro_batch_tokens,
@@ -299,6 +300,12 @@ def setup_data(cfg: RunConfig, accelerator) -> TrainData:
         if per_rank == 0:
             raise ConfigError(f"data: {len(train_examples)} training rows make {len(plan)} micro-batches, "
                               f"fewer than the {world} processes")
+        if len(plan) % world and epoch not in warned:
+            warned.add(epoch)
+            # Every rank must take the same number of micro-batches (each gradient sync waits for all).
+            log.warning("epoch %d: the last %d of %d micro-batches are not trained: %d processes share the plan "
+                        "evenly (a multiple of %d micro-batches avoids it)", epoch, len(plan) % world, len(plan),
+                        world, world)
         mine = plan[rank::world][:per_rank]
         return [mine[s:s + t.grad_accum_steps] for s in range(0, per_rank, t.grad_accum_steps)]
 
