@@ -661,14 +661,8 @@ def plot_loss_curves(entries: list[Entry], path: Path) -> list[int]:
             ax.plot(*zip(*val), color=colors[i % len(colors)], linewidth=width, linestyle="--", marker="o",
                     label=f"{e.label} val")
         drawn += bool(train or val)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss per summary token")
-    ax.set_title("Training and validation loss")
-    if drawn:
-        fig.legend(loc="outside right upper", fontsize="small")
-    else:
-        ax.text(0.5, 0.5, "no losses in any log.jsonl", ha="center", va="center", transform=ax.transAxes)
-    return _save(fig, path)
+    return _finish_steps_plot(fig, ax, path, drawn, "loss per summary token", "Training and validation loss",
+                              "no losses in any log.jsonl")
 
 
 def plot_search_curves(searches: list[Search], path: Path) -> list[int]:
@@ -684,14 +678,19 @@ def plot_search_curves(searches: list[Search], path: Path) -> list[int]:
                 ax.plot(*zip(*val), marker="o", linewidth=2.5 if best else 1.0,
                         label=f"{search.path.name}/{trial_id}" + (" (best)" if best else ""))
                 drawn += 1
+    return _finish_steps_plot(fig, ax, path, drawn, "validation loss", "Validation loss of each trial",
+                              "no trial has a log.jsonl with validation losses")
+
+
+def _finish_steps_plot(fig, ax, path: Path, drawn: int, ylabel: str, title: str, empty: str) -> list[int]:
+    """Labels, a legend beside the axes (or a note when nothing was drawn), and the PNG."""
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation loss")
-    ax.set_title("Validation loss of each trial")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     if drawn:
         fig.legend(loc="outside right upper", fontsize="small")
     else:
-        ax.text(0.5, 0.5, "no trial has a log.jsonl with validation losses", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
     return _save(fig, path)
 
 

@@ -271,7 +271,7 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides=()) -> RunConf
             raise ConfigError(f"{source}: unknown section '{name}'; expected one of {sorted(_SECTION_CLASSES)}")
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: section '{name}' must be an object, got {type(value).__name__}")
-        sections[name] = _build_section(_SECTION_CLASSES[name], name, value, source, origins)
+        sections[name] = build_section(_SECTION_CLASSES[name], name, value, source, origins)
     config = RunConfig(**sections)
     validate(config, source, origins)
     return config
@@ -341,7 +341,9 @@ def _type_name(hint) -> str:
     return f"{name} or null" if _allows_none(hint) else name
 
 
-def _build_section(cls, section: str, values: dict, source: str, origins: dict):
+def build_section(cls, section: str, values: dict, source: str, origins: dict | None = None):
+    """A config section's dataclass from its JSON values: unknown keys and wrong types are errors."""
+    origins = origins or {}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():

@@ -18,7 +18,7 @@ import torch
 from summ.config import EvalConfig, RunConfig
 from summ.data import Encoder, encode_rows, load_rows
 from summ.errors import aggregate_errors, analyze_example
-from summ.generate import GreedyDecoder
+from summ.generate import GreedyDecoder, left_padded, longest_first
 from summ.loss import evaluate_loss
 from summ.model import load_for_inference, load_tokenizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
@@ -91,9 +91,9 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
     batch_size = generation_batch_size(ev, model, prompts, device)
     model.eval()
     started = time.perf_counter()
-    if uses_fast_engine(ev):
-        decoder = GreedyDecoder(model, tokenizer, ev.stop_strings, device,
-                                compile=compiled(ev, device, len(articles)))
+    fast, capture = uses_fast_engine(ev), compiled(ev, device, len(articles))
+    if fast:
+        decoder = GreedyDecoder(model, tokenizer, ev.stop_strings, device, compile=capture)
         new_ids = decoder.generate(prompts, ev.max_new_tokens, batch_size, min_new_tokens=min_new_tokens)
     else:
         new_ids = _generate_with_transformers(model, tokenizer, prompts, ev, device, batch_size, min_new_tokens)
@@ -102,8 +102,7 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     new_tokens = sum(g.new_tokens for g in results)
-    speed = {"engine": "fast" if uses_fast_engine(ev) else "hf", "batch_size": batch_size,
-             "compile": compiled(ev, device, len(articles)), "seconds": seconds,
+    speed = {"engine": "fast" if fast else "hf", "batch_size": batch_size, "compile": capture, "seconds": seconds,
              "generated_tokens": new_tokens, "generated_tokens_per_s": new_tokens / seconds,
              "articles_per_s": len(results) / seconds}
     return results, speed
@@ -112,7 +111,7 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
 def _generate_with_transformers(model, tokenizer, prompts: list[list[int]], ev: EvalConfig, device: torch.device,
                                 batch_size: int, min_new_tokens: int) -> list[list[int]]:
     """New ids per prompt from `model.generate`, longest prompts first in left-padded batches."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    order = longest_first(prompts)
     pad = tokenizer.pad_token_id
     kwargs = dict(max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, do_sample=ev.do_sample,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=True, min_new_tokens=min_new_tokens,
@@ -129,12 +128,8 @@ def _generate_with_transformers(model, tokenizer, prompts: list[list[int]], ev: 
     new_ids: list[list[int] | None] = [None] * len(prompts)
     for s in range(0, len(order), batch_size):
         rows = order[s:s + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            input_ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            attention_mask[r, width - len(prompts[i]):] = 1
+        input_ids, attention_mask = left_padded([prompts[i] for i in rows], pad)
+        width = input_ids.shape[1]
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
         for r, i in enumerate(rows):
             new_ids[i] = out[r, width:].tolist()

@@ -46,6 +46,23 @@ def stop_candidates(tokenizer, stop_strings, vocab_size: int) -> torch.Tensor:
     return cache[key]
 
 
+def longest_first(prompts: list[list[int]]) -> list[int]:
+    """Prompt indices, longest first: similar lengths share a batch and pad little."""
+    return sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+
+
+def left_padded(prompts: list[list[int]], pad: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of prompts padded on the left to the longest; the mask runs on
+    with ones to `length` (positions not yet written are hidden by causality, not by the mask)."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.ones((len(prompts), length or width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, :width - len(p)] = 0
+    return input_ids, mask
+
+
 def eos_token_ids(model, tokenizer) -> list[int]:
     """Every id that ends a sequence: the tokenizer's EOS and the model's generation config's."""
     ids = {tokenizer.eos_token_id}
@@ -83,6 +100,9 @@ class GreedyDecoder:
         self.eos = torch.tensor(eos_token_ids(model, tokenizer), device=device)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(self.eos[0])
         self.cache_keyword = _cache_keyword(model)
+        # Added to the logits: nothing, or EOS ruled out (before min_new_tokens).
+        self.no_bias = torch.zeros(self.vocab_size, device=device)
+        self.no_eos = self.no_bias.clone().index_fill_(0, self.eos, float("-inf"))
         self.static = static or compile is not None
         self._static_cache_class, self._dynamic_cache_class = StaticCache, DynamicCache
         self._cache, self._cache_shape = None, None
@@ -116,7 +136,7 @@ class GreedyDecoder:
         """New token ids for each prompt, in input order; a row that ended is padded after its EOS
         (or stop string), as `model.generate` pads it. Before `min_new_tokens` EOS cannot be chosen,
         as with `generate`'s argument of that name."""
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        order = longest_first(prompts)
         cache_length = -(-(len(prompts[order[0]]) + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET if prompts else 0
         results: list[list[int] | None] = [None] * len(prompts)
         for start in range(0, len(order), batch_size):
@@ -133,19 +153,12 @@ class GreedyDecoder:
         device, batch = self.device, len(prompts)
         width = max(len(p) for p in prompts)
         total = cache_length if self.static else width + max_new_tokens
-        input_ids = torch.full((batch, width), self.pad, dtype=torch.long)
-        # Ones beyond the prompt: positions not yet written are hidden by causality, not by the mask.
-        mask = torch.ones((batch, total), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[r, :width - len(p)] = 0
-        input_ids, mask = input_ids.to(device), mask.to(device)
+        input_ids, mask = (t.to(device) for t in left_padded(prompts, self.pad, total))
         # As `generate` numbers left-padded rows: from 0 at the first real token (padding at 1).
         positions = (mask[:, :width].cumsum(-1) - 1).masked_fill(mask[:, :width] == 0, 1)
         cache = self._new_cache(batch, total)
 
-        no_bias = torch.zeros(self.vocab_size, device=device)
-        no_eos = no_bias.clone().index_fill_(0, self.eos, float("-inf"))
+        no_bias, no_eos = self.no_bias, self.no_eos
         logits = self._forward(input_ids, positions, mask if self.static else mask[:, :width], cache)
         token = (logits + (no_eos if min_new_tokens > 0 else no_bias)).argmax(-1)
         position = positions[:, -1:] + 1
@@ -167,7 +180,7 @@ class GreedyDecoder:
             bias = no_eos if step + 1 < min_new_tokens else no_bias
             token = self._step(token[:, None], position, step_mask, cache, bias).clone()
             position = position + 1
-        return [row for row in out.tolist()]
+        return out.tolist()
 
     def _check_finished(self, out, step, done, host_done, host_tokens) -> bool:
         """Copy the tokens since the last check to the host, mark rows whose text now holds a stop

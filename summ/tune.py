@@ -24,15 +24,14 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import os
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from summ.config import SEARCH_SECTION, ConfigError, RunConfig, config_from_dict, looks_like_local_path
+from summ.config import (SEARCH_SECTION, ConfigError, RunConfig, build_section, config_from_dict,
+                         looks_like_local_path)
 from summ.files import write_atomic, write_json
 
 log = logging.getLogger(__name__)
@@ -97,13 +96,7 @@ def load_search(raw_config: dict, source: str, search_file: str | None = None) -
             raise ConfigError(f"{source}: no \"{SEARCH_SECTION}\" section; add one or pass --search FILE")
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: '{SEARCH_SECTION}' must be an object")
-    hints = typing.get_type_hints(SearchConfig)
-    values = {}
-    for key, value in raw.items():
-        if key not in hints:
-            raise ConfigError(f"{source}: unknown key '{SEARCH_SECTION}.{key}'; expected one of {sorted(hints)}")
-        values[key] = _checked(value, hints[key], f"{source}: '{SEARCH_SECTION}.{key}'")
-    search = SearchConfig(**values)
+    search = build_section(SearchConfig, SEARCH_SECTION, raw, source)
     where = f"{source}: '{SEARCH_SECTION}."
     if search.metric not in METRICS:
         raise ConfigError(f"{where}metric' must be one of {list(METRICS)}, got {search.metric!r}")
@@ -122,19 +115,6 @@ def load_search(raw_config: dict, source: str, search_file: str | None = None) -
     if not search.space:
         raise ConfigError(f"{where}space' must name at least one config key to search")
     return search
-
-
-def _checked(value, hint, where: str):
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if args else hint
-    if value is None and type(None) in typing.get_args(hint):
-        return None
-    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-          str: isinstance(value, str), dict: isinstance(value, dict)}[base]
-    if not ok:
-        raise ConfigError(f"{where} must be {base.__name__}, got {value!r}")
-    return float(value) if base is float else value
 
 
 def check_space(base: dict, search: SearchConfig, source: str) -> None:
@@ -305,8 +285,7 @@ def trial_rows(grid, search: SearchConfig, out_dir: Path) -> list[dict]:
     """One row per trial: its sampled values, how it ended, its losses, ROUGE, time and memory."""
     rows = []
     for result in grid:
-        trial_id = Path(result.path).name.split("_")[1] if result.path else "?"
-        trial_id = result.metrics.get("trial_id", trial_id)
+        trial_id = result.metrics.get("trial_id") or Path(result.path).name  # no report: Ray's folder name
         history = result.metrics_dataframe
         losses = [] if history is None or "val_loss" not in history else [x for x in history["val_loss"] if x == x]
         run_dir = out_dir / "trials" / trial_id
