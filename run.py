@@ -55,6 +55,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ev.add_argument("--zero-shot", action="store_true", help="score the base model without the adapter")
     ev.add_argument("--baseline", choices=("lead",),
                     help="score the extractive LEAD baseline (first sentences of the article) instead of a model")
+    ev.add_argument("--name", help="write into RUN/NAME instead of RUN/eval (or RUN/zero_shot), e.g. to keep a "
+                                   "beam-search evaluation beside the greedy one")
     trust_remote_code(ev)
     overrides(ev)
 
@@ -89,6 +91,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# What a training run writes itself; an evaluation --name must not land on one of them.
+RUN_FOLDER_PARTS = {"adapter", "checkpoints", "tensorboard", "lead", "eval", "zero_shot"}
+
+
 def run_config(args):
     """The config of the command, and for eval/predict every check that needs no model: a mistake in
     the options fails in milliseconds, before a model loads or a folder is created."""
@@ -120,6 +126,10 @@ def check_inference_args(args, config, source: Path) -> None:
     if args.command == "eval":
         if args.baseline and args.zero_shot:
             raise ConfigError("--baseline lead and --zero-shot: pick one")
+        if args.name is not None and (args.baseline or not args.name or args.name in RUN_FOLDER_PARTS
+                                      or Path(args.name).name != args.name or args.name.startswith(".")):
+            raise ConfigError(f"--name {args.name!r}: expected a new folder name inside the run (not "
+                              f"{', '.join(sorted(RUN_FOLDER_PARTS))}, no '/'), and no --baseline")
         if not args.zero_shot and not args.baseline:
             run_dir = Path(args.run) if args.run else Path(config.log.output_dir)
             require_adapter(run_dir / "adapter", "train first, or pass --zero-shot to score the base model")
@@ -206,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             from summ.evaluate import evaluate_run
 
             run_dir = Path(args.run) if args.run else Path(config.log.output_dir)
-            metrics = evaluate_run(config, run_dir, zero_shot=args.zero_shot)
-            folder = run_dir / ("zero_shot" if args.zero_shot else "eval")
+            metrics = evaluate_run(config, run_dir, zero_shot=args.zero_shot, name=args.name)
+            folder = run_dir / (args.name or ("zero_shot" if args.zero_shot else "eval"))
             rouge = " ".join(f"{k} {v['mean']:.2f}" for k, v in metrics["rouge"].items())
             print(f"val loss {metrics['val_loss']:.4f}, {rouge}; report: {folder / 'eval_report.md'}")
         else:

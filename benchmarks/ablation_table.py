@@ -1,0 +1,76 @@
+"""The table of benchmarks/quality_figures.sh: LEAD-k, the zero-shot base model, the recipe (greedy and
+beam search) and one row per lever switched off, on the same validation rows.
+
+    python benchmarks/ablation_table.py OUT recipe raw-prompt attention-only ...
+
+OUT holds one folder per run (its eval/, and for the recipe beams/, zero_shot/ and lead/) and one
+`<name>.log` per command (the wall time is read from `time`'s `real` line).
+"""
+import argparse
+import json
+import re
+from pathlib import Path
+
+KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+LEVERS = {"raw-prompt": "the dataset's raw prompt instead of the chat template",
+          "attention-only": "LoRA on attention only (q, k, v, o)", "one-epoch": "1 epoch instead of 3",
+          "max-length-256": "256 tokens instead of 512"}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wall_time(log: Path) -> str:
+    found = re.findall(r"^real\s+(\d+)m([\d.]+)s", log.read_text(), re.M) if log.is_file() else []
+    if not found:
+        return "-"
+    minutes, seconds = found[-1]
+    return f"{int(minutes) * 60 + float(seconds):.0f} s"
+
+
+def row(label: str, folder: Path, log: Path, train_dir: Path | None = None) -> str:
+    metrics_file = folder / "eval_metrics.json"
+    if not metrics_file.is_file():
+        return f"| {label} | missing: {metrics_file} |" + " |" * 8
+    m = json.loads(metrics_file.read_text())
+    r = m["rouge"]
+    rouge = [f"{r['rouge1']['mean']:.2f} [{r['rouge1']['low']:.2f}, {r['rouge1']['high']:.2f}]"] + \
+        [f"{r[k]['mean']:.2f}" for k in KEYS[1:]]
+    val_loss = f"{m['val_loss']:.4f}" if "val_loss" in m else "-"
+    stopped = f"{100 * m['stopped_by_itself_share']:.1f}%" if "stopped_by_itself_share" in m else "-"
+    errors = folder / "errors.jsonl"
+    if errors.is_file():
+        records = read_jsonl(errors)
+        repeating = f"{100 * sum(e['repeated_trigram_share'] > 0 for e in records) / len(records):.1f}%"
+    else:
+        repeating = "-"
+    generation = m.get("generation", {})
+    seconds = f"{generation['seconds']:.0f} s" if "seconds" in generation else "-"
+    train = wall_time(log) if train_dir else "-"
+    return f"| {label} | {val_loss} | " + " | ".join(rouge) + f" | {stopped} | {repeating} | {seconds} | {train} |"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("recipe", help="the recipe run's folder name")
+    p.add_argument("levers", nargs="*", help="folder names of the runs with one lever switched off")
+    a = p.parse_args()
+    out = a.out
+    recipe = out / a.recipe
+    lead = json.loads((recipe / "lead" / "eval_metrics.json").read_text())["baseline"] \
+        if (recipe / "lead" / "eval_metrics.json").is_file() else "lead"
+    print("| run | val loss | ROUGE-1 [95% CI] | ROUGE-2 | ROUGE-L | ROUGE-Lsum | stopped by itself | "
+          "summaries repeating a trigram | generation | train + greedy eval |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(row(lead.upper(), recipe / "lead", out / "lead.log"))
+    print(row("zero-shot (chat template)", recipe / "zero_shot", out / "zero-shot.log"))
+    print(row("recipe, greedy", recipe / "eval", out / f"{a.recipe}.log", recipe))
+    print(row("recipe, beam search", recipe / "beams", out / "beams.log"))
+    for name in a.levers:
+        print(row(f"recipe, {LEVERS.get(name, name)}", out / name / "eval", out / f"{name}.log", out / name))
+
+
+if __name__ == "__main__":
+    main()
