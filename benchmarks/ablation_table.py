@@ -14,7 +14,9 @@ from pathlib import Path
 KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 LEVERS = {"raw-prompt": "the dataset's raw prompt instead of the chat template",
           "attention-only": "LoRA on attention only (q, k, v, o)", "one-epoch": "1 epoch instead of 3",
-          "max-length-256": "256 tokens instead of 512"}
+          "max-length-256": "256 tokens instead of 512", "five-epochs": "5 epochs instead of 3",
+          "lr-1e-3": "learning rate 1e-3 instead of 5e-4", "rank-32": "LoRA rank 32 (alpha 64) instead of 16",
+          "all-three": "5 epochs, learning rate 1e-3, LoRA rank 32"}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -67,7 +69,9 @@ def main() -> None:
     print(row(lead.upper(), recipe / "lead", out / "lead.log"))
     print(row("zero-shot (chat template)", recipe / "zero_shot", out / "zero-shot.log"))
     print(row("recipe, greedy", recipe / "eval", out / f"{a.recipe}.log", recipe))
-    print(row("recipe, beam search", recipe / "beams", out / "beams.log"))
+    print(row("recipe, beam search (BART's settings)", recipe / "beams", out / "beams.log"))
+    print(row("recipe, 4 beams, no repeated trigrams", recipe / "beams-short", out / "beams-short.log"))
+    print(row("recipe, greedy, no repeated trigrams", recipe / "no-repeat", out / "no-repeat.log"))
     for name in a.levers:
         print(row(f"recipe, {LEVERS.get(name, name)}", out / name / "eval", out / f"{name}.log", out / name))
 

