@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             rouge = " ".join(f"{k} {v['mean']:.2f}" for k, v in metrics["rouge"].items())
             print(f"val loss {metrics['val_loss']:.4f}, {rouge}; report: {folder / 'eval_report.md'}")
         else:
+            from summ.files import write_atomic
             from summ.predict import merge_adapter, read_articles, summarize
 
             # Read the input before the merge: a bad file fails before any model loads.
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             lines = [{"id": a["id"], "summary": g.text, "stop_reason": g.stop_reason}
                      for a, g in zip(articles, generations)]
             if args.out:
-                Path(args.out).write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+                write_atomic(args.out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
             else:
                 for x in lines:
                     print(x["summary"] if len(lines) == 1 else json.dumps(x, ensure_ascii=False))

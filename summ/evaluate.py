@@ -18,6 +18,7 @@ import torch
 from summ.config import EvalConfig, RunConfig
 from summ.data import Encoder, encode_rows, load_rows
 from summ.errors import aggregate_errors, analyze_example
+from summ.files import write_atomic, write_json
 from summ.generate import GreedyDecoder, left_padded, longest_first
 from summ.loss import evaluate_loss
 from summ.model import load_for_inference, load_tokenizer
@@ -253,15 +254,13 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
 
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "predictions.jsonl", "w") as f:
-            for r, g, sc in zip(gen_rows, generations, scores):
-                f.write(json.dumps({"id": r["id"], "reference": r["summary"], "prediction": g.text,
-                                    "stop_reason": g.stop_reason, "new_tokens": g.new_tokens,
-                                    **{k: sc[k] for k in ROUGE_KEYS}}, ensure_ascii=False) + "\n")
-        with open(out_dir / "errors.jsonl", "w") as f:
-            for r, a in zip(gen_rows, analyses):
-                f.write(json.dumps({"id": r["id"], **a}, ensure_ascii=False) + "\n")
-        (out_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_atomic(out_dir / "predictions.jsonl", "".join(
+            json.dumps({"id": r["id"], "reference": r["summary"], "prediction": g.text, "stop_reason": g.stop_reason,
+                        "new_tokens": g.new_tokens, **{k: sc[k] for k in ROUGE_KEYS}}, ensure_ascii=False) + "\n"
+            for r, g, sc in zip(gen_rows, generations, scores)))
+        write_atomic(out_dir / "errors.jsonl", "".join(
+            json.dumps({"id": r["id"], **a}, ensure_ascii=False) + "\n" for r, a in zip(gen_rows, analyses)))
+        write_json(out_dir / "eval_metrics.json", metrics)
         baseline_dir = run_dir / (EVAL_DIR if zero_shot else ZERO_SHOT_DIR)
         baseline = json.loads((baseline_dir / "eval_metrics.json").read_text()) \
             if (baseline_dir / "eval_metrics.json").is_file() else None

@@ -96,6 +96,21 @@ def write_json(path: str | Path, value) -> None:
     write_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
+def json_records(path: str | Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file the project wrote (log.jsonl, predictions.jsonl). A line
+    that does not parse, such as the last line of a run killed mid-write, is left out; data files go
+    through `summ.data`, which counts and reports such lines instead."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def looks_binary(path: Path) -> bool:
     with open(path, "rb") as f:
         return b"\0" in f.read(_SNIFF_BYTES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -281,15 +282,39 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def lora_on_meta(cfg: RunConfig):
-    """The configured architecture + LoRA on the meta device: parameter counts without weights."""
-    from peft import get_peft_model
+def base_on_meta(cfg: RunConfig):
+    """The configured architecture on the meta device: its modules without weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(resolve_folder(cfg.model.name_or_path),
-                                        trust_remote_code=cfg.model.trust_remote_code)
+    folder = pretrained_folder(cfg.model) if cfg.model.gguf_file else resolve_folder(cfg.model.name_or_path)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
     for key, value in cfg.model.config_overrides.items():
         setattr(config, key, value)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-        return get_peft_model(model, peft_lora_config(cfg, config.model_type))
+        return AutoModelForCausalLM.from_config(config)
+
+
+def lora_on_meta(cfg: RunConfig):
+    """The configured architecture + LoRA on the meta device: parameter counts without weights."""
+    from peft import get_peft_model
+
+    model = base_on_meta(cfg)
+    return get_peft_model(model, peft_lora_config(cfg, model.config.model_type))
+
+
+def check_model_settings(cfg: RunConfig) -> None:
+    """What would otherwise fail (or go wrong silently) only once the weights load, after the run
+    folder exists: an attention kernel that is not installed, LoRA target modules the architecture
+    does not have (peft trains the ones it finds and drops the rest without a word)."""
+    if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation: 'flash_attention_2' needs the flash-attn package "
+                          "(pip install flash-attn); 'sdpa' needs nothing")
+    model = base_on_meta(cfg)
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in lora_targets(cfg, model.config.model_type)
+               if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        raise ConfigError(f"lora.target_modules: {', '.join(missing)} matches no module of this "
+                          f"{model.config.model_type} model; its linear layers are {', '.join(linear)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from summ.files import write_atomic
 from summ.errors import LENGTH_BUCKETS, excerpt, worst_examples
 from summ.rouge import ROUGE_KEYS
 
@@ -105,4 +106,4 @@ def write_report(path: Path, metrics: dict, rows: list[dict], generations: list[
             if a["unsupported_numbers"] or a["unsupported_names"]:
                 lines.append(f"- **Not in the article:** {', '.join(a['unsupported_numbers'] + a['unsupported_names'])}")
             lines.append("")
-    Path(path).write_text("\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")

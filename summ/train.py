@@ -25,7 +25,7 @@ from summ.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from summ.config import ConfigError, RunConfig, TrainConfig
 from summ.data import Encoder, Example, RowStats, collate, encode_rows, load_rows, plan_batches
 from summ.loss import count_label_tokens, evaluate_loss, forward_summed_loss
-from summ.model import build_model, count_parameters, load_tokenizer
+from summ.model import build_model, check_model_settings, count_parameters, load_tokenizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
 from summ.run_record import (RunLog, check_resume, record_resume, save_adapter, write_metrics,
                               write_run_record)
@@ -93,6 +93,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
 
     # Inputs first, before any folder is made or model loaded: bad input fails in seconds.
     data = setup_data(cfg, accelerator)
+    check_model_settings(cfg)
     changes = check_resume(cfg, resume_from, accelerator.num_processes, data.fingerprint, accept_changes)
     write_run_record(cfg, run_dir, accelerator, data.tokenizer, resuming=resume_from is not None)
 
@@ -113,6 +114,11 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
         record = run_validation(model, data, cfg, accelerator)
         state.eval_history.append({"step": step, **record})
         run_log.write(step, record)
+        if not math.isfinite(record["val/loss"]):  # finite gradients can still carry the weights off
+            raise TrainingDiverged(
+                f"validation loss is {record['val/loss']} at step {step}; stopping before this state is saved. "
+                f"Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. Try a lower train.lr "
+                f"(now {t.lr:g})")
         accelerator.print(f"step {step}: val loss {record['val/loss']:.4f}, "
                           f"perplexity {record['val/perplexity']:.2f}")
         if on_validation is not None:

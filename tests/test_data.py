@@ -115,6 +115,16 @@ def test_generation_prompt_carries_the_article_training_did(phi_tok):
     assert trained.input_ids[:first - len(post)] == prompt[:first - len(post)]  # the same article, longer
 
 
+def test_generation_prompt_never_keeps_the_article_end_when_the_template_fills_max_length(phi_tok, monkeypatch):
+    """A template that tokenizes longer beside some article than when checked can leave no room for
+    the article: the prompt then holds none of it, not its last tokens (a negative slice bound)."""
+    enc = Encoder(phi_tok, DataConfig(dataset="x", template=XSUM_TEMPLATE, max_length=32, min_article_tokens=1))
+    pre, art, post, _ = enc._split("word " * 40, None)
+    monkeypatch.setattr(enc, "_split", lambda article, summary: (pre + pre, art, post, []))
+    assert len(pre + pre + post) > 32 - 1 and len(art) == 41
+    assert enc.encode_prompt("word " * 40) == pre + pre + post
+
+
 def test_template_whitespace_goes_with_completion():
     t = PromptTemplate.parse("Summarize: {article}\n\nSummary: {summary}")
     assert (t.head, t.prompt_tail, t.completion_prefix) == ("Summarize: ", "\n\nSummary:", " ")

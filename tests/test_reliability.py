@@ -64,6 +64,15 @@ BAD_INPUTS = {
     "min article too long": (["data.min_article_tokens=120"],
                              "data.min_article_tokens=120 does not fit data.max_length=128"),
     "resume-changed alone": (["--resume-changed"], "--resume-changed: only applies with --resume"),
+    "no bootstrap": (["eval.bootstrap_resamples=0"],
+                     "--set eval.bootstrap_resamples=0: 'eval.bootstrap_resamples' must be > 0, got 0"),
+    "empty output dir": (["log.output_dir="], "--set log.output_dir=: 'log.output_dir' must be a folder path"),
+    "unknown lora target": (["lora.target_modules=q_proj,nope_proj"],
+                            "error: lora.target_modules: nope_proj matches no module of this phi model; its linear layers are "
+                            "dense, fc1, fc2, k_proj, lm_head, q_proj, v_proj"),
+    "flash attention missing": (["model.attn_implementation=flash_attention_2"],
+                                "error: model.attn_implementation: 'flash_attention_2' needs the flash-attn package "
+                                "(pip install flash-attn); 'sdpa' needs nothing"),
 }
 
 

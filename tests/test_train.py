@@ -315,3 +315,16 @@ def test_auto_precision_on_a_cpu_uses_bf16_only_where_it_is_fast(monkeypatch, na
     assert precision.mixed_precision_mode("auto") == expected
     assert precision.mixed_precision_mode("fp16") == "fp16"
     assert precision.resolve_compute_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_a_learning_rate_that_blows_the_weights_up_stops_at_the_next_validation(tmp_path):
+    """lr 1e30 keeps every loss and gradient finite until the weights overflow: the validation after
+    the first step sees NaN and ends the run before that state is checkpointed or saved as adapter."""
+    cfg = tiny_config(tmp_path / "run", train={"lr": 1e30, "save_every": 1},
+                      eval={"eval_every": 1, "at_start": False})
+    with pytest.raises(TrainingDiverged, match=r"^validation loss is nan at step 1; stopping before this state is "
+                                               r"saved\. Last good checkpoint: none yet\. Try a lower train\.lr "
+                                               r"\(now 1e\+30\)$"):
+        train(cfg)
+    assert latest_checkpoint(tmp_path / "run") is None
+    assert not (tmp_path / "run" / "adapter").exists()
