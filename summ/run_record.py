@@ -25,7 +25,7 @@ from pathlib import Path
 from summ.checkpoint import read_resume_record
 from summ.config import ConfigError, RunConfig
 from summ.data import prompt_template
-from summ.files import atomic_folder, write_atomic, write_json
+from summ.files import WriteError, atomic_folder, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +183,11 @@ class RunLog:
         if self.accelerator.trackers:
             self.accelerator.log(values, step=step)
         if self.accelerator.is_main_process:
-            with open(self.file, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+            try:
+                with open(self.file, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": step, **values}) + "\n")
+            except OSError as e:  # a full disk: the run stops with its last checkpoint, not a traceback
+                raise WriteError(f"could not append to {self.file}: {e.strerror or e}") from e
 
 
 def _step_of(line: str) -> int | None:

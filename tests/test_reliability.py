@@ -389,3 +389,27 @@ def test_a_fresh_run_keeps_an_earlier_attempts_log_beside_its_own(tmp_path, monk
     assert steps == [1, 2, 3]
     (earlier,) = (tmp_path / "run").glob("log.before-*.jsonl")
     assert [json.loads(x)["step"] for x in earlier.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_full_disk_while_logging_is_a_clear_error_with_the_checkpoint_kept(tmp_path, monkeypatch):
+    import builtins
+
+    import summ.run_record as rr
+    from summ.files import WriteError
+
+    appends = {"n": 0}
+
+    def open_filling_up(file, mode="r", *args, **kwargs):
+        if mode == "a" and str(file).endswith("log.jsonl"):
+            appends["n"] += 1
+            if appends["n"] > 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(rr, "open", open_filling_up, raising=False)
+    cfg = tiny_config(tmp_path / "run", train={"save_every": 1}, eval={"at_start": False, "at_end": False},
+                      log={"log_every": 1})
+    with pytest.raises(WriteError, match=re.escape(f"could not append to {tmp_path}/run/log.jsonl: "
+                                                   f"No space left on device")):
+        train(cfg)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000001", "step-0000002"]
