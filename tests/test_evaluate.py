@@ -172,6 +172,19 @@ def test_beam_search_batches_match_one_by_one(base):
     assert ended == first + beams[1:]
 
 
+def test_beam_search_without_repeated_trigrams_batches_match_one_by_one(base):
+    """BART's decoding (beams + no repeated trigram) on left-padded batches: each row's banned n-grams
+    are its own, so the batch gives each article the summary it gets alone."""
+    cfg, tok, encoder, model = base
+    articles = three_articles()
+    settings = dict(max_new_tokens=48, stop_strings=(), num_beams=3, no_repeat_ngram_size=3, length_penalty=2.0)
+    batched = greedy(model, tok, encoder, articles, **settings)
+    alone = [greedy(model, tok, encoder, [a], **settings)[0] for a in articles]
+    assert batched == alone
+    free = greedy(model, tok, encoder, articles, max_new_tokens=48, stop_strings=(), num_beams=3)
+    assert [g.text for g in batched] != [g.text for g in free]  # the ban changed something
+
+
 def test_no_repeat_ngram_size_reaches_generation(base):
     _, tok, encoder, model = base
 
