@@ -415,8 +415,12 @@ def resume_point(run_dir: Path, resume: bool | str | Path) -> Path | None:
 def run_validation(model, data: TrainData, cfg: RunConfig, accelerator) -> dict:
     # The bare model: DDP's forward broadcasts buffers, a collective that a rank without an
     # evaluation batch never joins.
-    val_loss = evaluate_loss(accelerator.unwrap_model(model), data.eval_examples, cfg.eval.batch_size,
-                             data.tokenizer.pad_token_id, accelerator)
+    try:
+        val_loss = evaluate_loss(accelerator.unwrap_model(model), data.eval_examples, cfg.eval.batch_size,
+                                 data.tokenizer.pad_token_id, accelerator)
+    except torch.OutOfMemoryError:
+        raise TrainingError(f"out of GPU memory in validation at eval.batch_size={cfg.eval.batch_size} rows of up "
+                            f"to data.max_length={cfg.data.max_length} tokens; lower eval.batch_size") from None
     record = {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}
     record.update({k.replace("memory/", "val/"): v for k, v in _memory_stats().items()})
     _reset_peak_memory()  # so training logs report training memory only

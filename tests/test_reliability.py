@@ -346,6 +346,19 @@ def test_out_of_memory_names_the_micro_batch_and_the_knobs(tmp_path, monkeypatch
         train(cfg)
 
 
+def test_out_of_memory_in_validation_names_the_evaluation_batch(tmp_path, monkeypatch):
+    import summ.train as tr
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tr, "evaluate_loss", oom)
+    cfg = tiny_config(tmp_path / "run", eval={"batch_size": 4})
+    with pytest.raises(TrainingError, match=r"^out of GPU memory in validation at eval\.batch_size=4 rows of up to "
+                                            r"data\.max_length=128 tokens; lower eval\.batch_size$"):
+        train(cfg)
+
+
 def test_a_checkpoint_holding_code_is_refused_without_unsafe_advice(finished_run, tmp_path):
     import os
 
