@@ -72,6 +72,9 @@ class SearchConfig:
     gpus_per_trial: float = 1.0
     # Ray's results folder: on a cluster, a path every node can reach (a shared file system or s3://).
     storage_path: Optional[str] = None
+    # Times a trial whose process dies (a killed worker, a lost node) is started again; it resumes
+    # from its last checkpoint, written at every validation.
+    max_failures: int = 2
 
 
 class MissingExtra(ConfigError):
@@ -108,6 +111,8 @@ def load_search(raw_config: dict, source: str, search_file: str | None = None) -
     for key in ("max_steps", "eval_rows", "max_concurrent"):
         if getattr(search, key) is not None and getattr(search, key) <= 0:
             raise ConfigError(f"{where}{key}' must be > 0 or null, got {getattr(search, key)}")
+    if search.max_failures < 0:
+        raise ConfigError(f"{where}max_failures' must be >= 0, got {search.max_failures}")
     if search.reduction_factor <= 1:
         raise ConfigError(f"{where}reduction_factor' must be > 1, got {search.reduction_factor}")
     if search.cpus_per_trial <= 0 or search.gpus_per_trial < 0:
@@ -239,7 +244,9 @@ def run_search(cfg_raw: dict, search: SearchConfig, source: str, *, address: str
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=_param_space(search), tune_config=_tune_config(search),
-                           run_config=tune.RunConfig(name="ray", storage_path=str(storage), verbose=0))
+                           run_config=tune.RunConfig(name="ray", storage_path=str(storage), verbose=0,
+                                                     failure_config=tune.FailureConfig(
+                                                         max_failures=search.max_failures)))
     grid = tuner.fit()
     rows = trial_rows(grid, search, out_dir)
     best = best_trial(rows, search)

@@ -97,3 +97,41 @@ def test_two_trials_asha_stops_the_trailing_one_and_best_trains(tmp_path, ray_lo
     again = run_search(base_raw(out), search, "cfg.json", resume=True)
     assert [(r["trial_id"], r["status"]) for r in again["trials"]] == \
         [(r["trial_id"], r["status"]) for r in result["trials"]]
+
+
+def test_a_trial_whose_process_is_killed_resumes_from_its_checkpoint_and_completes(tmp_path, ray_local):
+    """kill -9 of the worker running a trial: Ray starts the trial again (search.max_failures), the
+    trial resumes from the checkpoint of its last validation, and the search completes."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    out = tmp_path / "search"
+    search = SearchConfig(space={"train.lr": {"choice": [1e-3]}}, trials=1, max_steps=36, eval_every=1,
+                          scheduler="fifo", cpus_per_trial=1, max_failures=1)
+    raw = base_raw(out)
+    raw["train"]["epochs"] = 12  # 12 x 3 steps: time to kill the trial mid-way
+    outcome = {}
+    search_thread = threading.Thread(target=lambda: outcome.update(run_search(raw, search, "cfg.json")))
+    search_thread.start()
+
+    deadline = time.monotonic() + 120
+    while not list((out / "trials").glob("*/checkpoints/step-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (trial_dir,) = (out / "trials").iterdir()
+    workers = [p for p in psutil.process_iter(["cmdline"])
+               if any("ImplicitFunc" in part for part in (p.info["cmdline"] or []))]
+    assert len(workers) == 1, [p.info["cmdline"] for p in workers]
+    killed_at = max(int(c.name.split("-")[1]) for c in (trial_dir / "checkpoints").glob("step-*"))
+    assert killed_at < 36
+    os.kill(workers[0].pid, signal.SIGKILL)
+    search_thread.join(timeout=300)
+
+    (row,) = outcome["trials"]
+    assert (row["status"], row["steps"]) == ("completed", 36)
+    resumes = [json.loads(x) for x in (trial_dir / "resumes.jsonl").read_text().splitlines()]
+    assert len(resumes) == 1 and resumes[0]["step"] >= killed_at
+    assert (trial_dir / "adapter" / "adapter_config.json").is_file()
