@@ -9,18 +9,18 @@ OUT holds one folder per run (its eval/, and for the recipe beams/, zero_shot/ a
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
-KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from summ.files import json_records  # noqa: E402
+from summ.rouge import ROUGE_KEYS  # noqa: E402
+
 LEVERS = {"raw-prompt": "the dataset's raw prompt instead of the chat template",
           "attention-only": "LoRA on attention only (q, k, v, o)", "one-epoch": "1 epoch instead of 3",
           "max-length-256": "256 tokens instead of 512", "five-epochs": "5 epochs instead of 3",
           "lr-1e-3": "learning rate 1e-3 instead of 5e-4", "rank-32": "LoRA rank 32 (alpha 64) instead of 16",
           "all-three": "5 epochs, learning rate 1e-3, LoRA rank 32"}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def wall_time(log: Path) -> str:
@@ -38,12 +38,12 @@ def row(label: str, folder: Path, log: Path, train_dir: Path | None = None) -> s
     m = json.loads(metrics_file.read_text())
     r = m["rouge"]
     rouge = [f"{r['rouge1']['mean']:.2f} [{r['rouge1']['low']:.2f}, {r['rouge1']['high']:.2f}]"] + \
-        [f"{r[k]['mean']:.2f}" for k in KEYS[1:]]
+        [f"{r[k]['mean']:.2f}" for k in ROUGE_KEYS[1:]]
     val_loss = f"{m['val_loss']:.4f}" if "val_loss" in m else "-"
     stopped = f"{100 * m['stopped_by_itself_share']:.1f}%" if "stopped_by_itself_share" in m else "-"
     errors = folder / "errors.jsonl"
     if errors.is_file():
-        records = read_jsonl(errors)
+        records = json_records(errors)
         repeating = f"{100 * sum(e['repeated_trigram_share'] > 0 for e in records) / len(records):.1f}%"
     else:
         repeating = "-"

@@ -58,18 +58,14 @@ lever() {  # the --set options that switch one lever off (or, for the last three
   esac
 }
 
-keep() {  # a run folder's small files into OUT/<name>/
-  local name=$1; mkdir -p "$OUT/$name"
-  (cd "$RUNS/$name" && find . -maxdepth 2 \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' \) \
-     ! -path './checkpoints/*' -exec cp --parents {} "$OUT/$name/" \;)
-}
+source benchmarks/keep.sh
 
 train_run() {
   local name=$1 opts; mapfile -t opts < <(lever "$name")
   echo "== $name start $(date -u +%T)"
   ( time $PY run.py --config "$CONFIG" "${BASE[@]}" "${opts[@]}" --set log.output_dir="$RUNS/$name" ) \
     >"$OUT/$name.log" 2>&1
-  echo "== $name rc=$? end $(date -u +%T)"; keep "$name"
+  echo "== $name rc=$? end $(date -u +%T)"; keep "$RUNS/$name" "$name"
 }
 
 post() {  # an evaluation of the trained recipe run: beam search, the zero-shot base model, LEAD-k
@@ -92,7 +88,7 @@ post no-repeat --name no-repeat --set eval.no_repeat_ngram_size=3 &
 post zero-shot --zero-shot &
 post lead --baseline lead
 wait
-keep recipe
+keep "$RUNS/recipe" recipe
 $PY run.py report "$RUNS/recipe" "${LEVERS[@]/#/$RUNS/}" --best "$RUNS/recipe" --out "$OUT/report" >"$OUT/report.log" 2>&1
 $PY benchmarks/ablation_table.py "$OUT" recipe "${LEVERS[@]}" >"$OUT/ablation.md" 2>"$OUT/ablation.log"
 cat "$OUT/ablation.md"

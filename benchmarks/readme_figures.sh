@@ -9,11 +9,7 @@ DATA=$(realpath "$1"); OUT=$(realpath -m "$2"); mkdir -p "$OUT"
 RUNS=$(mktemp -d)
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-keep() {  # copy a run folder's small files into OUT/<name>/
-  local run=$1 name=$2; mkdir -p "$OUT/$name"
-  (cd "$run" && find . -maxdepth 2 \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' \) ! -path './checkpoints/*' \
-     -exec cp --parents {} "$OUT/$name/" \;)
-}
+source "$(dirname "$0")/keep.sh"
 
 # 1. The reference recipe's shape on random Phi-2 weights: 20 steps of batch 1 x accumulation 8, bf16.
 python run.py --config configs/xsum.json --set model.init=random --set model.name_or_path=tests/fixtures/phi-2 \

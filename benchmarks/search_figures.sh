@@ -11,11 +11,7 @@ DATA=$(realpath "$1"); OUT=$(realpath -m "$2"); mkdir -p "$OUT"
 RUNS=$(mktemp -d)
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-keep() {  # copy a run folder's small files into OUT/<name>/
-  local run=$1 name=$2; mkdir -p "$OUT/$name"
-  (cd "$run" && find . -maxdepth 3 \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.csv' \) \
-     ! -path '*/checkpoints/*' ! -path './ray/*' -exec cp --parents {} "$OUT/$name/" \;)
-}
+source "$(dirname "$0")/keep.sh"
 
 # The README's SmolLM2 recipe (one epoch over all rows, 500 validation rows), the base of every run here.
 S="--set data.dataset=$DATA/xsum --set data.max_train_rows=null --set data.max_eval_rows=500 --set eval.generate_rows=null \
