@@ -100,8 +100,9 @@ def cap_memory(cap_gib: float) -> None:
     import torch
 
     if torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total))
+        device = int(os.environ.get("LOCAL_RANK", "0"))  # a data-parallel rank caps its own GPU
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
 
 
 def summarize_steps(step_seconds: list[float], step_tokens: list[int], warmup: int) -> dict:

@@ -230,3 +230,28 @@ def test_ranks_that_each_build_a_single_process_accelerator_are_refused(tmp_path
     assert result.returncode != 0 and not result.timed_out, describe(result)
     assert "ACCELERATE_USE_CPU" in result.output, describe(result)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_scaling_benchmark_runs_one_and_two_processes_on_the_same_global_batch(tmp_path):
+    """benchmarks/bench_scaling.py on 2 gloo processes: both process counts run, report their speed
+    against one process, one memory figure per rank, and per-step losses equal to one process's."""
+    out = tmp_path / "out"
+    result = run_cli([sys.executable, "benchmarks/bench_scaling.py", "--tiny", "--models", "phi2", "--processes", "1",
+                      "2", "--rows", "16", "--steps", "2", "--warmup", "1", "--no-dropout", "--out", str(out)],
+                     timeout=2 * LAUNCH_TIMEOUT_S, ACCELERATE_USE_CPU="1")
+    assert result.returncode == 0 and not result.timed_out, describe(result)
+    runs = json.loads((out / "bench_scaling.json").read_text())["models"]["phi2"]
+    one, two = runs["1"], runs["2"]
+    assert len(one["losses"]) == len(two["losses"]) == 3
+    assert two["losses"] == pytest.approx(one["losses"], abs=TOLERANCE)
+    assert two["max_abs_loss_diff"] == max(abs(a - b) for a, b in zip(two["losses"], one["losses"]))
+    assert two["speedup"] == pytest.approx(two["non_pad_tokens_per_s"] / one["non_pad_tokens_per_s"], rel=1e-12)
+    assert two["efficiency"] == pytest.approx(two["speedup"] / 2, rel=1e-12)
+    assert (len(one["peak_allocated_gib"]), len(two["peak_allocated_gib"])) == (1, 2)
+    assert "x2 accumulation" in one["micro_batch"] and "accumulation" not in two["micro_batch"]
+    table = (out / "bench_scaling.md").read_text().splitlines()
+    assert [line.split(" | ")[1] for line in table if line.startswith("| phi2 |")] == ["1", "2"]
+    from matplotlib.image import imread
+
+    image = imread(out / "loss_curves_phi2.png")
+    assert image.shape[:2] == (480, 840) and image.std() > 0
