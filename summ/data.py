@@ -22,6 +22,8 @@ from summ.files import looks_binary, text_lines
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# Rows are padded to a multiple of this many tokens (tensor-core friendly shapes).
+PAD_TO_MULTIPLE_OF = 8
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -400,38 +402,24 @@ def encode_rows(encoder: Encoder, rows: list[dict], where: str) -> list[Example]
 # ----------------------------------------------------------------------------- batching
 
 
-def plan_batches(lengths: list[int], *, micro_batch_size: int, micro_batch_tokens: int | None, seed: int,
-                 epoch: int, length_grouping: bool = True, shuffle: bool = True) -> list[list[int]]:
+def plan_batches(lengths: list[int], *, micro_batch_size: int, seed: int, epoch: int, length_grouping: bool = True,
+                 shuffle: bool = True) -> list[list[int]]:
     """The micro-batches of one epoch, as row indices; a pure function of its arguments, so a
     resumed run rebuilds exactly the plan it was following.
 
-    Rows are shuffled, then sorted by length inside windows of ~64 micro-batches so a batch pads
-    little, then the batches are shuffled. With `micro_batch_tokens` a batch takes rows while
-    rows x longest row stays within the budget. The longest batch goes first so an
-    out-of-memory shows at step one, not hours in.
+    Rows are shuffled, then sorted by length inside windows of 64 micro-batches so a batch pads
+    little, then the batches are shuffled. The longest batch goes first so an out-of-memory shows
+    at step one, not hours in.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     if shuffle:
         rng.shuffle(order)
     if length_grouping:
-        window = 64 * (micro_batch_size if micro_batch_tokens is None
-                       else max(1, micro_batch_tokens // max(1, sorted(lengths)[len(lengths) // 2])))
+        window = 64 * micro_batch_size
         order = [i for s in range(0, len(order), window)
                  for i in sorted(order[s:s + window], key=lambda i: -lengths[i])]
-    batches: list[list[int]] = []
-    if micro_batch_tokens is None:
-        batches = [order[s:s + micro_batch_size] for s in range(0, len(order), micro_batch_size)]
-    else:
-        current: list[int] = []
-        for i in order:
-            longest = max([lengths[j] for j in current] + [lengths[i]])
-            if current and longest * (len(current) + 1) > micro_batch_tokens:
-                batches.append(current)
-                current = []
-            current.append(i)
-        if current:
-            batches.append(current)
+    batches = [order[s:s + micro_batch_size] for s in range(0, len(order), micro_batch_size)]
     if length_grouping:
         if shuffle:
             rng.shuffle(batches)
@@ -440,10 +428,33 @@ def plan_batches(lengths: list[int], *, micro_batch_size: int, micro_batch_token
     return batches
 
 
-def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+def padded_length(length: int, multiple: int = PAD_TO_MULTIPLE_OF) -> int:
+    return -(-length // multiple) * multiple
+
+
+def split_by_tokens(rows: list[int], lengths: list[int], budget: int, packed: bool = False) -> list[list[int]]:
+    """Rows (one optimizer step's) as the fewest micro-batches of at most `budget` tokens, counted as
+    rows x the longest row padded as `collate` pads it, or, `packed`, as the sum of their lengths
+    (`collate_packed`). Longest rows first, so each micro-batch holds rows of similar length; a row
+    longer than the budget goes alone. Which micro-batch a row lands in does not change the step's
+    gradient (the loss is normalised over the whole step)."""
+    def tokens_with(batch: list[int], row: int) -> int:
+        if packed:
+            return sum(lengths[j] for j in batch) + lengths[row]
+        return padded_length(lengths[batch[0]]) * (len(batch) + 1)  # batch[0] is its longest row
+
+    batches: list[list[int]] = []
+    for i in sorted(rows, key=lambda i: -lengths[i]):
+        if batches and tokens_with(batches[-1], i) <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row (rounded up for tensor-core friendly shapes)."""
-    longest = max(len(e.input_ids) for e in examples)
-    longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    longest = padded_length(max(len(e.input_ids) for e in examples), pad_to_multiple_of)
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
@@ -453,3 +464,17 @@ def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = 8) -
         labels[row, :n] = torch.tensor(e.labels)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_packed(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """One row holding the examples back to back, with position ids restarting at each: no padding.
+
+    transformers reads the restarting position ids (with no attention mask) as packed sequences and
+    keeps attention inside each example, so loss and gradients equal those of `collate`'s padded
+    batch. The shifted next-token targets never cross from one example into the next: each
+    example starts with prompt tokens, which carry no label.
+    """
+    input_ids = torch.tensor([[t for e in examples for t in e.input_ids]])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "labels": torch.tensor([[t for e in examples for t in e.labels]]),
+            "position_ids": torch.tensor([[p for e in examples for p in range(len(e.input_ids))]])}

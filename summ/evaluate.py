@@ -245,6 +245,7 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
         "stop_reasons": stop_counts,
         "stopped_by_itself_share": 1 - stop_counts["max_new_tokens"] / max(len(generations), 1),
         "generation": {"adapter_merged": adapter_dir is not None and not hasattr(model, "peft_config"),
+                       "base_in_4bit": cfg.quant.enabled and not ev.dequantize_for_generation,
                        "max_new_tokens": ev.max_new_tokens, "min_new_tokens": ev.min_new_tokens,
                        "num_beams": ev.num_beams, "length_penalty": ev.length_penalty, "do_sample": ev.do_sample,
                        "no_repeat_ngram_size": ev.no_repeat_ngram_size, "repetition_penalty": ev.repetition_penalty,

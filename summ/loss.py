@@ -40,9 +40,10 @@ def forward_summed_loss(model, batch: dict[str, torch.Tensor], device: torch.dev
     positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     picked = targets[:, positions]
     keep = (picked != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+    packed = {"position_ids": batch["position_ids"].to(device, non_blocking=True)} if "position_ids" in batch else {}
     logits = model(input_ids=batch["input_ids"].to(device, non_blocking=True),
                    attention_mask=None if mask is None else mask.to(device, non_blocking=True),
-                   logits_to_keep=positions.to(device, non_blocking=True)).logits
+                   logits_to_keep=positions.to(device, non_blocking=True), **packed).logits
     logits = logits.flatten(0, 1).index_select(0, keep.to(device, non_blocking=True))
     return F.cross_entropy(logits.float(), picked.flatten()[keep].to(device, non_blocking=True), reduction="sum")
 

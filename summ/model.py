@@ -245,13 +245,16 @@ def load_for_inference(cfg: RunConfig, device: torch.device, compute_dtype: torc
                        quantize: bool | None = None, *, merge: bool = False, missing_hint: str = "train first"):
     """Base model plus, unless `adapter_dir` is None (zero-shot), a trained adapter; in eval mode.
 
-    `merge` folds the adapter into the weights of this copy when the base is not 4-bit (the saved
-    adapter is untouched). `missing_hint` ends the error for a missing adapter.
+    `merge` folds the adapter into the weights of this copy when the base is not 4-bit, or is
+    dequantized first (eval.dequantize_for_generation); the saved adapter is untouched.
+    `missing_hint` ends the error for a missing adapter.
     """
     if adapter_dir is not None:
         require_adapter(adapter_dir, missing_hint)
     quantize = cfg.quant.enabled if quantize is None else quantize
     model = load_base_model(cfg, device, compute_dtype, quantize)
+    if quantize and cfg.eval.dequantize_for_generation:
+        model, quantize = dequantize_4bit(model, compute_dtype), False
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -259,6 +262,29 @@ def load_for_inference(cfg: RunConfig, device: torch.device, compute_dtype: torc
         if merge and not quantize:
             model = model.merge_and_unload()
     model.eval()
+    return model
+
+
+def dequantize_4bit(model, dtype: torch.dtype):
+    """Every 4-bit linear of `model` replaced by a plain linear holding its dequantized weights: the
+    values the 4-bit kernels compute with, so outputs stay those of the quantized model while
+    matmuls run on standard (and CUDA-graph friendly) kernels. In place; returns the model."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+            plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                    device="meta")
+            plain.weight = torch.nn.Parameter(weight, requires_grad=False)
+            if module.bias is not None:
+                plain.bias = torch.nn.Parameter(module.bias.data.to(dtype), requires_grad=False)
+            model.set_submodule(name, plain)
+    # What peft and transformers read to decide a model is 4-bit.
+    for attr in ("is_loaded_in_4bit", "is_quantized", "hf_quantizer"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    model.config.__dict__.pop("quantization_config", None)
     return model
 
 

@@ -37,6 +37,8 @@ _HARMLESS_KEYS = {
     # Memory and speed only: recomputing activations or keeping the embedding table on the host
     # gives the same numbers.
     "model.gradient_checkpointing", "model.checkpointed_layers", "model.embeddings_on_cpu",
+    # How a step's rows are split into micro-batches: the same rows, the same gradient.
+    "train.micro_batch_tokens", "train.auto_micro_batch", "train.packing",
 }
 _PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "safetensors", "summ")
 

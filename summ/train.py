@@ -23,8 +23,10 @@ import torch
 
 from summ.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from summ.config import ConfigError, RunConfig, TrainConfig
-from summ.data import Encoder, Example, RowStats, collate, encode_rows, load_rows, plan_batches
+from summ.data import (Encoder, Example, RowStats, collate, collate_packed, encode_rows, load_rows, plan_batches,
+                       split_by_tokens)
 from summ.loss import count_label_tokens, evaluate_loss, forward_summed_loss
+from summ.micro_batch import MicroBatching, choose_micro_batching
 from summ.model import build_model, check_model_settings, count_parameters, load_tokenizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
 from summ.run_record import (RunLog, check_resume, record_resume, save_adapter, write_metrics,
@@ -77,6 +79,7 @@ class TrainData:
     fingerprint: str  # of the tokenized training examples: a resume must see the same data
     windows_of_epoch: object  # epoch -> this rank's accumulation windows (micro-batches of row indices)
     total_steps: int
+    lengths: list[int]  # tokens of each training example
 
 
 def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: bool = False,
@@ -99,6 +102,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
 
     model, optimizer, scheduler = setup_model(cfg, accelerator, data.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
+    micro_batching = setup_micro_batching(model, cfg, accelerator)
     state = TrainState()
     if resume_from is not None:
         state = TrainState.from_dict(load_checkpoint(accelerator, resume_from, model, optimizer, scheduler))
@@ -134,11 +138,14 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
         for w in range(state.window if epoch == state.epoch else 0, len(windows)):
             if state.step >= data.total_steps:
                 break
-            batches = [collate([data.train_examples[i] for i in b], data.tokenizer.pad_token_id) for b in windows[w]]
+            micro_batches = windows[w] if micro_batching.tokens is None else split_by_tokens(
+                [i for b in windows[w] for i in b], data.lengths, micro_batching.tokens, packed=t.packing)
+            batches = [collate_packed([data.train_examples[i] for i in b]) if t.packing else
+                       collate([data.train_examples[i] for i in b], data.tokenizer.pad_token_id) for b in micro_batches]
 
             # forward and backward over the window, the loss normalised by its label tokens
             model.train()
-            with out_of_memory_hint(batches, cfg):
+            with out_of_memory_hint(batches, cfg, micro_batching):
                 window_loss, tokens = accumulate_gradients(model, batches, accelerator)
             tokens_since_log += tokens
 
@@ -191,7 +198,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
                                 resume_record, t.keep_last)
     progress.close()
 
-    metrics = final_metrics(state, data, count_parameters(model))
+    metrics = {**final_metrics(state, data, count_parameters(model)),
+               "micro_batch_tokens": micro_batching.tokens, "recompute": micro_batching.recompute}
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), data.tokenizer, cfg, run_dir)
         write_metrics(run_dir, metrics)
@@ -244,19 +252,32 @@ def optimizer_step(accelerator, optimizer, window_loss: float, grad_norm: float)
 
 
 @contextmanager
-def out_of_memory_hint(batches: list[dict], cfg: RunConfig):
+def out_of_memory_hint(batches: list[dict], cfg: RunConfig, micro_batching: MicroBatching):
     """Turn a CUDA out-of-memory into one line naming the micro-batch and the knobs that shrink it."""
     try:
         yield
     except torch.OutOfMemoryError:
         rows, length = max((tuple(b["input_ids"].shape) for b in batches), key=lambda s: s[0] * s[1])
         t = cfg.train
-        sizing = (f"train.micro_batch_tokens={t.micro_batch_tokens}" if t.micro_batch_tokens
-                  else f"train.micro_batch_size={t.micro_batch_size}")
+        sizing = (f"set train.micro_batch_tokens below {micro_batching.tokens} (the rows per step stay the same)"
+                  if micro_batching.tokens else f"lower train.micro_batch_size={t.micro_batch_size} and raise "
+                  f"train.grad_accum_steps to keep the rows per step")
         raise TrainingError(
-            f"out of GPU memory on a micro-batch of {rows} rows x {length} tokens ({rows * length} tokens); lower "
-            f"{sizing} (and raise train.grad_accum_steps to keep the rows per step), lower data.max_length, or "
-            f"recompute more layers (model.checkpointed_layers={cfg.model.checkpointed_layers}, null: all)") from None
+            f"out of GPU memory on a micro-batch of {rows} rows x {length} tokens ({rows * length} tokens); "
+            f"{sizing}, lower data.max_length, or recompute more layers (model.checkpointed_layers="
+            f"{cfg.model.checkpointed_layers}, null: all)") from None
+
+
+def setup_micro_batching(model, cfg: RunConfig, accelerator) -> MicroBatching:
+    micro_batching = choose_micro_batching(model, cfg, accelerator)
+    if micro_batching is None:
+        raise TrainingError(
+            f"out of GPU memory in the micro-batch probe even for one row of data.max_length={cfg.data.max_length} "
+            f"tokens; lower data.max_length, recompute layers (model.gradient_checkpointing=true), or use a GPU "
+            f"with more memory")
+    accelerator.print(f"rows per optimizer step: {cfg.train.micro_batch_size * cfg.train.grad_accum_steps} per "
+                      f"process, run as {micro_batching.describe()}")
+    return micro_batching
 
 
 # ----------------------------------------------------------------------------- setup
@@ -300,8 +321,8 @@ def setup_data(cfg: RunConfig, accelerator) -> TrainData:
     warned: set[int] = set()
 
     def windows_of_epoch(epoch: int) -> list[list[list[int]]]:
-        plan = plan_batches(lengths, micro_batch_size=t.micro_batch_size, micro_batch_tokens=t.micro_batch_tokens,
-                            seed=t.seed, epoch=epoch, length_grouping=t.length_grouping, shuffle=t.shuffle)
+        plan = plan_batches(lengths, micro_batch_size=t.micro_batch_size, seed=t.seed, epoch=epoch,
+                            length_grouping=t.length_grouping, shuffle=t.shuffle)
         per_rank = len(plan) // world
         if per_rank == 0:
             raise ConfigError(f"data: {len(train_examples)} training rows make {len(plan)} micro-batches, "
@@ -326,7 +347,7 @@ def setup_data(cfg: RunConfig, accelerator) -> TrainData:
     return TrainData(tokenizer=tokenizer, train_examples=train_examples, eval_examples=eval_examples,
                      stats={"train": train_stats, "eval": eval_stats},
                      fingerprint=examples_fingerprint(train_examples), windows_of_epoch=windows_of_epoch,
-                     total_steps=total_steps)
+                     total_steps=total_steps, lengths=lengths)
 
 
 def examples_fingerprint(examples: list[Example]) -> str:

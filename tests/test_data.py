@@ -5,7 +5,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from summ.config import ConfigError, DataConfig
-from summ.data import (IGNORE_INDEX, DataError, Encoder, PromptTemplate, collate, load_rows, plan_batches)
+from summ.data import (IGNORE_INDEX, DataError, Encoder, PromptTemplate, collate, load_rows, plan_batches,
+                       split_by_tokens)
 from tests.conftest import FIXTURES, TINY
 
 XSUM_TEMPLATE = TINY["phi"]["template"]
@@ -236,22 +237,32 @@ def test_csv_source(tmp_path):
     assert sum(stats.skipped.values()) == 1
 
 
-@pytest.mark.parametrize("tokens", [None, 300])
-def test_plan_covers_every_row_once_and_is_deterministic(tokens):
+def test_plan_covers_every_row_once_and_is_deterministic():
     lengths = [(i * 37) % 120 + 5 for i in range(101)]
-    kwargs = dict(micro_batch_size=4, micro_batch_tokens=tokens, seed=3, length_grouping=True)
+    kwargs = dict(micro_batch_size=4, seed=3, length_grouping=True)
     plan = plan_batches(lengths, epoch=0, **kwargs)
     assert sorted(i for b in plan for i in b) == list(range(101))
     assert plan == plan_batches(lengths, epoch=0, **kwargs)
     assert plan != plan_batches(lengths, epoch=1, **kwargs)
-    if tokens is None:
-        assert all(len(b) <= 4 for b in plan)
-    else:
-        assert all(len(b) * max(lengths[i] for i in b) <= tokens for b in plan)
+    assert [len(b) for b in plan].count(4) == 25 and [len(b) for b in plan].count(1) == 1
     # Grouping keeps padding low: far less than random batches would pad.
     padded = sum(len(b) * max(lengths[i] for i in b) for b in plan)
     assert padded < 1.15 * sum(lengths)
     assert max(lengths[i] for i in plan[0]) * len(plan[0]) == max(max(lengths[i] for i in b) * len(b) for b in plan)
+
+
+def test_split_by_tokens_makes_the_fewest_micro_batches_within_the_budget():
+    lengths = {0: 100, 1: 20, 2: 61, 3: 9, 4: 58, 5: 300}
+    rows = [0, 1, 2, 3, 4]
+    # Padded to multiples of 8 and longest first: 104, 64, 64, 24, 16. [0, 2] is 2 x 104 = 208 tokens;
+    # a third row would make 312.
+    assert split_by_tokens(rows, lengths, 256) == [[0, 2], [4, 1, 3]]
+    assert split_by_tokens(rows, lengths, 104) == [[0], [2], [4], [1, 3]]
+    assert split_by_tokens(rows, lengths, 10_000) == [[0, 2, 4, 1, 3]]
+    # A row longer than the budget runs alone rather than being dropped.
+    assert split_by_tokens([5, 1], lengths, 64) == [[5], [1]]
+    # Packed, a micro-batch costs the sum of its lengths: 100 + 61 + 58 = 219, then 20 + 9.
+    assert split_by_tokens(rows, lengths, 220, packed=True) == [[0, 2, 4], [1, 3]]
 
 
 def test_collate_pads_to_longest_not_max_length(phi_tok):
@@ -269,8 +280,7 @@ def test_hub_dataset_failure_is_a_clear_error():
 
 def test_plan_without_shuffle_keeps_file_order():
     lengths = [(i * 37) % 120 + 5 for i in range(10)]
-    plan = plan_batches(lengths, micro_batch_size=3, micro_batch_tokens=None, seed=3, epoch=0,
-                        length_grouping=False, shuffle=False)
+    plan = plan_batches(lengths, micro_batch_size=3, seed=3, epoch=0, length_grouping=False, shuffle=False)
     assert plan == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
 
 

@@ -1,6 +1,7 @@
 """`run.py predict`: summaries from the command line, merging the adapter into a plain model, and
 every option mistake caught before a model loads."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -282,3 +283,22 @@ def test_eval_name_must_be_a_new_folder_of_the_run(quant_run, capsys, no_model_l
     assert error_of(["eval", "--run", str(run), "--baseline", "lead", "--name", "beams"], capsys) == \
         f"--name 'beams': {expected}"
     assert not (run / "beams").exists()
+
+
+def test_dequantized_merged_4bit_model_computes_what_the_4bit_model_with_its_adapter_does(quant_run):
+    """eval.dequantize_for_generation: the 4-bit weights dequantized, the adapter merged into them;
+    the outputs stay the trained (4-bit + adapter) model's, on plain linears."""
+    import bitsandbytes as bnb
+
+    from summ.model import load_for_inference
+
+    cfg, run = quant_run
+    fast_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, dequantize_for_generation=True))
+    four_bit = load_for_inference(cfg, torch.device("cpu"), torch.float32, run / "adapter", merge=True)
+    merged = load_for_inference(fast_cfg, torch.device("cpu"), torch.float32, run / "adapter", merge=True)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in four_bit.modules()) == 12
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    assert not [n for n, _ in merged.named_modules() if "lora" in n]
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, four_bit(ids).logits, rtol=1e-4, atol=1e-4)

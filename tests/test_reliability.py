@@ -283,9 +283,9 @@ def test_fp16_overflow_steps_are_skipped_counted_and_the_scaler_updated(tmp_path
 
     monkeypatch.setattr(tr, "optimizer_step", recording_step)
 
-    # Step 2's window (micro-batches 3 and 4) overflows: skipped, scale halved, the run goes on.
+    # Step 2's window (micro-batches 3 and 4, run as stated) overflows: skipped, scale halved, the run goes on.
     bad = {3}
-    result = train(tiny_config(tmp_path / "one", eval={"at_end": False}))
+    result = train(tiny_config(tmp_path / "one", eval={"at_end": False}, train={"auto_micro_batch": False}))
     assert result.steps == 3 and result.metrics["skipped_steps"] == 1 and result.metrics["overflow_steps"] == 1
     assert scales == [1024.0, 512.0, 512.0]
     lines = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
@@ -294,7 +294,8 @@ def test_fp16_overflow_steps_are_skipped_counted_and_the_scaler_updated(tmp_path
 
     # Every window from step 2 on overflows: two in a row stop the run; the checkpoint of step 1 is intact.
     calls["n"], bad, scales[:] = 0, set(range(3, 100)), []
-    cfg = tiny_config(tmp_path / "many", train={"epochs": 2, "save_every": 1, "max_consecutive_bad_steps": 2})
+    cfg = tiny_config(tmp_path / "many", train={"epochs": 2, "save_every": 1, "max_consecutive_bad_steps": 2,
+                                                "auto_micro_batch": False})
     with pytest.raises(TrainingDiverged, match=r"2 optimizer steps in a row .*\(step 3\).*step-0000002"):
         train(cfg)
     assert scales == [1024.0, 512.0, 256.0]
@@ -342,7 +343,8 @@ def test_out_of_memory_names_the_micro_batch_and_the_knobs(tmp_path, monkeypatch
     monkeypatch.setattr(tr, "forward_summed_loss", oom)
     cfg = tiny_config(tmp_path / "run", train={"micro_batch_tokens": 256}, eval={"at_end": False})
     with pytest.raises(TrainingError, match=r"^out of GPU memory on a micro-batch of \d+ rows x \d+ tokens \(\d+ "
-                                            r"tokens\); lower train.micro_batch_tokens=256 "):
+                                            r"tokens\); set train.micro_batch_tokens below 256 \(the rows per step "
+                                            r"stay the same\), lower data.max_length, "):
         train(cfg)
 
 

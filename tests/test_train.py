@@ -59,6 +59,37 @@ def test_accumulation_normalises_by_window_tokens(tmp_path, arch, quant):
     assert (flat(naive) - flat(together)).norm() / flat(together).norm() > 1e-3
 
 
+@pytest.mark.parametrize("arch, attention", [("phi", "eager"), ("llama", "eager"), ("phi", "sdpa"),
+                                              ("llama", "sdpa")])
+def test_packed_rows_give_the_loss_and_gradient_of_the_padded_batch(tmp_path, arch, attention):
+    """Packing (one sequence, position ids restarting per row, no padding) changes nothing but speed:
+    attention stays inside each row and no target crosses into the next row."""
+    from summ.data import collate_packed
+
+    cfg = tiny_config(tmp_path, arch, model={"attn_implementation": attention})
+    tok, ex = examples_for(cfg, 4)
+    for e, n in zip(ex[1:3], (90, 61)):  # rows of different lengths, so the padded batch pads
+        e.input_ids, e.labels = e.input_ids[:n], e.labels[:n]
+        e.labels[-10:] = e.input_ids[-10:]
+    accelerator = Accelerator(cpu=True)
+    model = build_model(cfg, accelerator.device, torch.float32)
+    model.train()
+    packed = collate_packed(ex)
+    assert packed["input_ids"].shape == (1, sum(len(e.input_ids) for e in ex))
+    padded_loss, _ = accumulate_gradients(model, [collate(ex, tok.pad_token_id)], accelerator)
+    padded = lora_grads(model)
+    model.zero_grad()
+    packed_loss, _ = accumulate_gradients(model, [packed], accelerator)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-6)
+    for name, grad in lora_grads(model).items():
+        torch.testing.assert_close(grad, padded[name], rtol=1e-4, atol=1e-6)
+
+    # Without the restarting position ids the rows would attend to each other: a different loss.
+    model.zero_grad()
+    crossed, _ = accumulate_gradients(model, [{k: v for k, v in packed.items() if k != "position_ids"}], accelerator)
+    assert abs(crossed - padded_loss) > 1e-3
+
+
 @pytest.mark.parametrize("arch", ["phi", "llama"])
 def test_head_on_labelled_positions_gives_the_full_loss_and_gradient(tmp_path, arch):
     """forward_summed_loss runs the LM head only where a label is; loss and gradients must equal
@@ -87,19 +118,39 @@ def test_head_on_labelled_positions_gives_the_full_loss_and_gradient(tmp_path, a
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6)
 
 
-def test_train_bs1_ga4_matches_bs4_ga1(tmp_path):
+@pytest.mark.parametrize("mbs, ga, execution, micro_batches_per_step", [
+    (4, 1, {"auto_micro_batch": False}, 1),
+    (1, 4, {}, 1),  # the default on a CPU: the step's 4 rows in one micro-batch
+    (1, 4, {"micro_batch_tokens": 256}, 2),  # regrouped by a token budget: 2 rows of <= 128 each
+    (1, 4, {"packing": True}, 1),  # one packed sequence per step
+])
+def test_train_bs1_ga4_matches_other_ways_to_run_the_same_rows(tmp_path, monkeypatch, mbs, ga, execution,
+                                                               micro_batches_per_step):
+    """The recipe's optimization (4 rows per step) gives the same steps however its rows are split
+    into micro-batches: batch 1 x 4 as stated, one micro-batch, or a token budget."""
+    import summ.train as tr
+
+    calls = {"n": 0}
+    real = tr.forward_summed_loss
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "forward_summed_loss", counted)
     runs = []
-    for mbs, ga in ((1, 4), (4, 1)):
+    for i, (m, g, how) in enumerate(((1, 4, {"auto_micro_batch": False}), (mbs, ga, execution))):
         # A large init scale and lr make each step move the loss by far more than the tolerance.
-        cfg = tiny_config(tmp_path / f"{mbs}x{ga}", model={"config_overrides": {**TINY["phi"]["overrides"],
-                                                                                "initializer_range": 0.2}},
-                          train={"micro_batch_size": mbs, "grad_accum_steps": ga, "length_grouping": False,
-                                 "lr": 2e-2})
+        cfg = tiny_config(tmp_path / f"run{i}", model={"config_overrides": {**TINY["phi"]["overrides"],
+                                                                           "initializer_range": 0.2}},
+                          train={"micro_batch_size": m, "grad_accum_steps": g, "length_grouping": False,
+                                 "lr": 2e-2, **how}, eval={"at_end": False})
+        calls["n"] = 0
         runs.append(train(cfg))
+    assert calls["n"] == 3 * micro_batches_per_step
     assert runs[0].steps == runs[1].steps == 3
     assert runs[0].train_losses[2] < runs[0].train_losses[0] - 0.1
     torch.testing.assert_close(runs[0].train_losses, runs[1].train_losses, rtol=1e-5, atol=0)
-    assert runs[0].metrics["final_val_loss"] == pytest.approx(runs[1].metrics["final_val_loss"], rel=1e-5)
 
 
 # The first optimizer steps of the tiny models, pinned: a change to masking, loss normalisation,
@@ -265,8 +316,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
             return value * float("nan") if calls["n"] in bad_calls else value
         return loss
 
-    # One bad micro-batch: its window is skipped, counted, and the run goes on.
-    monkeypatch.setattr(tr, "forward_summed_loss", poisoned_on({3}))
+    # One bad micro-batch (on a CPU a step is one micro-batch): its step is skipped, counted, and the run goes on.
+    monkeypatch.setattr(tr, "forward_summed_loss", poisoned_on({2}))
     result = train(tiny_config(tmp_path / "one", eval={"at_end": False}, log={"log_every": 3}))
     assert result.metrics["skipped_steps"] == 1 and result.steps == 3
     assert math.isnan(result.train_losses[1]) and all(math.isfinite(x) for x in result.train_losses[::2])
@@ -279,7 +330,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     # Every step bad from step 2 on: stop at step 3, the second bad one in a row. A skipped step
     # applies no update, so the checkpoint written after step 2 still holds finite step-1 weights.
     calls["n"] = 0
-    monkeypatch.setattr(tr, "forward_summed_loss", poisoned_on(set(range(3, 100))))
+    monkeypatch.setattr(tr, "forward_summed_loss", poisoned_on(set(range(2, 100))))
     cfg = tiny_config(tmp_path / "many", train={"epochs": 3, "save_every": 1, "max_consecutive_bad_steps": 2})
     with pytest.raises(TrainingDiverged, match=r"2 optimizer steps in a row .*\(step 3\).*step-0000002"):
         train(cfg)

@@ -1,0 +1,129 @@
+"""How an optimizer step's rows run: the token budget of a micro-batch, and the probe that finds it.
+
+The config states the optimization (micro_batch_size x grad_accum_steps rows per step); how those
+rows are split into micro-batches changes only speed and memory, because the loop normalises the
+step's loss by all of its label tokens. One micro-batch per step is the fastest on a GPU (a small
+model at batch 1 is bound by kernel launches, not arithmetic), so the probe tries the whole step
+first and halves the budget until a worst-case micro-batch fits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from summ.config import RunConfig
+from summ.data import padded_length
+from summ.loss import forward_summed_loss
+from summ.model import limit_checkpointing
+
+log = logging.getLogger(__name__)
+
+# Held during the probe so that the budget it finds leaves room for what training adds later:
+# the optimizer state (created at the first step) and allocator fragmentation across shapes.
+PROBE_HEADROOM_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class MicroBatching:
+    tokens: int | None  # budget per micro-batch; None: micro_batch_size rows each, as planned
+    recompute: bool  # whether decoder layers recompute their activations in backward
+    chosen_by: str  # "config", "whole step" (CPU), "probe" or "as stated"
+
+    def describe(self) -> str:
+        if self.tokens is None:
+            return "micro-batches of train.micro_batch_size rows (train.auto_micro_batch=false)"
+        how = {"config": "train.micro_batch_tokens", "whole step": "one micro-batch per step",
+               "probe": "found by the memory probe"}[self.chosen_by]
+        return (f"micro-batches of up to {self.tokens} tokens ({how}), "
+                f"{'recomputing' if self.recompute else 'not recomputing'} layer activations")
+
+
+def choose_micro_batching(model, cfg: RunConfig, accelerator) -> MicroBatching | None:
+    """The token budget (and, on a GPU under `auto_micro_batch`, whether to recompute) for this run;
+    None when not even one row of max_length fits.
+
+    Runs before the first step: a probe changes no weights and no random state, and leaves no
+    gradients behind.
+    """
+    t, m = cfg.train, cfg.model
+    recompute = m.gradient_checkpointing and m.checkpointed_layers != 0
+    if t.micro_batch_tokens is not None:
+        return MicroBatching(t.micro_batch_tokens, recompute, "config")
+    if not t.auto_micro_batch:
+        return MicroBatching(None, recompute, "as stated")
+    row = padded_length(cfg.data.max_length)
+    whole_step = t.micro_batch_size * t.grad_accum_steps * row
+    if accelerator.device.type != "cuda":
+        return MicroBatching(whole_step, recompute, "whole step")
+
+    # Whole step without recompute (when recompute was left to us), then recompute, then halving.
+    may_drop_recompute = recompute and m.checkpointed_layers is None
+    candidates = [(whole_step, False)] if may_drop_recompute else []
+    budget = whole_step
+    while True:
+        candidates.append((budget, recompute))
+        if budget <= row:
+            break
+        budget = max(row, (budget // 2) // row * row)
+    bare = accelerator.unwrap_model(model)
+    chosen = None
+    for budget, with_recompute in candidates:
+        if may_drop_recompute:
+            _set_recompute(bare, with_recompute)
+        if _fits(bare, budget // row, row, accelerator):
+            chosen = (budget, with_recompute)
+            break
+    if accelerator.num_processes > 1:
+        # Every rank must run the same micro-batches: the most cautious choice wins (the smallest
+        # budget; at equal budgets, recompute).
+        score = 2 * chosen[0] - int(chosen[1]) if chosen else -1
+        scores = accelerator.gather(torch.tensor([score], device=accelerator.device))
+        lowest = int(scores.min())
+        chosen = None if lowest < 0 else ((lowest + 1) // 2, lowest % 2 == 1)
+        if may_drop_recompute:
+            _set_recompute(bare, chosen is None or chosen[1])
+    if chosen is None:
+        return None
+    return MicroBatching(chosen[0], chosen[1], "probe")
+
+
+def _set_recompute(model, on: bool) -> None:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
+    limit_checkpointing(model, layers if on else 0)
+
+
+def _fits(model, rows: int, length: int, accelerator) -> bool:
+    """One forward and backward of the worst micro-batch at this budget: `rows` full rows, every
+    position labelled (the LM head's largest case)."""
+    device = accelerator.device
+    on_gpu = device.type == "cuda"
+    vocab = model.get_input_embeddings().num_embeddings
+    if on_gpu:
+        torch.cuda.empty_cache()
+    fits = True
+    with torch.random.fork_rng(devices=[device] if on_gpu else []):
+        try:
+            headroom = torch.empty(PROBE_HEADROOM_BYTES if on_gpu else 0, dtype=torch.uint8, device=device)
+            ids = torch.randint(0, vocab, (rows, length))
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+            was_training = model.training
+            model.train()
+            with accelerator.autocast():
+                loss = forward_summed_loss(model, batch, device)
+            loss.backward()
+            if on_gpu:
+                torch.cuda.synchronize(device)
+            model.train(was_training)
+            del loss, headroom
+        except torch.OutOfMemoryError:
+            fits = False
+    model.zero_grad(set_to_none=True)
+    if on_gpu:
+        torch.cuda.empty_cache()
+    log.info("micro-batch probe: %d rows x %d tokens %s", rows, length, "fits" if fits else "out of memory")
+    return fits

@@ -1,0 +1,85 @@
+"""The micro-batch probe: what it tries, in which order, and that it leaves no trace."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+import summ.micro_batch as mb
+from summ.micro_batch import MicroBatching, choose_micro_batching
+from summ.model import build_model
+from tests.conftest import tiny_config
+
+
+def recompute_flags(model):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+@pytest.fixture
+def checkpointed(tmp_path):
+    cfg = tiny_config(tmp_path, model={"gradient_checkpointing": True},
+                      train={"micro_batch_size": 1, "grad_accum_steps": 8})
+    return cfg, build_model(cfg, torch.device("cpu"), torch.float32)
+
+
+def gpu_like(model):
+    """An accelerator that says cuda, for the probe's search; `_fits` is replaced in these tests."""
+    return SimpleNamespace(device=torch.device("cuda"), num_processes=1, unwrap_model=lambda m: m)
+
+
+def test_probe_tries_the_whole_step_without_recompute_then_with_then_halves(checkpointed, monkeypatch):
+    cfg, model = checkpointed
+    tried = []
+
+    def fits_up_to_two_rows(model, rows, length, accelerator):
+        tried.append((rows, length, recompute_flags(model)))
+        return rows <= 2 and all(recompute_flags(model))
+
+    monkeypatch.setattr(mb, "_fits", fits_up_to_two_rows)
+    chosen = choose_micro_batching(model, cfg, gpu_like(model))
+    assert chosen == MicroBatching(tokens=256, recompute=True, chosen_by="probe")
+    assert tried == [(8, 128, [False, False]), (8, 128, [True, True]), (4, 128, [True, True]),
+                     (2, 128, [True, True])]
+    assert recompute_flags(model) == [True, True]
+
+
+def test_probe_keeps_recompute_off_when_the_whole_step_fits_without_it(checkpointed, monkeypatch):
+    cfg, model = checkpointed
+    monkeypatch.setattr(mb, "_fits", lambda model, rows, length, accelerator: True)
+    assert choose_micro_batching(model, cfg, gpu_like(model)) == MicroBatching(1024, False, "probe")
+    assert recompute_flags(model) == [False, False]
+
+
+def test_probe_leaves_a_partial_recompute_setting_alone_and_reports_nothing_fits(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, model={"gradient_checkpointing": True, "checkpointed_layers": 1},
+                      train={"micro_batch_size": 2, "grad_accum_steps": 2})
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
+    before = recompute_flags(model)
+    tried = []
+    monkeypatch.setattr(mb, "_fits", lambda model, rows, length, accelerator: tried.append(rows) or False)
+    assert choose_micro_batching(model, cfg, gpu_like(model)) is None
+    assert tried == [4, 2, 1] and recompute_flags(model) == before == [True, False]
+
+
+def test_a_set_budget_or_no_auto_is_used_as_given(tmp_path):
+    cpu = Accelerator(cpu=True)
+    cfg = tiny_config(tmp_path, train={"micro_batch_tokens": 300})
+    assert choose_micro_batching(None, cfg, cpu) == MicroBatching(300, False, "config")
+    cfg = tiny_config(tmp_path, train={"auto_micro_batch": False})
+    assert choose_micro_batching(None, cfg, cpu) == MicroBatching(None, False, "as stated")
+    cfg = tiny_config(tmp_path, train={"micro_batch_size": 2, "grad_accum_steps": 3})
+    assert choose_micro_batching(None, cfg, cpu) == MicroBatching(768, False, "whole step")
+
+
+def test_one_probe_changes_no_weight_no_random_state_and_leaves_no_gradient(checkpointed):
+    cfg, model = checkpointed
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    assert mb._fits(model, 3, 128, Accelerator(cpu=True)) is True
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
