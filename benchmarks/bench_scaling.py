@@ -5,9 +5,10 @@
 
 For each model and process count P it trains with `summ.train.train()` under `accelerate launch
 --multi_gpu --num_processes P` (P = 1: a plain process), with bench_train.py's settings of our loop
-(token-budget micro-batches, random weights from the real configs, the same rows) and the same global
-batch: every optimizer step holds max(--processes) micro-batches, accumulated on one process or split
-over the ranks, so every process count trains on the same rows in the same steps. Reported: non-pad
+("ours": train.micro_batch_size rows per process and step, run as micro-batches of a token budget;
+random weights from the real configs, the same rows) and the same global batch: every optimizer step
+holds max(--processes) x train.micro_batch_size rows, accumulated on one process or split over the
+ranks, so every process count trains on the same rows in the same steps. Reported: non-pad
 tokens/s summed over the ranks (log.jsonl counts them all-reduced), speed-up and scaling efficiency
 against one process, peak GPU memory of every rank, and each process count's per-step training
 losses with the largest difference from one process, also plotted (`--no-dropout` makes them
@@ -41,7 +42,8 @@ def dropout_off(model: str) -> dict:
 
 
 def settings(args, model: str, processes: int) -> tuple[str, ...]:
-    """bench_train's settings of our loop, with the global batch fixed at max(--processes) micro-batches."""
+    """bench_train's settings of our loop, with the global batch fixed at max(--processes) x
+    train.micro_batch_size rows: each process accumulates max(--processes) / processes of them."""
     sets = [s for s in ours_settings(args, model, "ours") if not s.startswith("train.grad_accum_steps=")]
     sets.append(f"train.grad_accum_steps={max(args.processes) // processes}")
     if args.no_dropout:
@@ -65,7 +67,7 @@ def run_child(args, model: str, processes: int) -> dict:
                  if "train/tokens" in x]
         record.update(summarize_steps([x["train/seconds"] for x in steps], [x["train/tokens"] for x in steps],
                                       args.warmup),
-                      losses=result.train_losses, micro_batch=describe(cfg))
+                      losses=result.train_losses, micro_batch=describe(cfg, result.metrics))
     return record
 
 
@@ -113,7 +115,8 @@ def markdown(results: dict) -> str:
     lines = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
              f"accelerate {env['accelerate']}, bitsandbytes {env['bitsandbytes']}; {env['date']}.",
              f"Command: `{results['command']}`", "",
-             "| model | processes | micro-batches | non-pad tok/s (all ranks) | x one process | scaling efficiency "
+             "| model | processes | rows per step and micro-batches (per process) | non-pad tok/s (all ranks) "
+             "| x one process | scaling efficiency "
              "| peak alloc GiB per rank | max abs loss diff vs one process |",
              "|---|---|---|---|---|---|---|---|"]
     for model, runs in results["models"].items():
@@ -156,7 +159,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=600, help="training rows read")
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
-    parser.add_argument("--tokens", type=int, help="micro-batch token budget (default: bench_train's)")
+    parser.add_argument("--tokens", type=int,
+                        help="token budget per micro-batch, rows per step unchanged (default: bench_train's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for every run")
     parser.add_argument("--no-dropout", action="store_true", help="LoRA and model dropout off (comparable losses)")

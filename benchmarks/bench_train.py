@@ -5,16 +5,29 @@
         model.checkpointed_layers=8   # one more row of our loop: a lever measured beside the others
     python benchmarks/bench_train.py --tiny          # seconds on a CPU; what CI runs to keep this working
 
+An optimizer step holds train.micro_batch_size x train.grad_accum_steps rows (the optimization);
+how our loop splits those rows into micro-batches (train.micro_batch_tokens, or the memory probe of
+train.auto_micro_batch) changes speed and memory, never the step's gradient. Each row of the table
+says how many rows its optimizer steps hold.
+
 Peers (both HF Trainer, NF4 + double quant, LoRA r16 on the reference targets,
 prepare_model_for_kbit_training, gradient checkpointing, paged_adamw_8bit):
-  reference  batch 1 x accumulation 8, padded to max_length, fp16 (the recipe being reproduced)
-  tuned      batch 16 x accumulation 1, dynamic padding, bf16 (what a careful user sets)
-and ours: summ.train.train() itself, with micro-batches sized by a token budget (MODELS[...]["ours"]).
+  reference  batch 1 x accumulation 8 (8 rows per step), padded to max_length, fp16 (the recipe
+             being reproduced)
+  tuned      batch 16 x accumulation 1 (16 rows per step), dynamic padding, bf16 (what a careful user sets)
+  tuned_liger_packed  tuned, padding-free (DataCollatorWithFlattening) and, for Llama-family models
+             on a GPU, Liger-Kernel (use_liger_kernel=True): what a user who knows the ecosystem picks
+and summ.train.train() itself:
+  recipe     the config as shipped (configs/xsum.json, configs/cnn_dailymail.json): batch 1 x
+             accumulation 8, the same 8 rows per step as the reference, run in the micro-batches the
+             memory probe chooses (train.auto_micro_batch)
+  ours       more rows per step, run as micro-batches of a token budget (MODELS[...]["ours"]): the
+             fastest settings measured
 
 Weights are random, built once from the real configs (tests/fixtures); sequence lengths come from
 real rows tokenized with the real tokenizers. Each runner is its own process, under a GPU memory cap
-(15 GiB by default, a T4's usable memory); `--t4` adds our loop in fp16 without flash attention.
-Output: JSON and a markdown table (with device and library versions) under --out.
+(15 GiB by default, a T4's usable memory); `--t4` adds `recipe_t4` and `ours_t4`, the same in fp16
+without flash attention. Output: JSON and a markdown table (with device and library versions) under --out.
 """
 
 from __future__ import annotations
@@ -35,15 +48,24 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 # "ours": the settings our loop is benchmarked with on top of the config, the fastest measured under
-# the 15 GiB cap on an H100 (RESULTS.md); "t4": the same for the T4 profile (fp16 keeps an fp32
-# residual stream, so it recomputes every layer).
+# the 15 GiB cap on an H100 (RESULTS.md): rows per optimizer step (micro_batch_size x grad_accum_steps),
+# and the token budget their micro-batches run at; "t4": the same for the T4 profile (fp16 keeps an
+# fp32 residual stream, so it recomputes every layer).
 MODELS = {
     "phi2": {"config": "configs/xsum.json", "fixture": "tests/fixtures/phi-2", "data": "xsum",
-             "ours": ("train.micro_batch_tokens=16384",), "t4": ("train.micro_batch_tokens=16384",)},
+             "ours": ("train.micro_batch_size=32", "train.grad_accum_steps=1", "train.micro_batch_tokens=16384"),
+             "t4": ("train.micro_batch_size=32", "train.grad_accum_steps=1", "train.micro_batch_tokens=16384")},
     "tinyllama": {"config": "configs/cnn_dailymail.json", "fixture": "tests/fixtures/tinyllama", "data": "cnn",
-                  "ours": ("train.micro_batch_tokens=4096", "model.checkpointed_layers=0"),
-                  "t4": ("train.micro_batch_tokens=8192",)},
+                  "ours": ("train.micro_batch_size=16", "train.grad_accum_steps=1", "train.micro_batch_tokens=4096",
+                           "model.checkpointed_layers=0"),
+                  "t4": ("train.micro_batch_size=32", "train.grad_accum_steps=1", "train.micro_batch_tokens=8192")},
 }
+# --tiny (max_length 128, a handful of rows): our runners take 2 rows per step in micro-batches of up
+# to 256 tokens, the recipe runners batch 1 x accumulation 2, as the tiny reference peer does.
+TINY_OURS = {"train.micro_batch_size": "2", "train.grad_accum_steps": "1", "train.micro_batch_tokens": "256"}
+TINY_RECIPE = {"train.grad_accum_steps": "2"}
+# Model types Liger-Kernel patches (it has no Phi-2 kernels; the peer then runs packing alone).
+LIGER_MODEL_TYPES = ("llama",)
 TINY_OVERRIDES = {
     "phi2": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
              "num_key_value_heads": 4},
@@ -141,6 +163,9 @@ def run_trainer_peer(args, model: str, runner: str) -> dict:
         cfg = run_config(args, model, Path(tmp), ("model.fused_ops=false",))
         tokenizer, examples = encoded_rows(cfg)
         reference = runner == "reference"
+        # What a user who knows the ecosystem adds: padding-free batches (DataCollatorWithFlattening:
+        # one sequence, position ids restarting per row) and Liger's kernels (Llama-family only).
+        liger_packed = runner == "tuned_liger_packed"
         on_gpu = torch.cuda.is_available()
         half = (torch.float16 if reference else torch.bfloat16) if on_gpu else torch.float32
         # --tiny keeps the shapes of the recipes at a size a handful of fixture rows can feed.
@@ -175,51 +200,87 @@ def run_trainer_peer(args, model: str, runner: str) -> dict:
             max_steps=steps, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0,
             fp16=on_gpu and reference, bf16=on_gpu and not reference, use_cpu=not on_gpu,
             optim="paged_adamw_8bit", gradient_checkpointing=True, logging_steps=10**6, save_strategy="no",
-            report_to="none", remove_unused_columns=False, dataloader_num_workers=0, seed=0)
+            report_to="none", remove_unused_columns=False, dataloader_num_workers=0, seed=0,
+            use_liger_kernel=liger_packed and on_gpu and base.config.model_type in LIGER_MODEL_TYPES)
         data = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+        if liger_packed:
+            from transformers import DataCollatorWithFlattening
+
+            collator = DataCollatorWithFlattening(return_position_ids=True)
+        else:
+            def collator(rows):
+                return collate([type(examples[0])(r["input_ids"], r["labels"]) for r in rows],
+                               tokenizer.pad_token_id, pad_to_multiple_of=pad_to)
         trainer = Sequential(model=peft_model, args=training_args, train_dataset=data, callbacks=[timer],
-                             data_collator=lambda rows: collate(
-                                 [type(examples[0])(r["input_ids"], r["labels"]) for r in rows],
-                                 tokenizer.pad_token_id, pad_to_multiple_of=pad_to))
+                             data_collator=collator)
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
         per_step = batch * accumulation
         tokens = [sum(len(e.input_ids) for e in examples[i * per_step:(i + 1) * per_step]) for i in range(steps)]
         seconds = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
-        return {**summarize_steps(seconds, tokens, args.warmup), **memory(),
-                "micro_batch": f"{batch} rows" + (f" padded to {pad_to}" if reference else " (dynamic padding)"),
+        return {**summarize_steps(seconds, tokens, args.warmup), **memory(), "rows_per_step": per_step,
+                "micro_batch": f"{batch} rows" + (f" padded to {pad_to}" if reference else
+                                                  " packed (padding-free)" + (", Liger kernels" if
+                                                  training_args.use_liger_kernel else "") if liger_packed
+                                                  else " (dynamic padding)"),
                 "accumulation": accumulation, "dtype": str(half).replace("torch.", "")}
 
 
 def ours_settings(args, model: str, runner: str) -> list[str]:
-    """Config overrides of one of our runners: `ours`, `ours_t4` or a `--variant` (`ours:NAME`)."""
-    sets = ["train.grad_accum_steps=1", *MODELS[model]["t4" if runner == "ours_t4" else "ours"]]
-    if args.tokens or args.tiny:
-        sets.append(f"train.micro_batch_tokens={args.tokens or 256}")
+    """Config overrides of one of our runners: `recipe` / `recipe_t4` (the config as shipped),
+    `ours` / `ours_t4` (MODELS[...]) or a `--variant` (`ours:NAME`, on top of `ours`)."""
+    recipe = runner in ("recipe", "recipe_t4")
+    t4 = runner in ("recipe_t4", "ours_t4")
+    sets = [] if recipe else list(MODELS[model]["t4" if t4 else "ours"])
+    if args.tiny:
+        tiny = TINY_RECIPE if recipe else TINY_OURS
+        sets = [x for x in sets if x.split("=", 1)[0] not in tiny] + [f"{k}={v}" for k, v in tiny.items()]
+    if args.tokens and not recipe:
+        sets.append(f"train.micro_batch_tokens={args.tokens}")
     sets += args.overrides
-    if runner == "ours_t4":
+    if t4:
         return sets + ["train.mixed_precision=fp16", "quant.compute_dtype=float16", *args.t4_overrides]
     if runner.startswith("ours:"):
         sets += dict(args.variants)[runner[len("ours:"):]]
     return sets
 
 
-def describe(cfg) -> str:
-    """What a user would need to reproduce one of our rows: micro-batch and recompute settings."""
+def rows_per_step(cfg) -> int:
+    """Rows per optimizer step of one process: the optimization, however the rows are split."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+
+
+def describe(cfg, metrics: dict | None = None) -> str:
+    """What a user would need to reproduce one of our rows: rows per optimizer step, and how they ran:
+    the micro-batch token budget and recompute in effect (from the run's `metrics`, so a budget the
+    memory probe chose is reported; without them, what the config states)."""
+    import torch
+
     t, m = cfg.train, cfg.model
-    batch = (f"token budget {t.micro_batch_tokens}" if t.micro_batch_tokens else f"{t.micro_batch_size} rows") + \
-        (f" x{t.grad_accum_steps} accumulation" if t.grad_accum_steps > 1 else "") + \
+    step = f"{rows_per_step(cfg)} rows per step" + \
+        (f" ({t.micro_batch_size} x{t.grad_accum_steps} accumulation)" if t.grad_accum_steps > 1 else "") + \
         (", length-grouped" if t.length_grouping else "")
-    if not m.gradient_checkpointing:
-        ckpt = "no checkpointing"
-    elif m.checkpointed_layers is None:
-        ckpt = "checkpointing every layer"
+    if metrics is None:
+        tokens, recompute = t.micro_batch_tokens, m.gradient_checkpointing and m.checkpointed_layers != 0
     else:
-        ckpt = f"checkpointing {m.checkpointed_layers} layers"
-    extras = [x for x, on in (("fused ops off", not m.fused_ops), ("embeddings on CPU", m.embeddings_on_cpu),
+        tokens, recompute = metrics["micro_batch_tokens"], metrics["recompute"]
+    if tokens is None:
+        run = f"run as micro-batches of {t.micro_batch_size} rows"
+    else:
+        how = ("set" if t.micro_batch_tokens is not None else
+               "probe" if torch.cuda.is_available() else "whole step")
+        run = f"run as micro-batches of up to {tokens} tokens ({how})"
+    if not recompute:
+        ckpt = "no recompute"
+    elif m.checkpointed_layers is None:
+        ckpt = "recomputing every layer"
+    else:
+        ckpt = f"recomputing {m.checkpointed_layers} layers"
+    extras = [x for x, on in (("rows packed", t.packing), ("fused ops off", not m.fused_ops),
+                              ("embeddings on CPU", m.embeddings_on_cpu),
                               ("fp32 frozen weights", cfg.quant.upcast_frozen)) if on]
-    return ", ".join([batch, ckpt, *extras])
+    return ", ".join([step, run, ckpt, *extras])
 
 
 def run_ours(args, model: str, runner: str) -> dict:
@@ -229,7 +290,7 @@ def run_ours(args, model: str, runner: str) -> dict:
     from summ.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        if runner == "ours_t4":
+        if runner in ("recipe_t4", "ours_t4"):
             torch.backends.cuda.enable_flash_sdp(False)  # a T4 (sm75) has no flash-attention kernels
         cfg = run_config(args, model, Path(tmp), tuple(ours_settings(args, model, runner)))
         result = train(cfg)
@@ -239,11 +300,14 @@ def run_ours(args, model: str, runner: str) -> dict:
                                   args.warmup),
                 "peak_allocated_gib": result.metrics.get("memory/peak_allocated_gib"),
                 "peak_reserved_gib": result.metrics.get("memory/peak_reserved_gib"),
-                "micro_batch": describe(cfg), "accumulation": cfg.train.grad_accum_steps,
+                "rows_per_step": rows_per_step(cfg), "micro_batch_tokens": result.metrics["micro_batch_tokens"],
+                "recompute": result.metrics["recompute"], "micro_batch": describe(cfg, result.metrics),
+                "accumulation": cfg.train.grad_accum_steps,
                 "dtype": mixed_precision_mode(cfg.train.mixed_precision), "final_train_loss": result.train_losses[-1]}
 
 
-RUNNERS = {"reference": run_trainer_peer, "tuned": run_trainer_peer, "ours": run_ours, "ours_t4": run_ours}
+RUNNERS = {"reference": run_trainer_peer, "tuned": run_trainer_peer, "tuned_liger_packed": run_trainer_peer,
+           "recipe": run_ours, "recipe_t4": run_ours, "ours": run_ours, "ours_t4": run_ours}
 
 
 def runner_function(runner: str):
@@ -275,41 +339,46 @@ def markdown(results: dict) -> str:
     lines = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
              f"accelerate {env['accelerate']}, bitsandbytes {env['bitsandbytes']}; {env['date']}.",
              f"Command: `{results['command']}`", "",
-             "| model | runner | dtype | micro-batch | non-pad tok/s | opt steps/s | s/step median (min-max) "
-             "| peak alloc / reserved GiB | tok/s vs reference | tok/s vs tuned |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | runner | dtype | rows / step | micro-batch | non-pad tok/s | opt steps/s "
+             "| s/step median (min-max) | peak alloc / reserved GiB | tok/s vs reference | tok/s vs tuned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, runs in results["models"].items():
         ref = runs.get("reference", {}).get("non_pad_tokens_per_s")
         tuned = runs.get("tuned", {}).get("non_pad_tokens_per_s")
         for runner, r in runs.items():
             if "error" in r:
-                lines.append(f"| {model} | {runner} | | | failed: {r['error'][:80]} | | | | | |")
+                lines.append(f"| {model} | {runner} | | | | failed: {r['error'][:80]} | | | | | |")
                 continue
             mem = ("n/a" if r["peak_allocated_gib"] is None
                    else f"{r['peak_allocated_gib']:.2f} / {r['peak_reserved_gib']:.2f}")
             tps = r["non_pad_tokens_per_s"]
+            head = f"| {model} | {runner} | {r['dtype']} | {r['rows_per_step']} | {r['micro_batch']} | {tps:,.0f} | " \
+                f"{r['steps_per_s']:.3f} | "
             lines.append(
-                f"| {model} | {runner} | {r['dtype']} | {r['micro_batch']} | {tps:,.0f} | {r['steps_per_s']:.3f} | "
-                f"{r['s_per_step_median']:.3f} ({r['s_per_step_min']:.3f}-{r['s_per_step_max']:.3f}) | {mem} | "
-                f"{tps / ref:.2f}x | {tps / tuned:.2f}x |" if ref and tuned else
-                f"| {model} | {runner} | {r['dtype']} | {r['micro_batch']} | {tps:,.0f} | {r['steps_per_s']:.3f} | "
-                f"{r['s_per_step_median']:.3f} | {mem} | | |")
+                head + f"{r['s_per_step_median']:.3f} ({r['s_per_step_min']:.3f}-{r['s_per_step_max']:.3f}) | "
+                f"{mem} | {tps / ref:.2f}x | {tps / tuned:.2f}x |" if ref and tuned else
+                head + f"{r['s_per_step_median']:.3f} | {mem} | | |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["phi2", "tinyllama"], choices=sorted(MODELS))
-    parser.add_argument("--runners", nargs="+", default=["reference", "tuned", "ours"], choices=sorted(RUNNERS))
-    parser.add_argument("--t4", action="store_true", help="also run our loop in the T4 profile (fp16, no flash)")
+    parser.add_argument("--runners", nargs="+", default=["reference", "tuned", "recipe", "ours"],
+                        choices=sorted(RUNNERS))
+    parser.add_argument("--t4", action="store_true",
+                        help="also run recipe_t4 and ours_t4: our loop in the T4 profile (fp16, no flash)")
     parser.add_argument("--data-xsum", default=str(REPO / "data" / "xsum_sample"))
     parser.add_argument("--data-cnn", default=str(REPO / "tests" / "fixtures" / "cnn_tiny"))
     parser.add_argument("--rows", type=int, default=600, help="training rows read (enough for every runner)")
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
-    parser.add_argument("--tokens", type=int, help="our micro-batch token budget (default: MODELS[...]['ours'])")
+    parser.add_argument("--tokens", type=int,
+                        help="token budget per micro-batch of ours, ours_t4 and the variants, with their rows per "
+                             "step unchanged (default: MODELS[...]['ours']); the recipe runners keep the probe's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="config override for our runners, e.g. --set model.gradient_checkpointing=false")
+                        help="config override for our runners (recipe and ours), "
+                             "e.g. --set model.gradient_checkpointing=false")
     parser.add_argument("--t4-set", dest="t4_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for the T4 profile only")
     parser.add_argument("--variant", dest="variants", action="append", default=[], nargs="+",
@@ -333,7 +402,8 @@ def main() -> int:
         print("RESULT " + json.dumps(runner_function(runner)(args, model, runner)), flush=True)
         return 0
 
-    runners = args.runners + (["ours_t4"] if args.t4 else []) + [f"ours:{name}" for name, _ in args.variants]
+    runners = args.runners + [r for r in (("recipe_t4", "ours_t4") if args.t4 else ()) if r not in args.runners]
+    runners += [f"ours:{name}" for name, _ in args.variants]
     results = {"environment": environment(), "command": " ".join(["python"] + sys.argv), "models": {}}
     for model in args.models:
         results["models"][model] = {}

@@ -41,26 +41,30 @@ step() {
 best() { cat "$OUT/$1/best_sets.txt" 2>/dev/null; }
 sets() { for s in $(best "$1"); do printf -- '--set %s ' "$s"; done; }
 
-# Peak memory at the reference recipe's own shape (batch 1 x accumulation 8), embedding table in host memory.
+# Peak memory at the reference recipe's own shape (8 micro-batches of 1 row: the probe's choice
+# turned off), embedding table in host memory.
 step vram $PY benchmarks/profile_vram.py --model phi2 --data-xsum "$X" "${VRAM[@]}" \
-  --set model.embeddings_on_cpu=true --out "$OUT/vram"
-# Fastest token budget x recomputed layers under the 15 GiB cap, then the peers, our benchmark
-# settings (bench_train.MODELS) and the tuner's point, in one run.
+  --set train.auto_micro_batch=false --set model.embeddings_on_cpu=true --out "$OUT/vram"
+# Fastest token budget x recomputed layers under the 15 GiB cap (how a step's rows run), then the
+# peers, the shipped recipe (8 rows per step, micro-batches from the probe), our benchmark settings
+# (bench_train.MODELS: more rows per step) and those with the tuner's point, in one run; --t4 adds
+# recipe_t4 and ours_t4.
 step tune_phi2 $PY benchmarks/tune_microbatch.py --model phi2 --data-xsum "$X" "${SIZE[@]}" "${ROWS_X[@]}" \
   --budgets "${BUDGETS_PHI[@]}" --layer-step $LAYER_STEP --out "$OUT/tune_phi2"
 # shellcheck disable=SC2046
-step bench_phi2 $PY benchmarks/bench_train.py --models phi2 --runners reference tuned ours --t4 "${SIZE[@]}" \
+step bench_phi2 $PY benchmarks/bench_train.py --models phi2 --runners reference tuned recipe ours --t4 "${SIZE[@]}" \
   "${ROWS_X[@]}" "${STEPS[@]}" --data-xsum "$X" --variant best $(best tune_phi2) --out "$OUT/bench_phi2"
 step tune_tinyllama $PY benchmarks/tune_microbatch.py --model tinyllama --data-cnn "$C" "${SIZE[@]}" \
   "${ROWS_C[@]}" --budgets "${BUDGETS_TL[@]}" --layer-step $LAYER_STEP --out "$OUT/tune_tinyllama"
 # shellcheck disable=SC2046
-step bench_tinyllama $PY benchmarks/bench_train.py --models tinyllama --runners reference tuned ours --t4 "${SIZE[@]}" \
+step bench_tinyllama $PY benchmarks/bench_train.py --models tinyllama --runners reference tuned recipe ours --t4 "${SIZE[@]}" \
   "${ROWS_C[@]}" "${STEPS[@]}" --data-cnn "$C" --variant best $(best tune_tinyllama) --out "$OUT/bench_tinyllama"
 step generate $PY benchmarks/bench_generate.py --data-xsum "$X" --data-cnn "$C" "${GEN[@]}" --out "$OUT/generate"
 # Same rows, same seed: the HF Trainer recipe against our loop with the tuned recompute setting.
 # shellcheck disable=SC2046
 step curves $PY benchmarks/loss_curves.py --data-xsum "$X" "${CURVES[@]}" --runners hf_trainer ours \
   $(best tune_phi2 | tr ' ' '\n' | grep checkpointed_layers | sed 's/^/--set /') --out "$OUT/curves"
+# The tuner's budget, each step one micro-batch of it (rows per step: as many full-length rows as it holds).
 # shellcheck disable=SC2046
 step kernels $PY benchmarks/profile_kernels.py --model phi2 --data-xsum "$X" "${SIZE[@]}" "${ROWS_X[@]}" \
   $(sets tune_phi2)

@@ -6,9 +6,13 @@
     python benchmarks/loss_curves.py --tiny                                     # CPU, seconds
 
 Phi-2 with random weights built from the real config (the same weights for every runner), the
-reference shape (batch 1 x accumulation 8, max length 512; --micro-batch/--accumulation change
-it for every runner alike), the rows of the data folder in file
-order, the same LoRA initialisation (same seed), paged 8-bit AdamW, cosine with warmup.
+reference optimization (8 rows per optimizer step, batch 1 x accumulation 8, max length 512;
+--micro-batch/--accumulation change it for every runner alike), the rows of the data folder in file
+order, the same LoRA initialisation (same seed), paged 8-bit AdamW, cosine with warmup. The HF
+Trainer runs micro-batches of --micro-batch rows; our loop runs each step's rows in the micro-batches
+it chooses (train.auto_micro_batch: on a GPU the largest its memory probe finds, on a CPU the whole
+step; `--set train.micro_batch_tokens=N` for a budget of your own), which leaves each step's
+gradient, and so its loss, unchanged.
 
   hf_trainer   HF Trainer with prepare_model_for_kbit_training (fp32 embeddings, lm_head, norms),
                padding to max_length, full-sequence logits: the reference recipe
@@ -164,8 +168,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--no-dropout", action="store_true")
-    parser.add_argument("--micro-batch", type=int, default=1, help="rows per micro-batch, every runner")
-    parser.add_argument("--accumulation", type=int, default=8, help="micro-batches per optimizer step, every runner")
+    parser.add_argument("--micro-batch", type=int, default=1,
+                        help="rows per micro-batch (train.micro_batch_size), every runner")
+    parser.add_argument("--accumulation", type=int, default=8,
+                        help="micro-batches per optimizer step (train.grad_accum_steps), every runner; "
+                             "--micro-batch x --accumulation rows per step")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for the `ours` runner (a lever whose losses should not move)")
     parser.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS)

@@ -5,9 +5,13 @@
     python benchmarks/profile_kernels.py --tiny      # CPU, seconds; keeps the script working
 
 Runs `summ.train.train()` as bench_train.py does (random weights from the real config, real row
-lengths, token-budget micro-batches), skips `--warmup` optimizer steps, records `--steps`, and
-prints: wall time per step, GPU busy time and kernel launches per step, the top kernels by GPU
-time, and that time grouped by kind (matmul, 4-bit dequantize, attention, elementwise, ...).
+lengths), each optimizer step one micro-batch of up to `--tokens` tokens: the step holds as many
+rows as the budget holds at data.max_length (train.micro_batch_size = tokens // max_length,
+train.grad_accum_steps=1; a `--set` of either wins), so shorter rows leave it partly empty and a
+step never splits. A `--set train.micro_batch_tokens=...` wins over `--tokens`. Skips `--warmup`
+optimizer steps, records `--steps`, and prints: wall time per step, GPU busy time and kernel
+launches per step, the top kernels by GPU time, and that time grouped by kind (matmul, 4-bit
+dequantize, attention, elementwise, ...).
 `--trace` also writes a Chrome trace (open it in https://ui.perfetto.dev).
 """
 
@@ -49,7 +53,8 @@ def kind_of(name: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_one_model_arguments(parser)
-    parser.add_argument("--tokens", type=int, default=8192, help="micro-batch token budget")
+    parser.add_argument("--tokens", type=int, default=8192,
+                        help="token budget of a micro-batch; a step holds as many full-length rows as it fits")
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before recording")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps recorded")
     parser.add_argument("--top", type=int, default=25)
@@ -64,6 +69,7 @@ def main() -> int:
     from torch.optim.optimizer import register_optimizer_step_post_hook
     from torch.profiler import ProfilerActivity, profile, schedule
 
+    from summ.data import padded_length
     from summ.train import train
 
     cap_memory(args.cap_gib)
@@ -72,9 +78,16 @@ def main() -> int:
     marks: list[float] = []
 
     with tempfile.TemporaryDirectory() as tmp:
-        sets = [f"train.micro_batch_tokens={args.tokens}", "train.grad_accum_steps=1", *args.overrides]
+        sets = [f"train.micro_batch_tokens={args.tokens}", *args.overrides]
         cfg = run_config(args, args.model, Path(tmp), tuple(sets))
         tokens = cfg.train.micro_batch_tokens  # a --set train.micro_batch_tokens=... overrides --tokens
+        if tokens is None:
+            parser.error("profile_kernels.py profiles micro-batches of a token budget: give --tokens")
+        # Rows per step to fill one micro-batch of the budget in effect (a --set of either wins).
+        fill = [f"train.micro_batch_size={max(1, tokens // padded_length(cfg.data.max_length))}",
+                "train.grad_accum_steps=1"]
+        cfg = run_config(args, args.model, Path(tmp), tuple(fill + sets))
+        rows = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
         with profile(activities=activities,
                      schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1),
                      record_shapes=False) as prof:
@@ -100,7 +113,7 @@ def main() -> int:
     wall_s = (marks[args.warmup + args.steps - 1] - marks[args.warmup - 1]) / args.steps
     launches = sum(e.count for e in events) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
-    print(f"\n{args.model}, token budget {tokens}, overrides {args.overrides or 'none'}; "
+    print(f"\n{args.model}, {rows} rows per step, token budget {tokens}, overrides {args.overrides or 'none'}; "
           f"peak allocated {peak:.2f} GiB")
     print(f"wall per optimizer step: {wall_s:.3f} s; {'GPU' if on_gpu else 'CPU'} busy per step: "
           f"{total_us / args.steps / 1e6:.3f} s ({100 * total_us / args.steps / 1e6 / max(wall_s, 1e-9):.0f}%); "
@@ -116,8 +129,9 @@ def main() -> int:
         us = getattr(e, device_time)
         print(f"| {e.key[:90]} | {kind_of(e.key)} | {e.count / args.steps:.0f} | {us / args.steps / 1e3:.1f} | "
               f"{100 * us / total_us:.1f}% |")
-    summary = {"model": args.model, "tokens": tokens, "overrides": args.overrides, "wall_s_per_step": wall_s,
-               "busy_s_per_step": total_us / args.steps / 1e6, "kernels_per_step": launches, "peak_allocated_gib": peak,
+    summary = {"model": args.model, "tokens": tokens, "rows_per_step": rows, "overrides": args.overrides,
+               "wall_s_per_step": wall_s, "busy_s_per_step": total_us / args.steps / 1e6, "kernels_per_step": launches,
+               "peak_allocated_gib": peak,
                "ms_per_step_by_kind": {k: v / args.steps / 1e3 for k, v in by_kind.items()}}
     print("SUMMARY " + json.dumps(summary))
     if args.trace:

@@ -1,6 +1,8 @@
 """Where the GPU memory of one optimizer step goes, for one model and our loop.
 
-    python benchmarks/profile_vram.py --model phi2 --data-xsum DIR [--tokens 16384] [--set key=value ...]
+    python benchmarks/profile_vram.py --model phi2 --data-xsum DIR [--tokens 4096] [--set key=value ...]
+    python benchmarks/profile_vram.py --model phi2 --data-xsum DIR --set train.auto_micro_batch=false
+                                                    # the recipe's steps as stated: 8 micro-batches of 1 row
     python benchmarks/profile_vram.py --tiny        # CPU: the static breakdown only, keeps the script working
 
 Writes under --out:
@@ -11,8 +13,12 @@ Writes under --out:
                               https://pytorch.org/memory_viz (drag the file in)
   memory_timeline.png         on a GPU: allocated memory across the step (needs matplotlib)
 
-The measured step is the second on the first (longest) accumulation window, so the optimizer
-state exists, as in every step after the first.
+The measured step holds the rows of the plan's first optimizer step (train.micro_batch_size x
+train.grad_accum_steps rows, the longest micro-batch of the plan among them), split into
+micro-batches as the training loop splits them: by the token budget (`--tokens` or
+train.micro_batch_tokens), by the budget the loop's memory probe chooses on a GPU
+(train.auto_micro_batch; on a CPU the whole step), or as planned with train.auto_micro_batch=false.
+It is the second step on those rows, so the optimizer state exists, as in every step after the first.
 """
 
 from __future__ import annotations
@@ -88,7 +94,9 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_one_model_arguments(parser)
-    parser.add_argument("--tokens", type=int, default=None, help="micro-batch token budget (default: the config's)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="token budget per micro-batch; the rows per step stay the config's (default: "
+                             "train.micro_batch_tokens, or the loop's own choice)")
     parser.add_argument("--no-snapshot", dest="snapshot", action="store_false",
                         help="skip recording the allocator history (memory_snapshot.pickle, memory_timeline.png)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
@@ -98,7 +106,8 @@ def main() -> int:
 
     from accelerate import Accelerator
 
-    from summ.data import collate, plan_batches
+    from summ.data import collate, collate_packed, plan_batches, split_by_tokens
+    from summ.micro_batch import choose_micro_batching
     from summ.model import build_model
     from summ.precision import resolve_compute_dtype
     from summ.precision import mixed_precision_mode
@@ -117,11 +126,21 @@ def main() -> int:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     t = cfg.train
-    plan = plan_batches([len(e.input_ids) for e in examples], micro_batch_size=t.micro_batch_size,
-                        micro_batch_tokens=t.micro_batch_tokens, seed=t.seed, epoch=0,
-                        length_grouping=t.length_grouping)
-    # The first window holds the longest micro-batch: the step that sets the peak.
-    window = [collate([examples[i] for i in b], tokenizer.pad_token_id) for b in plan[:t.grad_accum_steps]]
+    lengths = [len(e.input_ids) for e in examples]
+    plan = plan_batches(lengths, micro_batch_size=t.micro_batch_size, seed=t.seed, epoch=0,
+                        length_grouping=t.length_grouping, shuffle=t.shuffle)
+    # As summ.train runs a step: the budget in effect (set, or the probe's), then the first step's
+    # rows regrouped by it. The first step holds the plan's longest micro-batch: it sets the peak.
+    micro_batching = choose_micro_batching(model, cfg, accelerator)
+    if micro_batching is None:
+        print("out of GPU memory in the micro-batch probe even for one row of data.max_length", file=sys.stderr)
+        return 1
+    first_step = plan[:t.grad_accum_steps]
+    if micro_batching.tokens is not None:
+        first_step = split_by_tokens([i for b in first_step for i in b], lengths, micro_batching.tokens,
+                                     packed=t.packing)
+    window = [collate_packed([examples[i] for i in b]) if t.packing
+              else collate([examples[i] for i in b], tokenizer.pad_token_id) for b in first_step]
 
     quant, quantized_ids = quantized_bytes(model) if cfg.quant.enabled else (0, set())
     params = list(model.parameters())
@@ -174,6 +193,9 @@ def main() -> int:
     rows["logits + fp32 loss copy, largest micro-batch (estimate)"] = max(
         int((b["labels"][:, 1:] != -100).any(0).sum()) * b["labels"].shape[0] for b in window) * vocab * (2 + 4)
     result = {"model": args.model, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+              "rows_per_step": t.micro_batch_size * t.grad_accum_steps,
+              "micro_batch_tokens": micro_batching.tokens, "recompute": micro_batching.recompute,
+              "micro_batching": micro_batching.describe(),
               "micro_batches": [list(b["input_ids"].shape) for b in window],
               "non_pad_tokens": sum(int(b["attention_mask"].sum()) for b in window),
               "labelled_positions_computed": labelled, "bytes": rows}
@@ -190,6 +212,7 @@ def main() -> int:
             result["snapshot_stack_traces"] = snapshot_mode[0] is not None
             result["timeline_png"] = timeline_png(snapshot, static, out / "memory_timeline.png")
     lines = [f"# Memory of one optimizer step: {args.model} on {result['device']}", "",
+             f"{result['rows_per_step']} rows per optimizer step, run as {result['micro_batching']}.", "",
              f"Micro-batches (rows x padded length): {result['micro_batches']}; non-pad tokens "
              f"{result['non_pad_tokens']}.", "", "| part | GiB |", "|---|---|"]
     lines += [f"| {k} | {v / GIB:.3f} |" for k, v in rows.items()]

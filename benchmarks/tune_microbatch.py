@@ -4,19 +4,27 @@
     python benchmarks/tune_microbatch.py --model tinyllama --data-cnn DIR --cap-gib 15   # a T4's memory
     python benchmarks/tune_microbatch.py --tiny       # CPU, seconds; keeps the script working
 
+Both settings are execution settings: they decide how an optimizer step's rows
+(train.micro_batch_size x train.grad_accum_steps, the optimization) run, never the step's gradient.
+
 Loads the model once (random weights from the real config, real row lengths, the config's dtype),
 then for each token budget, smallest first, tries recomputing (gradient checkpointing) on 0, 4,
 8, ... of the decoder layers, fewest first, and keeps the first that fits: a layer that does not
 recompute saves a third of its compute and holds its activations instead. The best point is the
 fastest measured one: on an H100 a larger micro-batch with every layer recomputed beat a smaller
-one with none (the step is launch-bound below ~8k tokens), so both axes are searched. Each tried
-point runs `--warmup` + `--steps` optimizer steps of our loop (accumulate_gradients, clipping, the optimizer),
-the longest micro-batch first, so a point that does not fit fails at once. A point "fits" when
-its peak reserved memory stays `--margin-gib` under the cap.
+one with none (the step is launch-bound below ~8k tokens), so both axes are searched. The
+micro-batches of a budget are built as the training loop builds them: length-grouped rows (the
+training plan, with steps of about 8 budgets' worth of rows) regrouped by
+`summ.data.split_by_tokens`. Each tried point runs `--warmup` + `--steps` optimizer steps of one
+such micro-batch each (accumulate_gradients, clipping, the optimizer), the longest micro-batch
+first, so a point that does not fit fails at once. A point "fits" when its peak reserved memory
+stays `--margin-gib` under the cap.
 
-Prints a table of every point (tokens/s, s/step, peak allocated/reserved, or out of memory) and
-the fastest point that fits as config overrides (`BEST ...`); writes tune_<model>.json / .md
-and best_sets.txt under --out.
+Prints a table of every point (tokens/s, s/step, rows per micro-batch, peak allocated/reserved, or
+out of memory) and the fastest point that fits as config overrides (`BEST ...`), and, apart from
+them, the rows per step that fill one micro-batch of that budget (`ROWS ...`): a step of fewer rows
+runs as one smaller micro-batch, and choosing more rows per step changes the optimization, so it is
+yours to decide. Writes tune_<model>.json / .md and best_sets.txt (the BEST overrides) under --out.
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ def main() -> int:
     from accelerate import Accelerator
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from summ.data import collate, plan_batches
+    from summ.data import collate, collate_packed, padded_length, plan_batches, split_by_tokens
     from summ.model import build_model, limit_checkpointing
     from summ.precision import resolve_compute_dtype
     from summ.precision import mixed_precision_mode
@@ -77,14 +85,25 @@ def main() -> int:
     n_layers = len(blocks)
     layer_counts = sorted(set(args.layers) if args.layers else (set(range(0, n_layers, args.layer_step)) | {n_layers}))
 
+    packed = cfg.train.packing
+
+    def micro_batches(budget: int) -> list[list[int]]:
+        """Micro-batches of at most `budget` tokens, as the loop builds them: the plan's length-grouped
+        steps (about 8 budgets' worth of rows each, the longest first) regrouped by the budget."""
+        rows = max(1, 8 * budget // padded_length(int(statistics.median(lengths))))
+        plan = plan_batches(lengths, micro_batch_size=rows, seed=cfg.train.seed, epoch=0,
+                            length_grouping=cfg.train.length_grouping, shuffle=cfg.train.shuffle)
+        return [m for step in plan for m in split_by_tokens(step, lengths, budget, packed=packed)]
+
     def run_point(budget: int) -> dict:
         # Train mode, as in summ.train: in eval mode transformers skips checkpointing (and dropout),
         # which would make every point look like "no recompute".
         model.train()
-        plan = plan_batches(lengths, micro_batch_size=1, micro_batch_tokens=budget, seed=cfg.train.seed, epoch=0)
-        seconds, tokens = [], []
+        plan = micro_batches(budget)
+        seconds, tokens, rows = [], [], []
         for i in range(args.warmup + args.steps):
-            batch = collate([examples[j] for j in plan[i % len(plan)]], tokenizer.pad_token_id)
+            chosen = [examples[j] for j in plan[i % len(plan)]]
+            batch = collate_packed(chosen) if packed else collate(chosen, tokenizer.pad_token_id)
             started = time.perf_counter()
             accumulate_gradients(model, [batch], accelerator)
             accelerator.clip_grad_norm_(lora, cfg.train.max_grad_norm or float("inf"))
@@ -95,7 +114,9 @@ def main() -> int:
             if i >= args.warmup:
                 seconds.append(time.perf_counter() - started)
                 tokens.append(int(batch["attention_mask"].sum()))
+                rows.append(len(chosen))
         return {"layers_recomputing": sum(b.gradient_checkpointing and b.training for b in blocks),
+                "rows_per_micro_batch_median": statistics.median(rows),
                 "non_pad_tokens_per_s": sum(tokens) / sum(seconds), "s_per_step_median": statistics.median(seconds),
                 "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None}
@@ -125,31 +146,43 @@ def main() -> int:
 
     fitting = [p for p in points if p["fits"]]
     best = max(fitting, key=lambda p: p["non_pad_tokens_per_s"]) if fitting else None
+    # How a step runs (the same gradient at any of these); the rows per step that fill one such
+    # micro-batch are reported apart: choosing them changes the optimization.
     best_sets = [] if best is None else [f"train.micro_batch_tokens={best['budget']}",
                                          f"model.checkpointed_layers={best['recomputed_layers']}"]
+    fill_rows = None if best is None else max(1, int(best["rows_per_micro_batch_median"]))
+    rows_sets = [] if best is None else [f"train.micro_batch_size={fill_rows}", "train.grad_accum_steps=1"]
     env = environment()
     lines = [f"# Micro-batch tuning: {args.model} on {env['device']}, cap {args.cap_gib} GiB (margin "
              f"{args.margin_gib}), {cfg.train.mixed_precision} / {cfg.quant.compute_dtype}; {env['date']}", "",
              f"Command: `{' '.join(['python'] + sys.argv)}`", "",
              f"| token budget | recomputed layers (of {n_layers}) | non-pad tok/s | s/step median | "
-             f"peak alloc / reserved GiB | fits |", "|---|---|---|---|---|---|"]
+             f"rows per micro-batch (median) | peak alloc / reserved GiB | fits |", "|---|---|---|---|---|---|---|"]
     for p in points:
         if "error" in p:
-            lines.append(f"| {p['budget']} | {p['recomputed_layers']} | {p['error']} | | | no |")
+            lines.append(f"| {p['budget']} | {p['recomputed_layers']} | {p['error']} | | | | no |")
             continue
         mem = ("n/a" if p["peak_allocated_gib"] is None
                else f"{p['peak_allocated_gib']:.2f} / {p['peak_reserved_gib']:.2f}")
         mark = "**best**" if p is best else ("yes" if p["fits"] else "over the margin")
         lines.append(f"| {p['budget']} | {p['recomputed_layers']} | {p['non_pad_tokens_per_s']:,.0f} | "
-                     f"{p['s_per_step_median']:.3f} | {mem} | {mark} |")
-    lines += ["", f"Best: `{' '.join('--set ' + s for s in best_sets) or 'nothing fits'}`"]
+                     f"{p['s_per_step_median']:.3f} | {p['rows_per_micro_batch_median']:g} | {mem} | {mark} |")
+    lines += ["", f"Best: `{' '.join('--set ' + s for s in best_sets) or 'nothing fits'}` (how a step's rows run; "
+              f"the same gradient at any budget)."]
+    if best is not None:
+        held = f"{fill_rows} row{'s' if fill_rows != 1 else ''}"
+        lines += ["", f"A micro-batch of {best['budget']} tokens held {held} here (median). A step of "
+                  f"fewer rows (train.micro_batch_size x train.grad_accum_steps; the shipped configs: 8) runs as "
+                  f"one smaller micro-batch. More rows per step change the optimization (learning rate, number "
+                  f"of steps), so they are set apart, e.g. `{' '.join('--set ' + s for s in rows_sets)}`."]
     (out / f"tune_{args.model}.json").write_text(json.dumps(
-        {"environment": env, "model": args.model, "layers": n_layers, "points": points, "best": best_sets},
-        indent=2) + "\n")
+        {"environment": env, "model": args.model, "layers": n_layers, "points": points, "best": best_sets,
+         "rows_per_step_to_fill_best": rows_sets}, indent=2) + "\n")
     (out / f"tune_{args.model}.md").write_text("\n".join(lines) + "\n")
     (out / "best_sets.txt").write_text(" ".join(best_sets) + "\n")
     print("\n".join(lines))
     print("BEST " + " ".join(best_sets))
+    print("ROWS " + " ".join(rows_sets))
     return 0 if best else 1
 
 

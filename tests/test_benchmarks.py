@@ -85,32 +85,47 @@ def _in_process():
 
 
 def test_bench_train_runs_each_runner_tiny(tmp_path):
-    # The peers share run_trainer_peer (reference and tuned differ in batch, padding and dtype);
-    # Phi-2 runs our loop in test_profile_kernels_runs_tiny, its HF Trainer recipe in the loss curves.
-    run_script("bench_train", "--tiny", "--models", "tinyllama", "--runners", "reference", "tuned", "ours",
-               "--steps", "2", "--warmup", "1", "--rows", "8", "--tokens", "256", "--out", tmp_path)
+    # The peers share run_trainer_peer (reference and tuned differ in batch, padding and dtype), recipe
+    # and ours share run_ours (the config as shipped against bench_train's settings); Phi-2 runs our
+    # loop in test_profile_kernels_runs_tiny, its HF Trainer recipe in the loss curves.
+    run_script("bench_train", "--tiny", "--models", "tinyllama", "--runners", "reference", "tuned", "tuned_liger_packed",
+               "recipe", "ours", "--steps", "2", "--warmup", "1", "--rows", "8", "--tokens", "128", "--out", tmp_path)
     results = json.loads((tmp_path / "bench_train.json").read_text())
     runs = results["models"]["tinyllama"]
-    assert list(results["models"]) == ["tinyllama"] and list(runs) == ["reference", "tuned", "ours"]
+    assert list(results["models"]) == ["tinyllama"] and list(runs) == ["reference", "tuned", "tuned_liger_packed",
+                                                                       "recipe", "ours"]
     for r in runs.values():
-        assert r["measured_steps"] == 2 and r["non_pad_tokens_per_s"] > 0
+        assert r["measured_steps"] == 2 and r["non_pad_tokens_per_s"] > 0 and r["rows_per_step"] == 2
     assert (runs["reference"]["micro_batch"], runs["reference"]["accumulation"]) == ("1 rows padded to 128", 2)
     assert (runs["tuned"]["micro_batch"], runs["tuned"]["accumulation"]) == ("2 rows (dynamic padding)", 1)
-    assert runs["ours"]["micro_batch"] == "token budget 256, length-grouped, checkpointing 0 layers"
+    # Liger needs a GPU: on a CPU the stronger peer runs padding-free packing alone.
+    assert runs["tuned_liger_packed"]["micro_batch"] == "2 rows packed (padding-free)"
+    # The recipe keeps the config's batch 1 and, on a CPU, runs each step's rows as one micro-batch
+    # (--tokens is ours); ours runs its 2 rows in micro-batches of --tokens, without recompute as MODELS has it.
+    assert (runs["recipe"]["micro_batch_tokens"], runs["recipe"]["recompute"]) == (256, True)
+    assert runs["recipe"]["micro_batch"] == ("2 rows per step (1 x2 accumulation), length-grouped, run as "
+                                             "micro-batches of up to 256 tokens (whole step), recomputing every layer")
+    assert (runs["ours"]["micro_batch_tokens"], runs["ours"]["recompute"]) == (128, False)
+    assert runs["ours"]["micro_batch"] == ("2 rows per step, length-grouped, run as micro-batches of up to 128 "
+                                           "tokens (set), no recompute")
     table = (tmp_path / "bench_train.md").read_text().splitlines()
     # Both peers ran, so each row ends with its ratios to them; the reference is 1.00x itself.
     ratio = runs["reference"]["non_pad_tokens_per_s"] / runs["tuned"]["non_pad_tokens_per_s"]
     reference_row = next(x for x in table if x.startswith("| tinyllama | reference |"))
-    assert reference_row.startswith("| tinyllama | reference | float32 | 1 rows padded to 128 |")
+    assert reference_row.startswith("| tinyllama | reference | float32 | 2 | 1 rows padded to 128 |")
     assert reference_row.endswith(f"| 1.00x | {ratio:.2f}x |")
-    assert sum(x.startswith("| tinyllama | ours | no | token budget 256") for x in table) == 1
+    assert sum(x.startswith("| tinyllama | ours | no | 2 | 2 rows per step, length-grouped, run as micro-batches "
+                            "of up to 128 tokens") for x in table) == 1
 
 
 def test_profile_vram_runs_tiny(tmp_path):
-    run_script("profile_vram", "--tiny", "--rows", "6", "--tokens", "256", "--set", "train.grad_accum_steps=2",
+    run_script("profile_vram", "--tiny", "--rows", "6", "--tokens", "128", "--set", "train.grad_accum_steps=2",
                "--set", "model.embeddings_on_cpu=true", "--out", tmp_path)
     result = json.loads((tmp_path / "vram_breakdown.json").read_text())
-    assert len(result["micro_batches"]) == 2  # the measured step is one window of 2 micro-batches
+    # The measured step is the first step's 2 rows, regrouped as the loop does by the budget: rows of
+    # up to 128 tokens, one per micro-batch.
+    assert (result["rows_per_step"], result["micro_batch_tokens"]) == (2, 128)
+    assert len(result["micro_batches"]) == 2 and all(rows == 1 for rows, _ in result["micro_batches"])
     parts = result["bytes"]
     assert parts["LoRA parameters"] > 0 and parts["optimizer state"] > 0
     assert parts["other frozen weights (embeddings, lm_head, norms)"] > parts["LoRA parameters"]
@@ -135,11 +150,12 @@ def test_bench_generate_compares_plain_and_fast_on_the_same_articles_tiny(tmp_pa
 
 
 def test_profile_kernels_runs_tiny():
-    # A --set of the token budget (as gpu_suite.sh passes the tuner's) wins over --tokens, and is reported.
+    # A --set of the token budget (as gpu_suite.sh passes the tuner's) wins over --tokens, and is reported;
+    # a step holds the rows that fill it at max_length (2 of 128 tokens).
     out = run_script("profile_kernels", "--tiny", "--rows", "8", "--tokens", "512", "--warmup", "1", "--steps", "1",
                      "--set", "train.micro_batch_tokens=256")
     summary = json.loads(next(x for x in out.splitlines() if x.startswith("SUMMARY "))[len("SUMMARY "):])
-    assert summary["model"] == "phi2" and summary["tokens"] == 256
+    assert summary["model"] == "phi2" and (summary["tokens"], summary["rows_per_step"]) == (256, 2)
     assert summary["kernels_per_step"] > 0 and summary["ms_per_step_by_kind"]["matmul"] > 0
 
 
@@ -170,3 +186,9 @@ def test_tune_microbatch_recomputes_the_layers_it_reports_tiny(tmp_path):
     assert best[0] in ("train.micro_batch_tokens=128", "train.micro_batch_tokens=256")
     assert best[1] == "model.checkpointed_layers=1"
     assert (tmp_path / "best_sets.txt").read_text().split() == best
+    # The budget is how a step runs; the rows per step that fill it are reported apart, from the
+    # micro-batches split_by_tokens built (tiny rows are 128 tokens: 1 or 2 of them per micro-batch).
+    chosen = next(p for p in result["points"] if f"train.micro_batch_tokens={p['budget']}" == best[0])
+    assert [p["rows_per_micro_batch_median"] for p in result["points"]] == [1, 2]
+    assert result["rows_per_step_to_fill_best"] == [
+        f"train.micro_batch_size={int(chosen['rows_per_micro_batch_median'])}", "train.grad_accum_steps=1"]
