@@ -44,6 +44,9 @@ class ModelConfig:
     # Swap transformers' Python GELU-tanh / RMSNorm (a chain of elementwise kernels, each saving its
     # output for backward) for torch's fused kernels computing the same function.
     fused_ops: bool = True
+    # Liger-Kernel's Triton kernels for RoPE and SwiGLU (and RMSNorm when fused_ops is off) in
+    # Llama-family models: fewer kernel launches per layer. Needs a CUDA GPU and `pip install liger-kernel`.
+    liger_kernel: bool = False
     # Keep the input embedding table in host memory and look rows up there (Phi-2: 0.24 GiB of GPU
     # memory). The same numbers, a few MB copied per micro-batch; for the smallest GPUs.
     embeddings_on_cpu: bool = False

@@ -80,6 +80,12 @@ def load_base_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.d
         disable_bnb_cpu_repack(model)
     if m.fused_ops:
         fuse_elementwise_ops(model)
+    if m.liger_kernel:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+        # Our fused RMSNorm already replaced transformers' (Liger's would patch a module it does not know).
+        _apply_liger_kernel_to_instance(model=model, rope=True, swiglu=True, rms_norm=not m.fused_ops,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
     if m.embeddings_on_cpu:
         move_input_embeddings_to_host(model)
     return model
@@ -328,6 +334,10 @@ def lora_on_meta(cfg: RunConfig):
     return get_peft_model(model, peft_lora_config(cfg, model.config.model_type))
 
 
+# Architectures whose modules Liger-Kernel patches as model.liger_kernel uses it (RoPE, SwiGLU, RMSNorm).
+LIGER_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
 def check_model_settings(cfg: RunConfig) -> None:
     """What would otherwise fail (or go wrong silently) only once the weights load, after the run
     folder exists: an attention kernel that is not installed, LoRA target modules the architecture
@@ -336,6 +346,15 @@ def check_model_settings(cfg: RunConfig) -> None:
         raise ConfigError("model.attn_implementation: 'flash_attention_2' needs the flash-attn package "
                           "(pip install flash-attn); 'sdpa' needs nothing")
     model = base_on_meta(cfg)
+    if cfg.model.liger_kernel:
+        if model.config.model_type not in LIGER_MODEL_TYPES:
+            raise ConfigError(f"model.liger_kernel: Liger-Kernel has no kernels for {model.config.model_type} "
+                              f"models (it patches {', '.join(LIGER_MODEL_TYPES)}); set it to false")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("model.liger_kernel: needs the liger-kernel package (pip install liger-kernel)")
+        if not torch.cuda.is_available():
+            raise ConfigError("model.liger_kernel: its kernels are Triton kernels and need a CUDA GPU; set it to "
+                              "false on a CPU")
     names = [name for name, _ in model.named_modules()]
     missing = [t for t in lora_targets(cfg, model.config.model_type)
                if not any(name == t or name.endswith("." + t) for name in names)]

@@ -70,6 +70,11 @@ BAD_INPUTS = {
     "unknown lora target": (["lora.target_modules=q_proj,nope_proj"],
                             "error: lora.target_modules: nope_proj matches no module of this phi model; its linear layers are "
                             "dense, fc1, fc2, k_proj, lm_head, q_proj, v_proj"),
+    "liger on phi": (["model.liger_kernel=true"],
+                     "error: model.liger_kernel: Liger-Kernel has no kernels for phi models (it patches llama, mistral, "
+                     "qwen2); set it to false"),
+    "zero micro-batch tokens": (["train.micro_batch_tokens=0"],
+                                "--set train.micro_batch_tokens=0: 'train.micro_batch_tokens' must be > 0 or null, got 0"),
     "flash attention missing": (["model.attn_implementation=flash_attention_2"],
                                 "error: model.attn_implementation: 'flash_attention_2' needs the flash-attn package "
                                 "(pip install flash-attn); 'sdpa' needs nothing"),
