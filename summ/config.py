@@ -121,9 +121,9 @@ class TrainConfig:
     # fits (whole step first, and without recomputing layers if that fits too); on a CPU a step is one
     # micro-batch. false: micro-batches of micro_batch_size rows, executed as stated.
     auto_micro_batch: bool = True
-    # The rows of a micro-batch concatenated into one sequence, position ids restarting at each row
-    # and attention kept inside it: no padding tokens, the same loss and gradients. The token budget
-    # then counts real tokens.
+    # The rows of a micro-batch packed back to back into sequences of up to data.max_length tokens,
+    # position ids restarting at each row and attention kept inside it: almost no padding, the same
+    # loss and gradients. The token budget then counts real tokens.
     packing: bool = False
     length_grouping: bool = True
     # false: rows in file order (with length_grouping false too), e.g. to compare step by step

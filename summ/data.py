@@ -466,15 +466,37 @@ def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = PAD_
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_packed(examples: list[Example]) -> dict[str, torch.Tensor]:
-    """One row holding the examples back to back, with position ids restarting at each: no padding.
+def collate_packed(examples: list[Example], row_tokens: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Examples packed back to back into rows of at most `row_tokens` tokens (first fit, longest
+    first), position ids restarting at each example: almost no padding, and attention costs no more
+    than in a padded batch of rows that long.
 
     transformers reads the restarting position ids (with no attention mask) as packed sequences and
     keeps attention inside each example, so loss and gradients equal those of `collate`'s padded
     batch. The shifted next-token targets never cross from one example into the next: each
-    example starts with prompt tokens, which carry no label.
+    example starts with prompt tokens, which carry no label. A row's tail padding is a sequence of
+    its own, without labels.
     """
-    input_ids = torch.tensor([[t for e in examples for t in e.input_ids]])
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-            "labels": torch.tensor([[t for e in examples for t in e.labels]]),
-            "position_ids": torch.tensor([[p for e in examples for p in range(len(e.input_ids))]])}
+    rows: list[list[Example]] = []
+    for e in sorted(examples, key=lambda e: -len(e.input_ids)):
+        row = next((r for r in rows if sum(len(x.input_ids) for x in r) + len(e.input_ids) <= row_tokens), None)
+        if row is None:
+            rows.append([e])
+        else:
+            row.append(e)
+    width = padded_length(max(sum(len(x.input_ids) for x in r) for r in rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    # Real tokens. Right-padded, so the loss passes no mask to the model (which then reads the
+    # packing from the position ids); it counts tokens.
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids = [t for e in row for t in e.input_ids]
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention_mask[i, :len(ids)] = 1
+        labels[i, :len(ids)] = torch.tensor([t for e in row for t in e.labels])
+        positions = [p for e in row for p in range(len(e.input_ids))]
+        positions += range(width - len(ids))
+        position_ids[i] = torch.tensor(positions)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids}

@@ -23,8 +23,8 @@ import torch
 
 from summ.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from summ.config import ConfigError, RunConfig, TrainConfig
-from summ.data import (Encoder, Example, RowStats, collate, collate_packed, encode_rows, load_rows, plan_batches,
-                       split_by_tokens)
+from summ.data import (Encoder, Example, RowStats, collate, collate_packed, encode_rows, load_rows, padded_length,
+                       plan_batches, split_by_tokens)
 from summ.loss import count_label_tokens, evaluate_loss, forward_summed_loss
 from summ.micro_batch import MicroBatching, choose_micro_batching
 from summ.model import build_model, check_model_settings, count_parameters, load_tokenizer
@@ -140,7 +140,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
                 break
             micro_batches = windows[w] if micro_batching.tokens is None else split_by_tokens(
                 [i for b in windows[w] for i in b], data.lengths, micro_batching.tokens, packed=t.packing)
-            batches = [collate_packed([data.train_examples[i] for i in b]) if t.packing else
+            batches = [collate_packed([data.train_examples[i] for i in b], padded_length(cfg.data.max_length),
+                                      data.tokenizer.pad_token_id) if t.packing else
                        collate([data.train_examples[i] for i in b], data.tokenizer.pad_token_id) for b in micro_batches]
 
             # forward and backward over the window, the loss normalised by its label tokens

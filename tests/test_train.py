@@ -74,8 +74,10 @@ def test_packed_rows_give_the_loss_and_gradient_of_the_padded_batch(tmp_path, ar
     accelerator = Accelerator(cpu=True)
     model = build_model(cfg, accelerator.device, torch.float32)
     model.train()
-    packed = collate_packed(ex)
-    assert packed["input_ids"].shape == (1, sum(len(e.input_ids) for e in ex))
+    # Rows of 128, 90, 61 and 128 tokens in sequences of up to 256: [128, 128] and [90, 61] + 105 padding.
+    packed = collate_packed(ex, 256, tok.pad_token_id)
+    assert packed["input_ids"].shape == (2, 256) and int(packed["attention_mask"].sum()) == 407
+    assert packed["position_ids"][1, 89:92].tolist() == [89, 0, 1]
     padded_loss, _ = accumulate_gradients(model, [collate(ex, tok.pad_token_id)], accelerator)
     padded = lora_grads(model)
     model.zero_grad()
