@@ -194,6 +194,7 @@ def run_trial(params: dict, base: dict, search_dict: dict, out_dir: str) -> None
     search = SearchConfig(**search_dict)
     run_dir = Path(out_dir) / "trials" / tune.get_context().get_trial_id()
     cfg = trial_config(base, params, search, run_dir)
+    cfg = keep_to_gpu_share(cfg, search.gpus_per_trial)
     last = {}
 
     def report(step: int, record: dict) -> None:
@@ -207,6 +208,22 @@ def run_trial(params: dict, base: dict, search_dict: dict, out_dir: str) -> None
         metrics = evaluate_run(cfg, result.run_dir)
         tune.report({**last, "rougeLsum": metrics["rouge"]["rougeLsum"]["mean"],
                      "rouge1": metrics["rouge"]["rouge1"]["mean"]})
+
+
+def keep_to_gpu_share(cfg: RunConfig, share: float) -> RunConfig:
+    """A trial on a share of a GPU (gpus_per_trial < 1) is capped to that share of its memory, so its
+    micro-batch probe and generation batches size themselves for the share, not for whatever the
+    trials beside it have left free at that moment."""
+    import torch
+
+    if not (0 < share < 1 and torch.cuda.is_available()):
+        return cfg
+    torch.cuda.set_per_process_memory_fraction(share)
+    if cfg.eval.generate_memory_gib is not None:
+        return cfg
+    # A quarter of the share: the trial's model and what training left cached take the rest.
+    total = torch.cuda.get_device_properties(0).total_memory
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, generate_memory_gib=share * total / 2**30 / 4))
 
 
 def run_search(cfg_raw: dict, search: SearchConfig, source: str, *, address: str | None = None,

@@ -1,6 +1,7 @@
 """The search: a bad space fails before Ray starts; a 2-trial search on a tiny model runs the real
 loop, ASHA stops the trial that trails, best.json trains as is, and a finished search restores."""
 
+import dataclasses
 import json
 import re
 import sys
@@ -135,3 +136,24 @@ def test_a_trial_whose_process_is_killed_resumes_from_its_checkpoint_and_complet
     resumes = [json.loads(x) for x in (trial_dir / "resumes.jsonl").read_text().splitlines()]
     assert len(resumes) == 1 and resumes[0]["step"] >= killed_at
     assert (trial_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_trial_on_a_share_of_a_gpu_is_capped_to_that_share(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from summ.tune import keep_to_gpu_share
+
+    cfg = tiny_config(tmp_path)
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, *a: fractions.append(f))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
+    assert keep_to_gpu_share(cfg, 1.0) is cfg and fractions == []
+    shared = keep_to_gpu_share(cfg, 0.25)
+    assert fractions == [0.25] and shared.eval.generate_memory_gib == 5.0
+    assert shared.train == cfg.train and shared.model == cfg.model
+    # A budget the config sets is kept.
+    given = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, generate_memory_gib=2.0))
+    assert keep_to_gpu_share(given, 0.5).eval.generate_memory_gib == 2.0 and fractions == [0.25, 0.5]
