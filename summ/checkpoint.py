@@ -9,6 +9,7 @@ back with `torch.load(weights_only=True)`: no pickled code runs on resume.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import random
 import re
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 
 from summ.files import WriteError, atomic_folder
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_STATE, RESUME_RECORD = "train_state.json", "resume_record.json"
@@ -73,8 +76,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
         if accelerator.is_main_process:
             with atomic_folder(final) as tmp:
                 _write_state(accelerator, tmp, model, optimizer, scheduler, train_state, resume_record)
-            for old in list_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old)
+            prune_checkpoints(run_dir, keep_last)
         else:
             _write_state(accelerator, final.with_name(f".tmp-{final.name}"), model, optimizer, scheduler,
                          train_state, resume_record)
@@ -83,6 +85,16 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
                               f"{previous or 'none yet'}, is intact; free space and continue with --resume") from e
     accelerator.wait_for_everyone()
     return final
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Remove all but the newest `keep_last` checkpoints. One that cannot be removed (permissions, a
+    file held open on a network file system) costs disk space, not the run: it is named and left."""
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        try:
+            shutil.rmtree(old)
+        except OSError as e:
+            log.warning("could not remove the old checkpoint %s (%s); training goes on, remove it by hand", old, e)
 
 
 def _write_state(accelerator, folder: Path, model, optimizer, scheduler, train_state: dict,

@@ -433,3 +433,25 @@ def test_full_disk_while_logging_is_a_clear_error_with_the_checkpoint_kept(tmp_p
                                                    f"No space left on device")):
         train(cfg)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000001", "step-0000002"]
+
+
+def test_an_old_checkpoint_that_cannot_be_removed_is_named_and_left(tmp_path, monkeypatch, caplog):
+    import summ.checkpoint as ck
+
+    real_rmtree = ck.shutil.rmtree
+
+    def refuse_first(path, *args, **kwargs):
+        if Path(path).name == "step-0000001":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ck.shutil, "rmtree", refuse_first)
+    cfg = tiny_config(tmp_path / "run", train={"save_every": 1, "keep_last": 1}, eval={"at_end": False})
+    with caplog.at_level("WARNING", logger="summ.checkpoint"):
+        result = train(cfg)
+    assert result.steps == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000001", "step-0000003"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "summ.checkpoint"]
+    assert warnings[0].startswith(f"could not remove the old checkpoint {tmp_path / 'run' / 'checkpoints' / 'step-0000001'}"
+                                  f" ([Errno 13] Permission denied")
+    assert warnings[0].endswith("training goes on, remove it by hand")
