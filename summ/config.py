@@ -47,6 +47,9 @@ class ModelConfig:
     # Liger-Kernel's Triton kernels for RoPE and SwiGLU (and RMSNorm when fused_ops is off) in
     # Llama-family models: fewer kernel launches per layer. Needs a CUDA GPU and `pip install liger-kernel`.
     liger_kernel: bool = False
+    # torch.compile each decoder layer (inductor, dynamic shapes): fused kernels and fewer launches
+    # where a step is bound by kernel launches; the first steps wait for the compiler.
+    compile_layers: bool = False
     # Keep the input embedding table in host memory and look rows up there (Phi-2: 0.24 GiB of GPU
     # memory). The same numbers, a few MB copied per micro-batch; for the smallest GPUs.
     embeddings_on_cpu: bool = False

@@ -112,9 +112,23 @@ def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype
     # Seeded here so adapter init does not depend on what ran before (e.g. whether cached weights existed).
     torch.manual_seed(cfg.train.seed)
     model = get_peft_model(model, peft_lora_config(cfg, model.config.model_type))
+    if cfg.model.compile_layers:
+        compile_decoder_layers(model)
     trainable, total = count_parameters(model)
     log.info("parameters: %s total, %s trainable (%.3f%%)", f"{total:,}", f"{trainable:,}", 100 * trainable / total)
     return model
+
+
+def compile_decoder_layers(model) -> int:
+    """Compile every decoder layer in place (LoRA included), with dynamic shapes so micro-batches of
+    new lengths reuse the compiled code. Returns how many were compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    log.info("compiled %d decoder layers", len(layers))
+    return len(layers)
 
 
 def limit_checkpointing(model, layers: int) -> list[int]:

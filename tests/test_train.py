@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -90,6 +91,24 @@ def test_packed_rows_give_the_loss_and_gradient_of_the_padded_batch(tmp_path, ar
     model.zero_grad()
     crossed, _ = accumulate_gradients(model, [{k: v for k, v in packed.items() if k != "position_ids"}], accelerator)
     assert abs(crossed - padded_loss) > 1e-3
+
+
+def test_compiled_decoder_layers_give_the_same_loss_and_gradient(tmp_path):
+    """model.compile_layers: each decoder layer through torch.compile (inductor), recompute on."""
+    cfg = tiny_config(tmp_path, "llama", model={"gradient_checkpointing": True, "attn_implementation": "sdpa"})
+    tok, ex = examples_for(cfg, 4)
+    accelerator = Accelerator(cpu=True)
+    results = []
+    for compiled in (False, True):
+        model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile_layers=compiled)),
+                            accelerator.device, torch.float32)
+        model.train()
+        loss, _ = accumulate_gradients(model, [collate(ex, tok.pad_token_id)], accelerator)
+        results.append((loss, lora_grads(model), model))
+    assert sum(getattr(m, "_compiled_call_impl", None) is not None for m in results[1][2].modules()) == 2
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(grad, results[0][1][name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["phi", "llama"])
