@@ -106,7 +106,7 @@ def main() -> int:
 
     from accelerate import Accelerator
 
-    from summ.data import collate, collate_packed, plan_batches, split_by_tokens
+    from summ.data import collate, collate_packed, padded_length, plan_batches, split_by_tokens
     from summ.micro_batch import choose_micro_batching
     from summ.model import build_model
     from summ.precision import resolve_compute_dtype
@@ -138,9 +138,9 @@ def main() -> int:
     first_step = plan[:t.grad_accum_steps]
     if micro_batching.tokens is not None:
         first_step = split_by_tokens([i for b in first_step for i in b], lengths, micro_batching.tokens,
-                                     packed=t.packing)
-    window = [collate_packed([examples[i] for i in b]) if t.packing
-              else collate([examples[i] for i in b], tokenizer.pad_token_id) for b in first_step]
+                                     pack_into=padded_length(cfg.data.max_length) if t.packing else None)
+    window = [collate_packed([examples[i] for i in b], padded_length(cfg.data.max_length), tokenizer.pad_token_id)
+              if t.packing else collate([examples[i] for i in b], tokenizer.pad_token_id) for b in first_step]
 
     quant, quantized_ids = quantized_bytes(model) if cfg.quant.enabled else (0, set())
     params = list(model.parameters())

@@ -86,6 +86,7 @@ def main() -> int:
     layer_counts = sorted(set(args.layers) if args.layers else (set(range(0, n_layers, args.layer_step)) | {n_layers}))
 
     packed = cfg.train.packing
+    pack_into = padded_length(cfg.data.max_length) if packed else None
 
     def micro_batches(budget: int) -> list[list[int]]:
         """Micro-batches of at most `budget` tokens, as the loop builds them: the plan's length-grouped
@@ -93,7 +94,7 @@ def main() -> int:
         rows = max(1, 8 * budget // padded_length(int(statistics.median(lengths))))
         plan = plan_batches(lengths, micro_batch_size=rows, seed=cfg.train.seed, epoch=0,
                             length_grouping=cfg.train.length_grouping, shuffle=cfg.train.shuffle)
-        return [m for step in plan for m in split_by_tokens(step, lengths, budget, packed=packed)]
+        return [m for step in plan for m in split_by_tokens(step, lengths, budget, pack_into=pack_into)]
 
     def run_point(budget: int) -> dict:
         # Train mode, as in summ.train: in eval mode transformers skips checkpointing (and dropout),
@@ -103,7 +104,8 @@ def main() -> int:
         seconds, tokens, rows = [], [], []
         for i in range(args.warmup + args.steps):
             chosen = [examples[j] for j in plan[i % len(plan)]]
-            batch = collate_packed(chosen) if packed else collate(chosen, tokenizer.pad_token_id)
+            batch = collate_packed(chosen, pack_into, tokenizer.pad_token_id) if packed else \
+                collate(chosen, tokenizer.pad_token_id)
             started = time.perf_counter()
             accumulate_gradients(model, [batch], accelerator)
             accelerator.clip_grad_norm_(lora, cfg.train.max_grad_norm or float("inf"))

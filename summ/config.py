@@ -118,7 +118,7 @@ class TrainConfig:
     micro_batch_size: int = 1
     grad_accum_steps: int = 8
     # How a step's rows are executed, which leaves its gradient unchanged: set, the rows are regrouped
-    # into the fewest micro-batches of at most this many tokens (rows x padded longest row).
+    # into micro-batches of at most this many tokens (rows x padded longest row).
     micro_batch_tokens: Optional[int] = None
     # With micro_batch_tokens null: on a GPU a short probe at start finds the largest budget that
     # fits (whole step first, and without recomputing layers if that fits too); on a CPU a step is one

@@ -404,12 +404,13 @@ def encode_rows(encoder: Encoder, rows: list[dict], where: str) -> list[Example]
 
 def plan_batches(lengths: list[int], *, micro_batch_size: int, seed: int, epoch: int, length_grouping: bool = True,
                  shuffle: bool = True) -> list[list[int]]:
-    """The micro-batches of one epoch, as row indices; a pure function of its arguments, so a
-    resumed run rebuilds exactly the plan it was following.
+    """The planned micro-batches of one epoch, as row indices; `grad_accum_steps` of them in a row
+    make an optimizer step. A pure function of its arguments, so a resumed run rebuilds exactly the
+    plan it was following.
 
-    Rows are shuffled, then sorted by length inside windows of 64 micro-batches so a batch pads
-    little, then the batches are shuffled. The longest batch goes first so an out-of-memory shows
-    at step one, not hours in.
+    Rows are shuffled, then sorted by length inside windows of 64 micro-batches so a batch of several
+    rows pads little, then the batches are shuffled, the longest first. (The loop may then regroup a
+    step's rows by a token budget: `split_by_tokens`.)
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
@@ -432,24 +433,42 @@ def padded_length(length: int, multiple: int = PAD_TO_MULTIPLE_OF) -> int:
     return -(-length // multiple) * multiple
 
 
-def split_by_tokens(rows: list[int], lengths: list[int], budget: int, packed: bool = False) -> list[list[int]]:
-    """Rows (one optimizer step's) as the fewest micro-batches of at most `budget` tokens, counted as
-    rows x the longest row padded as `collate` pads it, or, `packed`, as the sum of their lengths
-    (`collate_packed`). Longest rows first, so each micro-batch holds rows of similar length; a row
-    longer than the budget goes alone. Which micro-batch a row lands in does not change the step's
-    gradient (the loss is normalised over the whole step)."""
-    def tokens_with(batch: list[int], row: int) -> int:
-        if packed:
-            return sum(lengths[j] for j in batch) + lengths[row]
-        return padded_length(lengths[batch[0]]) * (len(batch) + 1)  # batch[0] is its longest row
+def split_by_tokens(rows: list[int], lengths: list[int], budget: int, pack_into: int | None = None) -> list[list[int]]:
+    """Rows (one optimizer step's) as micro-batches of at most `budget` tokens, counted as the tensor
+    `collate` builds (rows x the longest row, padded), or with `pack_into` as the one
+    `collate_packed` builds (packed rows of up to `pack_into` tokens x the longest, padded). Greedy,
+    longest rows first, so each micro-batch holds rows of similar length; a row longer than the
+    budget goes alone. Which micro-batch a row lands in does not change the step's gradient (the
+    loss is normalised over the whole step)."""
+    def tokens(batch: list[int]) -> int:
+        if pack_into is None:
+            return padded_length(max(lengths[j] for j in batch)) * len(batch)
+        packed = pack_rows([lengths[j] for j in batch], pack_into)
+        return padded_length(max(sum(lengths[batch[k]] for k in row) for row in packed)) * len(packed)
 
     batches: list[list[int]] = []
     for i in sorted(rows, key=lambda i: -lengths[i]):
-        if batches and tokens_with(batches[-1], i) <= budget:
+        if batches and tokens(batches[-1] + [i]) <= budget:
             batches[-1].append(i)
         else:
             batches.append([i])
     return batches
+
+
+def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """Indices of `lengths` packed into rows of at most `row_tokens` tokens: first fit, longest first
+    (an item longer than a row gets one of its own)."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((r for r, u in enumerate(used) if u + lengths[i] <= row_tokens), None)
+        if fit is None:
+            rows.append([i])
+            used.append(lengths[i])
+        else:
+            rows[fit].append(i)
+            used[fit] += lengths[i]
+    return rows
 
 
 def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> dict[str, torch.Tensor]:
@@ -477,13 +496,7 @@ def collate_packed(examples: list[Example], row_tokens: int, pad_id: int) -> dic
     example starts with prompt tokens, which carry no label. A row's tail padding is a sequence of
     its own, without labels.
     """
-    rows: list[list[Example]] = []
-    for e in sorted(examples, key=lambda e: -len(e.input_ids)):
-        row = next((r for r in rows if sum(len(x.input_ids) for x in r) + len(e.input_ids) <= row_tokens), None)
-        if row is None:
-            rows.append([e])
-        else:
-            row.append(e)
+    rows = [[examples[i] for i in row] for row in pack_rows([len(e.input_ids) for e in examples], row_tokens)]
     width = padded_length(max(sum(len(x.input_ids) for x in r) for r in rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)

@@ -103,27 +103,37 @@ def _fits(model, rows: int, length: int, accelerator) -> bool:
     device = accelerator.device
     on_gpu = device.type == "cuda"
     vocab = model.get_input_embeddings().num_embeddings
+    was_training = model.training
     if on_gpu:
         torch.cuda.empty_cache()
     fits = True
+    headroom = ids = batch = loss = None
     with torch.random.fork_rng(devices=[device] if on_gpu else []):
         try:
             headroom = torch.empty(PROBE_HEADROOM_BYTES if on_gpu else 0, dtype=torch.uint8, device=device)
             ids = torch.randint(0, vocab, (rows, length))
-            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-            was_training = model.training
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
             model.train()
             with accelerator.autocast():
                 loss = forward_summed_loss(model, batch, device)
             loss.backward()
             if on_gpu:
                 torch.cuda.synchronize(device)
-            model.train(was_training)
-            del loss, headroom
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            # cuBLAS and some kernels report a failed allocation as a plain RuntimeError.
+            if not isinstance(e, torch.OutOfMemoryError) and not _is_allocation_failure(e):
+                raise
             fits = False
+        finally:
+            headroom = ids = batch = loss = None  # the graph of a failed backward too, before empty_cache
+            model.train(was_training)
     model.zero_grad(set_to_none=True)
     if on_gpu:
         torch.cuda.empty_cache()
     log.info("micro-batch probe: %d rows x %d tokens %s", rows, length, "fits" if fits else "out of memory")
     return fits
+
+
+def _is_allocation_failure(error: RuntimeError) -> bool:
+    text = str(error)
+    return "out of memory" in text or "ALLOC_FAILED" in text

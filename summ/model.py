@@ -80,7 +80,7 @@ def load_base_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.d
         disable_bnb_cpu_repack(model)
     if m.fused_ops:
         fuse_elementwise_ops(model)
-    if m.liger_kernel:
+    if m.liger_kernel and device.type == "cuda":  # Triton kernels: a CPU (e.g. predict there) runs without
         from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
         # Our fused RMSNorm already replaced transformers' (Liger's would patch a module it does not know).
@@ -301,7 +301,7 @@ def dequantize_4bit(model, dtype: torch.dtype):
                 plain.bias = torch.nn.Parameter(module.bias.data.to(dtype), requires_grad=False)
             model.set_submodule(name, plain)
     # What peft and transformers read to decide a model is 4-bit.
-    for attr in ("is_loaded_in_4bit", "is_quantized", "hf_quantizer"):
+    for attr in ("is_loaded_in_4bit", "is_quantized", "hf_quantizer", "quantization_method"):
         if attr in model.__dict__:
             delattr(model, attr)
     model.config.__dict__.pop("quantization_config", None)
@@ -356,6 +356,11 @@ def check_model_settings(cfg: RunConfig) -> None:
     """What would otherwise fail (or go wrong silently) only once the weights load, after the run
     folder exists: an attention kernel that is not installed, LoRA target modules the architecture
     does not have (peft trains the ones it finds and drops the rest without a word)."""
+    if cfg.model.attn_implementation == "flash_attention_2" and cfg.train.packing:
+        # transformers reads packed rows from position ids for eager and sdpa only; flash-attn 2 would
+        # let the examples of a packed row attend to each other.
+        raise ConfigError("train.packing: packed rows keep attention inside each example with "
+                          "model.attn_implementation 'sdpa' or 'eager', not 'flash_attention_2'")
     if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("model.attn_implementation: 'flash_attention_2' needs the flash-attn package "
                           "(pip install flash-attn); 'sdpa' needs nothing")

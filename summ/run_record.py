@@ -75,8 +75,14 @@ def check_resume(cfg: RunConfig, checkpoint: Path | None, world_size: int, data_
         return {"changed": {}, "unchecked": True, "forced": True}
     old = {f"{s}.{k}": v for s, values in record["config"].items() for k, v in values.items()}
     new = flat_config(cfg)
+    # A key that the checkpoint's summ did not have yet compares as its default: what that version did.
+    old = {**flat_config(RunConfig()), **old}
     changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
     refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if not is_harmless(k)]
+    if "auto_micro_batch" not in record["config"].get("train", {}) and \
+            record["config"].get("train", {}).get("micro_batch_tokens") is not None:
+        refused.append("train.micro_batch_tokens: when this checkpoint was written it grouped the data plan by tokens; "
+                       "now it only splits each step's rows, so the remaining steps would hold other rows")
     if record["world_size"] != world_size:
         refused.append(f"processes: {record['world_size']} -> {world_size} (each reads its own share of the batches)")
     if record["data_fingerprint"] != data_fingerprint:

@@ -139,7 +139,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
             if state.step >= data.total_steps:
                 break
             micro_batches = windows[w] if micro_batching.tokens is None else split_by_tokens(
-                [i for b in windows[w] for i in b], data.lengths, micro_batching.tokens, packed=t.packing)
+                [i for b in windows[w] for i in b], data.lengths, micro_batching.tokens,
+                pack_into=padded_length(cfg.data.max_length) if t.packing else None)
             batches = [collate_packed([data.train_examples[i] for i in b], padded_length(cfg.data.max_length),
                                       data.tokenizer.pad_token_id) if t.packing else
                        collate([data.train_examples[i] for i in b], data.tokenizer.pad_token_id) for b in micro_batches]

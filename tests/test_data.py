@@ -261,8 +261,12 @@ def test_split_by_tokens_makes_the_fewest_micro_batches_within_the_budget():
     assert split_by_tokens(rows, lengths, 10_000) == [[0, 2, 4, 1, 3]]
     # A row longer than the budget runs alone rather than being dropped.
     assert split_by_tokens([5, 1], lengths, 64) == [[5], [1]]
-    # Packed, a micro-batch costs the sum of its lengths: 100 + 61 + 58 = 219, then 20 + 9.
-    assert split_by_tokens(rows, lengths, 220, packed=True) == [[0, 2, 4], [1, 3]]
+    # Packed into rows of up to 128 tokens, a micro-batch costs its packed tensor: [100, 20] and
+    # [61, 58, 9] in rows of 128 (padded) -> 2 x 128 = 256; the same rows unpacked cost 5 x 104 = 520.
+    assert split_by_tokens(rows, lengths, 256, pack_into=128) == [[0, 2, 4, 1, 3]]
+    # Real tokens would count 512 + 5 x 260 = 1812 <= 2048, but the packed tensor is 6 rows x 512.
+    long = {0: 512, 1: 260, 2: 260, 3: 260, 4: 260, 5: 260}
+    assert split_by_tokens(list(long), long, 2048, pack_into=512) == [[0, 1, 2, 3], [4, 5]]
 
 
 def test_collate_pads_to_longest_not_max_length(phi_tok):

@@ -83,3 +83,31 @@ def test_one_probe_changes_no_weight_no_random_state_and_leaves_no_gradient(chec
     assert torch.equal(torch.get_rng_state(), state)
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("error, fits", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), False),
+])
+def test_a_probe_that_runs_out_of_memory_says_it_does_not_fit_and_restores_the_model(checkpointed, monkeypatch,
+                                                                                    error, fits):
+    cfg, model = checkpointed
+    model.eval()
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(mb, "forward_summed_loss", fail)
+    assert mb._fits(model, 2, 128, Accelerator(cpu=True)) is fits
+    assert model.training is False and all(p.grad is None for p in model.parameters())
+
+
+def test_a_probe_does_not_hide_an_error_that_is_not_about_memory(checkpointed, monkeypatch):
+    cfg, model = checkpointed
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x64 and 32x64)")
+
+    monkeypatch.setattr(mb, "forward_summed_loss", fail)
+    with pytest.raises(RuntimeError, match=r"^mat1 and mat2 shapes cannot be multiplied"):
+        mb._fits(model, 2, 128, Accelerator(cpu=True))

@@ -75,6 +75,9 @@ BAD_INPUTS = {
                      "qwen2); set it to false"),
     "zero micro-batch tokens": (["train.micro_batch_tokens=0"],
                                 "--set train.micro_batch_tokens=0: 'train.micro_batch_tokens' must be > 0 or null, got 0"),
+    "packing with flash attention": (["train.packing=true", "model.attn_implementation=flash_attention_2"],
+                                     "error: train.packing: packed rows keep attention inside each example with "
+                                     "model.attn_implementation 'sdpa' or 'eager', not 'flash_attention_2'"),
     "flash attention missing": (["model.attn_implementation=flash_attention_2"],
                                 "error: model.attn_implementation: 'flash_attention_2' needs the flash-attn package "
                                 "(pip install flash-attn); 'sdpa' needs nothing"),
@@ -455,3 +458,35 @@ def test_an_old_checkpoint_that_cannot_be_removed_is_named_and_left(tmp_path, mo
     assert warnings[0].startswith(f"could not remove the old checkpoint {tmp_path / 'run' / 'checkpoints' / 'step-0000001'}"
                                   f" ([Errno 13] Permission denied")
     assert warnings[0].endswith("training goes on, remove it by hand")
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_unless_its_plan_changed_meaning(tmp_path):
+    """A resume record written before keys such as train.auto_micro_batch existed compares those keys
+    as their defaults; one whose micro_batch_tokens grouped the data plan by tokens (its old meaning)
+    is refused, since the remaining steps would hold other rows."""
+    import json as _json
+
+    from summ.checkpoint import RESUME_RECORD
+    from summ.run_record import ResumeMismatch
+
+    cfg = tiny_config(tmp_path / "run", train={"save_every": 1, "max_steps": 1}, eval={"at_end": False})
+    train(cfg)
+    record_file = latest_checkpoint(tmp_path / "run") / RESUME_RECORD
+    record = _json.loads(record_file.read_text())
+    for section, key in (("train", "auto_micro_batch"), ("train", "packing"), ("model", "compile_layers")):
+        del record["config"][section][key]
+    record_file.write_text(_json.dumps(record))
+    assert train(cfg, resume=True).steps == 1  # nothing reads as changed
+    longer = tiny_config(tmp_path / "run", train={"save_every": 1, "max_steps": 2}, eval={"at_end": False})
+    with pytest.raises(ResumeMismatch) as refused:
+        train(longer, resume=True)
+    # Only what really changed is named: the step budget, not the keys the record lacks.
+    assert "train.max_steps: 1 -> 2" in str(refused.value)
+    assert "auto_micro_batch" not in str(refused.value) and "compile_layers" not in str(refused.value)
+
+    record["config"]["train"]["micro_batch_tokens"] = 256
+    record_file.write_text(_json.dumps(record))
+    with pytest.raises(ResumeMismatch, match=r"train\.micro_batch_tokens: when this checkpoint was written it grouped "
+                                             r"the data plan by tokens; now it only splits each step's rows"):
+        train(tiny_config(tmp_path / "run", train={"save_every": 1, "max_steps": 1, "micro_batch_tokens": 256},
+                          eval={"at_end": False}), resume=True)
