@@ -1,4 +1,4 @@
-"""Training speed and memory: our loop against two HF Trainer peers, on the same rows, in one invocation.
+"""Training speed and memory: our loop against HF Trainer peers, on the same rows, in one invocation.
 
     python benchmarks/bench_train.py --data-xsum DIR --data-cnn DIR [--models phi2 tinyllama] [--t4]
     python benchmarks/bench_train.py --models phi2 --variant ck8 train.micro_batch_tokens=4096 \
@@ -323,21 +323,26 @@ def environment() -> dict:
     import torch
     import transformers
 
-    try:
-        import bitsandbytes
-        bnb = bitsandbytes.__version__
-    except ImportError:
-        bnb = None
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
     return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "accelerate": accelerate.__version__, "bitsandbytes": bnb,
+            "accelerate": accelerate.__version__, "bitsandbytes": installed("bitsandbytes"),
+            "liger_kernel": installed("liger-kernel"),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def markdown(results: dict) -> str:
     env = results["environment"]
     lines = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
-             f"accelerate {env['accelerate']}, bitsandbytes {env['bitsandbytes']}; {env['date']}.",
+             f"accelerate {env['accelerate']}, bitsandbytes {env['bitsandbytes']}, "
+             f"liger-kernel {env.get('liger_kernel') or 'not installed'}; {env['date']}.",
              f"Command: `{results['command']}`", "",
              "| model | runner | dtype | rows / step | micro-batch | non-pad tok/s | opt steps/s "
              "| s/step median (min-max) | peak alloc / reserved GiB | tok/s vs reference | tok/s vs tuned |",

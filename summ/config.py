@@ -126,7 +126,7 @@ class TrainConfig:
     auto_micro_batch: bool = True
     # The rows of a micro-batch packed back to back into sequences of up to data.max_length tokens,
     # position ids restarting at each row and attention kept inside it: almost no padding, the same
-    # loss and gradients. The token budget then counts real tokens.
+    # loss and gradients. The token budget then counts the packed tensor (packed rows x the longest).
     packing: bool = False
     length_grouping: bool = True
     # false: rows in file order (with length_grouping false too), e.g. to compare step by step
