@@ -138,12 +138,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
         for w in range(state.window if epoch == state.epoch else 0, len(windows)):
             if state.step >= data.total_steps:
                 break
-            micro_batches = windows[w] if micro_batching.tokens is None else split_by_tokens(
-                [i for b in windows[w] for i in b], data.lengths, micro_batching.tokens,
-                pack_into=padded_length(cfg.data.max_length) if t.packing else None)
-            batches = [collate_packed([data.train_examples[i] for i in b], padded_length(cfg.data.max_length),
-                                      data.tokenizer.pad_token_id) if t.packing else
-                       collate([data.train_examples[i] for i in b], data.tokenizer.pad_token_id) for b in micro_batches]
+            batches = step_batches(windows[w], data, cfg, micro_batching)
 
             # forward and backward over the window, the loss normalised by its label tokens
             model.train()
@@ -213,6 +208,17 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
 
 
 # ----------------------------------------------------------------------------- the step
+
+
+def step_batches(window: list[list[int]], data: TrainData, cfg: RunConfig, micro_batching: MicroBatching) -> list[dict]:
+    """One optimizer step's rows as the micro-batches that run: as planned, or regrouped by the token
+    budget in effect; padded, or packed (`train.packing`)."""
+    row_tokens = padded_length(cfg.data.max_length) if cfg.train.packing else None
+    if micro_batching.tokens is not None:
+        window = split_by_tokens([i for b in window for i in b], data.lengths, micro_batching.tokens, row_tokens)
+    pad = data.tokenizer.pad_token_id
+    return [collate_packed([data.train_examples[i] for i in b], row_tokens, pad) if row_tokens else
+            collate([data.train_examples[i] for i in b], pad) for b in window]
 
 
 def accumulate_gradients(model, batches: list[dict], accelerator) -> tuple[float, int]:
