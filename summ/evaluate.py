@@ -5,6 +5,7 @@ analysis, and the files a user reads afterwards.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -222,6 +223,11 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
     gen_rows = rows[:ev.generate_rows] if ev.generate_rows else rows
 
     dtype = resolve_compute_dtype(cfg.quant.compute_dtype, accelerator.device)
+    if torch.cuda.is_available():
+        # Right after training, the allocator still holds the training step's blocks (as large as
+        # the memory probe allowed); return them so generation batches are sized from what is free.
+        gc.collect()
+        torch.cuda.empty_cache()
     model = load_for_inference(cfg, accelerator.device, dtype, adapter_dir, merge=ev.merge_adapter)
     val_loss = evaluate_loss(model, examples, ev.batch_size, tokenizer.pad_token_id, accelerator)
     # Each rank summarizes every num_processes-th row; all ranks get every summary, in input order.
