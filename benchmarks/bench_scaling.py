@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import (MODELS, REPO, TINY_OVERRIDES, cap_memory, describe, environment,  # noqa: E402
-                         ours_settings, run_config, summarize_steps)
+from bench_train import (MODELS, REPO, TINY_OVERRIDES, cap_memory, describe, environment, header,  # noqa: E402
+                         ours_settings, run_config, summarize_steps, write_results)
 
 
 
@@ -111,10 +111,7 @@ def compare(runs: dict[int, dict]) -> None:
 
 
 def markdown(results: dict) -> str:
-    env = results["environment"]
-    lines = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
-             f"accelerate {env['accelerate']}, bitsandbytes {env['bitsandbytes']}; {env['date']}.",
-             f"Command: `{results['command']}`", "",
+    lines = [*header(results),
              "| model | processes | rows per step and micro-batches (per process) | non-pad tok/s (all ranks) "
              "| x one process | scaling efficiency "
              "| peak alloc GiB per rank | max abs loss diff vs one process |",
@@ -194,9 +191,8 @@ def main() -> int:
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
         compare(runs)
         plot_losses(model, runs, out / f"loss_curves_{model}.png")
-    (out / "bench_scaling.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
-    (out / "bench_scaling.md").write_text(table)
+    write_results(out, "bench_scaling", results, table)
     print(table)
     return 0 if all("error" not in r for runs in results["models"].values() for r in runs.values()) else 1
 

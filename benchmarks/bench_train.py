@@ -338,12 +338,24 @@ def environment() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def markdown(results: dict) -> str:
+def header(results: dict) -> list[str]:
+    """The lines above a benchmark's table: device, library versions, date, and the command."""
     env = results["environment"]
-    lines = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
-             f"accelerate {env['accelerate']}, bitsandbytes {env['bitsandbytes']}, "
-             f"liger-kernel {env.get('liger_kernel') or 'not installed'}; {env['date']}.",
-             f"Command: `{results['command']}`", "",
+    return [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+            f"accelerate {env['accelerate']}, bitsandbytes {env['bitsandbytes']}, "
+            f"liger-kernel {env.get('liger_kernel') or 'not installed'}; {env['date']}.",
+            f"Command: `{results['command']}`", ""]
+
+
+def write_results(out: Path, name: str, results: dict, table: str) -> None:
+    """`name`.json (everything measured) and `name`.md (the table) under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{name}.md").write_text(table)
+
+
+def markdown(results: dict) -> str:
+    lines = [*header(results),
              "| model | runner | dtype | rows / step | micro-batch | non-pad tok/s | opt steps/s "
              "| s/step median (min-max) | peak alloc / reserved GiB | tok/s vs reference | tok/s vs tuned |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -425,11 +437,8 @@ def main() -> int:
             results["models"][model][runner] = json.loads(lines[-1][len("RESULT "):])
             print(f"{model}/{runner}: {results['models'][model][runner]['non_pad_tokens_per_s']:,.0f} tok/s "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_train.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
-    (out / "bench_train.md").write_text(table)
+    write_results(Path(args.out), "bench_train", results, table)
     print(table)
     return 0 if all("error" not in r for runs in results["models"].values() for r in runs.values()) else 1
 

@@ -17,7 +17,7 @@ import torch
 from summ.config import RunConfig
 from summ.data import padded_length
 from summ.loss import forward_summed_loss
-from summ.model import limit_checkpointing
+from summ.model import decoder_layers, limit_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,7 @@ def choose_micro_batching(model, cfg: RunConfig, accelerator) -> MicroBatching |
 
 
 def _set_recompute(model, on: bool) -> None:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
-    limit_checkpointing(model, layers if on else 0)
+    limit_checkpointing(model, len(decoder_layers(model)) if on else 0)
 
 
 def _fits(model, rows: int, length: int, accelerator) -> bool:

@@ -119,12 +119,17 @@ def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype
     return model
 
 
+def decoder_layers(model) -> list:
+    """The model's decoder layers (transformers' checkpointable blocks), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def compile_decoder_layers(model) -> int:
     """Compile every decoder layer in place (LoRA included), with dynamic shapes so micro-batches of
     new lengths reuse the compiled code. Returns how many were compiled."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=True)
     log.info("compiled %d decoder layers", len(layers))
@@ -134,9 +139,7 @@ def compile_decoder_layers(model) -> int:
 def limit_checkpointing(model, layers: int) -> list[int]:
     """Recompute only `layers` of the decoder layers (spread evenly); the others keep their
     activations. Returns the indices that still recompute."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    blocks = decoder_layers(model)
     if not blocks:
         raise ConfigError("model.checkpointed_layers: this architecture has no checkpointable decoder layers")
     layers = min(layers, len(blocks))
