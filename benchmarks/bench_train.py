@@ -3,6 +3,8 @@
     python benchmarks/bench_train.py --data-xsum DIR --data-cnn DIR [--models phi2 tinyllama] [--t4]
     python benchmarks/bench_train.py --models phi2 --variant ck8 train.micro_batch_tokens=4096 \
         model.checkpointed_layers=8   # one more row of our loop: a lever measured beside the others
+    python benchmarks/bench_train.py --models phi2 --runners reference tuned recipe \
+        --variant recipe:compiled model.compile_layers=true   # a lever on top of the config as shipped
     python benchmarks/bench_train.py --tiny          # seconds on a CPU; what CI runs to keep this working
 
 An optimizer step holds train.micro_batch_size x train.grad_accum_steps rows (the optimization);
@@ -229,9 +231,10 @@ def run_trainer_peer(args, model: str, runner: str) -> dict:
 
 def ours_settings(args, model: str, runner: str) -> list[str]:
     """Config overrides of one of our runners: `recipe` / `recipe_t4` (the config as shipped),
-    `ours` / `ours_t4` (MODELS[...]) or a `--variant` (`ours:NAME`, on top of `ours`)."""
-    recipe = runner in ("recipe", "recipe_t4")
-    t4 = runner in ("recipe_t4", "ours_t4")
+    `ours` / `ours_t4` (MODELS[...]) or a `--variant` (`BASE:NAME`, on top of one of those four)."""
+    base = runner.split(":", 1)[0]
+    recipe = base in ("recipe", "recipe_t4")
+    t4 = base in ("recipe_t4", "ours_t4")
     sets = [] if recipe else list(MODELS[model]["t4" if t4 else "ours"])
     if args.tiny:
         tiny = TINY_RECIPE if recipe else TINY_OURS
@@ -240,10 +243,16 @@ def ours_settings(args, model: str, runner: str) -> list[str]:
         sets.append(f"train.micro_batch_tokens={args.tokens}")
     sets += args.overrides
     if t4:
-        return sets + ["train.mixed_precision=fp16", "quant.compute_dtype=float16", *args.t4_overrides]
-    if runner.startswith("ours:"):
-        sets += dict(args.variants)[runner[len("ours:"):]]
-    return sets
+        sets += ["train.mixed_precision=fp16", "quant.compute_dtype=float16", *args.t4_overrides]
+    return sets + list(dict(args.variants).get(runner, ()))
+
+
+def variant_row(name: str) -> str:
+    """`--variant NAME` is a row on top of `ours`; `--variant BASE:NAME` on top of BASE."""
+    base = name.split(":", 1)[0] if ":" in name else "ours"
+    if base not in OUR_RUNNERS:
+        raise SystemExit(f"--variant {name}: the part before ':' must be one of {', '.join(OUR_RUNNERS)}")
+    return name if ":" in name else f"ours:{name}"
 
 
 def rows_per_step(cfg) -> int:
@@ -251,32 +260,29 @@ def rows_per_step(cfg) -> int:
     return cfg.train.micro_batch_size * cfg.train.grad_accum_steps
 
 
-def describe(cfg, metrics: dict | None = None) -> str:
+def describe(cfg, metrics: dict) -> str:
     """What a user would need to reproduce one of our rows: rows per optimizer step, and how they ran:
-    the micro-batch token budget and recompute in effect (from the run's `metrics`, so a budget the
-    memory probe chose is reported; without them, what the config states)."""
+    the micro-batch token budget and recompute in effect, from the run's `metrics` (so what the memory
+    probe chose is reported)."""
     import torch
 
     t, m = cfg.train, cfg.model
     step = f"{rows_per_step(cfg)} rows per step" + \
         (f" ({t.micro_batch_size} x{t.grad_accum_steps} accumulation)" if t.grad_accum_steps > 1 else "") + \
         (", length-grouped" if t.length_grouping else "")
-    if metrics is None:
-        tokens, recompute = t.micro_batch_tokens, m.gradient_checkpointing and m.checkpointed_layers != 0
-    else:
-        tokens, recompute = metrics["micro_batch_tokens"], metrics["recompute"]
+    tokens, recomputed, layers = metrics["micro_batch_tokens"], metrics["recomputed_layers"], metrics["decoder_layers"]
     if tokens is None:
         run = f"run as micro-batches of {t.micro_batch_size} rows"
     else:
         how = ("set" if t.micro_batch_tokens is not None else
                "probe" if torch.cuda.is_available() else "whole step")
         run = f"run as micro-batches of up to {tokens} tokens ({how})"
-    if not recompute:
+    if recomputed == 0:
         ckpt = "no recompute"
-    elif m.checkpointed_layers is None:
+    elif recomputed == layers:
         ckpt = "recomputing every layer"
     else:
-        ckpt = f"recomputing {m.checkpointed_layers} layers"
+        ckpt = f"recomputing {recomputed} of {layers} layers"
     extras = [x for x, on in (("rows packed", t.packing), ("fused ops off", not m.fused_ops),
                               ("embeddings on CPU", m.embeddings_on_cpu),
                               ("fp32 frozen weights", cfg.quant.upcast_frozen)) if on]
@@ -290,7 +296,7 @@ def run_ours(args, model: str, runner: str) -> dict:
     from summ.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        if runner in ("recipe_t4", "ours_t4"):
+        if runner.split(":", 1)[0] in ("recipe_t4", "ours_t4"):
             torch.backends.cuda.enable_flash_sdp(False)  # a T4 (sm75) has no flash-attention kernels
         cfg = run_config(args, model, Path(tmp), tuple(ours_settings(args, model, runner)))
         result = train(cfg)
@@ -301,17 +307,19 @@ def run_ours(args, model: str, runner: str) -> dict:
                 "peak_allocated_gib": result.metrics.get("memory/peak_allocated_gib"),
                 "peak_reserved_gib": result.metrics.get("memory/peak_reserved_gib"),
                 "rows_per_step": rows_per_step(cfg), "micro_batch_tokens": result.metrics["micro_batch_tokens"],
-                "recompute": result.metrics["recompute"], "micro_batch": describe(cfg, result.metrics),
+                "recompute": result.metrics["recompute"],
+                "recomputed_layers": result.metrics["recomputed_layers"], "micro_batch": describe(cfg, result.metrics),
                 "accumulation": cfg.train.grad_accum_steps,
                 "dtype": mixed_precision_mode(cfg.train.mixed_precision), "final_train_loss": result.train_losses[-1]}
 
 
+OUR_RUNNERS = ("recipe", "recipe_t4", "ours", "ours_t4")
 RUNNERS = {"reference": run_trainer_peer, "tuned": run_trainer_peer, "tuned_liger_packed": run_trainer_peer,
-           "recipe": run_ours, "recipe_t4": run_ours, "ours": run_ours, "ours_t4": run_ours}
+           **{runner: run_ours for runner in OUR_RUNNERS}}
 
 
 def runner_function(runner: str):
-    return run_ours if runner.startswith("ours:") else RUNNERS[runner]
+    return run_ours if ":" in runner else RUNNERS[runner]
 
 
 # ----------------------------------------------------------------------------- driver
@@ -400,18 +408,19 @@ def main() -> int:
                         help="config override for the T4 profile only")
     parser.add_argument("--variant", dest="variants", action="append", default=[], nargs="+",
                         metavar="NAME [SECTION.KEY=VALUE ...]",
-                        help="one more row of our loop, named ours:NAME, with these overrides on top of ours")
+                        help="one more row of our loop with these overrides: NAME on top of ours (row ours:NAME), "
+                             "BASE:NAME on top of BASE (recipe, recipe_t4, ours or ours_t4)")
     parser.add_argument("--cap-gib", type=float, default=15.0, help="GPU memory cap per runner")
     parser.add_argument("--tiny", action="store_true", help="2-layer models, CPU-sized: keeps the script working")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "RUNNER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.data = {"xsum": args.data_xsum, "cnn": args.data_cnn}
-    args.variants = [(v[0], v[1:]) for v in args.variants]
+    args.variants = [(variant_row(v[0]), v[1:]) for v in args.variants]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for name, _ in args.variants:  # a typo fails here, not after the peers have run
         for model in args.models:
-            run_config(args, model, Path(tempfile.gettempdir()), tuple(ours_settings(args, model, f"ours:{name}")))
+            run_config(args, model, Path(tempfile.gettempdir()), tuple(ours_settings(args, model, name)))
 
     if args.child:
         model, runner = args.child
@@ -420,7 +429,7 @@ def main() -> int:
         return 0
 
     runners = args.runners + [r for r in (("recipe_t4", "ours_t4") if args.t4 else ()) if r not in args.runners]
-    runners += [f"ours:{name}" for name, _ in args.variants]
+    runners += [name for name, _ in args.variants]
     results = {"environment": environment(), "command": " ".join(["python"] + sys.argv), "models": {}}
     for model in args.models:
         results["models"][model] = {}

@@ -195,6 +195,7 @@ def main() -> int:
     result = {"model": args.model, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
               "rows_per_step": t.micro_batch_size * t.grad_accum_steps,
               "micro_batch_tokens": micro_batching.tokens, "recompute": micro_batching.recompute,
+              "recomputed_layers": micro_batching.recomputed_layers,
               "micro_batching": micro_batching.describe(),
               "micro_batches": [list(b["input_ids"].shape) for b in window],
               "non_pad_tokens": sum(int(b["attention_mask"].sum()) for b in window),

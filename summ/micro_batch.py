@@ -4,7 +4,9 @@ The config states the optimization (micro_batch_size x grad_accum_steps rows per
 rows are split into micro-batches changes only speed and memory, because the loop normalises the
 step's loss by all of its label tokens. One micro-batch per step is the fastest on a GPU (a small
 model at batch 1 is bound by kernel launches, not arithmetic), so the probe tries the whole step
-first and halves the budget until a worst-case micro-batch fits.
+first, recomputing as few decoder layers as it can (none, a quarter, half, three quarters, all:
+each recomputed layer costs about a third of its compute, each kept one its activations), and only
+then halves the budget until a worst-case micro-batch fits.
 """
 
 from __future__ import annotations
@@ -29,16 +31,22 @@ PROBE_HEADROOM_BYTES = 512 * 2**20
 @dataclass(frozen=True)
 class MicroBatching:
     tokens: int | None  # budget per micro-batch; None: micro_batch_size rows each, as planned
-    recompute: bool  # whether decoder layers recompute their activations in backward
+    recomputed_layers: int  # decoder layers that recompute their activations in backward
+    layers: int  # decoder layers in all
     chosen_by: str  # "config", "whole step" (CPU), "probe" or "as stated"
 
+    @property
+    def recompute(self) -> bool:
+        return self.recomputed_layers > 0
+
     def describe(self) -> str:
+        recompute = (f"recomputing {'all' if self.recomputed_layers == self.layers else self.recomputed_layers} of "
+                     f"{self.layers} decoder layers" if self.recompute else "not recomputing layer activations")
         if self.tokens is None:
-            return "micro-batches of train.micro_batch_size rows (train.auto_micro_batch=false)"
+            return f"micro-batches of train.micro_batch_size rows (train.auto_micro_batch=false), {recompute}"
         how = {"config": "train.micro_batch_tokens", "whole step": "one micro-batch per step",
                "probe": "found by the memory probe"}[self.chosen_by]
-        return (f"micro-batches of up to {self.tokens} tokens ({how}), "
-                f"{'recomputing' if self.recompute else 'not recomputing'} layer activations")
+        return f"micro-batches of up to {self.tokens} tokens ({how}), {recompute}"
 
 
 def choose_micro_batching(model, cfg: RunConfig, accelerator) -> MicroBatching | None:
@@ -49,49 +57,48 @@ def choose_micro_batching(model, cfg: RunConfig, accelerator) -> MicroBatching |
     gradients behind.
     """
     t, m = cfg.train, cfg.model
-    recompute = m.gradient_checkpointing and m.checkpointed_layers != 0
+    bare = accelerator.unwrap_model(model) if model is not None else None
+    layers = len(decoder_layers(bare)) if bare is not None else 0
+    stated = 0 if not m.gradient_checkpointing else layers if m.checkpointed_layers is None else \
+        min(m.checkpointed_layers, layers)
     if t.micro_batch_tokens is not None:
-        return MicroBatching(t.micro_batch_tokens, recompute, "config")
+        return MicroBatching(t.micro_batch_tokens, stated, layers, "config")
     if not t.auto_micro_batch:
-        return MicroBatching(None, recompute, "as stated")
+        return MicroBatching(None, stated, layers, "as stated")
     row = padded_length(cfg.data.max_length)
     whole_step = t.micro_batch_size * t.grad_accum_steps * row
     if accelerator.device.type != "cuda":
-        return MicroBatching(whole_step, recompute, "whole step")
+        return MicroBatching(whole_step, stated, layers, "whole step")
 
-    # Whole step without recompute (when recompute was left to us), then recompute, then halving.
-    may_drop_recompute = recompute and m.checkpointed_layers is None
-    candidates = [(whole_step, False)] if may_drop_recompute else []
+    # The whole step recomputing as few layers as fit (when how many was left to us), then halving.
+    may_choose_layers = m.gradient_checkpointing and m.checkpointed_layers is None
+    fewer = sorted({layers * k // 4 for k in range(4)}) if may_choose_layers else []
+    candidates = [(whole_step, n) for n in fewer]
     budget = whole_step
     while True:
-        candidates.append((budget, recompute))
+        candidates.append((budget, stated))
         if budget <= row:
             break
         budget = max(row, (budget // 2) // row * row)
-    bare = accelerator.unwrap_model(model)
     chosen = None
-    for budget, with_recompute in candidates:
-        if may_drop_recompute:
-            _set_recompute(bare, with_recompute)
+    for budget, recomputed in candidates:
+        if may_choose_layers:
+            limit_checkpointing(bare, recomputed)
         if _fits(bare, budget // row, row, accelerator):
-            chosen = (budget, with_recompute)
+            chosen = (budget, recomputed)
             break
     if accelerator.num_processes > 1:
         # Every rank must run the same micro-batches: the most cautious choice wins (the smallest
-        # budget; at equal budgets, recompute).
-        score = 2 * chosen[0] - int(chosen[1]) if chosen else -1
-        scores = accelerator.gather(torch.tensor([score], device=accelerator.device))
-        lowest = int(scores.min())
-        chosen = None if lowest < 0 else ((lowest + 1) // 2, lowest % 2 == 1)
-        if may_drop_recompute:
-            _set_recompute(bare, chosen is None or chosen[1])
+        # budget; at equal budgets, the most layers recomputed).
+        span = layers + 1
+        score = chosen[0] * span + layers - chosen[1] if chosen else -1
+        lowest = int(accelerator.gather(torch.tensor([score], device=accelerator.device)).min())
+        chosen = None if lowest < 0 else (lowest // span, layers - lowest % span)
+        if may_choose_layers:
+            limit_checkpointing(bare, layers if chosen is None else chosen[1])
     if chosen is None:
         return None
-    return MicroBatching(chosen[0], chosen[1], "probe")
-
-
-def _set_recompute(model, on: bool) -> None:
-    limit_checkpointing(model, len(decoder_layers(model)) if on else 0)
+    return MicroBatching(chosen[0], chosen[1], layers, "probe")
 
 
 def _fits(model, rows: int, length: int, accelerator) -> bool:

@@ -196,7 +196,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
     progress.close()
 
     metrics = {**final_metrics(state, data, count_parameters(model)),
-               "micro_batch_tokens": micro_batching.tokens, "recompute": micro_batching.recompute}
+               "micro_batch_tokens": micro_batching.tokens, "recompute": micro_batching.recompute,
+               "recomputed_layers": micro_batching.recomputed_layers, "decoder_layers": micro_batching.layers}
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), data.tokenizer, cfg, run_dir)
         write_metrics(run_dir, metrics)

@@ -89,11 +89,12 @@ def test_bench_train_runs_each_runner_tiny(tmp_path):
     # and ours share run_ours (the config as shipped against bench_train's settings); Phi-2 runs our
     # loop in test_profile_kernels_runs_tiny, its HF Trainer recipe in the loss curves.
     run_script("bench_train", "--tiny", "--models", "tinyllama", "--runners", "reference", "tuned", "tuned_liger_packed",
-               "recipe", "ours", "--steps", "2", "--warmup", "1", "--rows", "8", "--tokens", "128", "--out", tmp_path)
+               "recipe", "ours", "--steps", "2", "--warmup", "1", "--rows", "8", "--tokens", "128",
+               "--variant", "recipe:no_recompute", "model.gradient_checkpointing=false", "--out", tmp_path)
     results = json.loads((tmp_path / "bench_train.json").read_text())
     runs = results["models"]["tinyllama"]
     assert list(results["models"]) == ["tinyllama"] and list(runs) == ["reference", "tuned", "tuned_liger_packed",
-                                                                       "recipe", "ours"]
+                                                                       "recipe", "ours", "recipe:no_recompute"]
     for r in runs.values():
         assert r["measured_steps"] == 2 and r["non_pad_tokens_per_s"] > 0 and r["rows_per_step"] == 2
     assert (runs["reference"]["micro_batch"], runs["reference"]["accumulation"]) == ("1 rows padded to 128", 2)
@@ -108,6 +109,9 @@ def test_bench_train_runs_each_runner_tiny(tmp_path):
     assert (runs["ours"]["micro_batch_tokens"], runs["ours"]["recompute"]) == (128, False)
     assert runs["ours"]["micro_batch"] == ("2 rows per step, length-grouped, run as micro-batches of up to 128 "
                                            "tokens (set), no recompute")
+    # A variant named BASE:NAME is the BASE runner (here the recipe as shipped) with its overrides on top.
+    assert runs["recipe:no_recompute"]["micro_batch"] == ("2 rows per step (1 x2 accumulation), length-grouped, run as "
+                                                          "micro-batches of up to 256 tokens (whole step), no recompute")
     table = (tmp_path / "bench_train.md").read_text().splitlines()
     # Both peers ran, so each row ends with its ratios to them; the reference is 1.00x itself.
     ratio = runs["reference"]["non_pad_tokens_per_s"] / runs["tuned"]["non_pad_tokens_per_s"]
@@ -192,3 +196,9 @@ def test_tune_microbatch_recomputes_the_layers_it_reports_tiny(tmp_path):
     assert [p["rows_per_micro_batch_median"] for p in result["points"]] == [1, 2]
     assert result["rows_per_step_to_fill_best"] == [
         f"train.micro_batch_size={int(chosen['rows_per_micro_batch_median'])}", "train.grad_accum_steps=1"]
+
+
+def test_bench_train_refuses_a_variant_on_a_runner_that_is_not_ours():
+    with pytest.raises(SystemExit, match=r"^--variant tuned:x: the part before ':' must be one of recipe, recipe_t4, "
+                                         r"ours, ours_t4$"):
+        _script("bench_train").variant_row("tuned:x")

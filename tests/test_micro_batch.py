@@ -9,7 +9,9 @@ from accelerate import Accelerator
 import summ.micro_batch as mb
 from summ.micro_batch import MicroBatching, choose_micro_batching
 from summ.model import build_model
-from tests.conftest import tiny_config
+from tests.conftest import TINY, tiny_config
+
+FOUR_LAYERS = {**TINY["phi"]["overrides"], "num_hidden_layers": 4}
 
 
 def recompute_flags(model):
@@ -30,8 +32,10 @@ def gpu_like(model):
     return SimpleNamespace(device=torch.device("cuda"), num_processes=1, unwrap_model=lambda m: m)
 
 
-def test_probe_tries_the_whole_step_without_recompute_then_with_then_halves(checkpointed, monkeypatch):
-    cfg, model = checkpointed
+def test_probe_tries_the_whole_step_recomputing_fewest_layers_first_then_halves(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, model={"gradient_checkpointing": True, "config_overrides": FOUR_LAYERS},
+                      train={"micro_batch_size": 1, "grad_accum_steps": 8})
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
     tried = []
 
     def fits_up_to_two_rows(model, rows, length, accelerator):
@@ -40,17 +44,35 @@ def test_probe_tries_the_whole_step_without_recompute_then_with_then_halves(chec
 
     monkeypatch.setattr(mb, "_fits", fits_up_to_two_rows)
     chosen = choose_micro_batching(model, cfg, gpu_like(model))
-    assert chosen == MicroBatching(tokens=256, recompute=True, chosen_by="probe")
-    assert tried == [(8, 128, [False, False]), (8, 128, [True, True]), (4, 128, [True, True]),
-                     (2, 128, [True, True])]
-    assert recompute_flags(model) == [True, True]
+    assert chosen == MicroBatching(tokens=256, recomputed_layers=4, layers=4, chosen_by="probe")
+    none, all_ = [False] * 4, [True] * 4
+    assert tried == [(8, 128, none), (8, 128, [True, False, False, False]), (8, 128, [True, False, True, False]),
+                     (8, 128, [True, True, False, True]), (8, 128, all_), (4, 128, all_), (2, 128, all_)]
+    assert recompute_flags(model) == all_
+    assert chosen.describe() == ("micro-batches of up to 256 tokens (found by the memory probe), "
+                                 "recomputing all of 4 decoder layers")
+
+
+def test_probe_keeps_the_first_partial_recompute_that_fits_the_whole_step(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, model={"gradient_checkpointing": True, "config_overrides": FOUR_LAYERS},
+                      train={"micro_batch_size": 1, "grad_accum_steps": 8})
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(mb, "_fits", lambda model, rows, length, accelerator: sum(recompute_flags(model)) >= 2)
+    chosen = choose_micro_batching(model, cfg, gpu_like(model))
+    assert chosen == MicroBatching(1024, 2, 4, "probe")
+    assert recompute_flags(model) == [True, False, True, False]
+    assert chosen.describe() == ("micro-batches of up to 1024 tokens (found by the memory probe), "
+                                 "recomputing 2 of 4 decoder layers")
 
 
 def test_probe_keeps_recompute_off_when_the_whole_step_fits_without_it(checkpointed, monkeypatch):
     cfg, model = checkpointed
     monkeypatch.setattr(mb, "_fits", lambda model, rows, length, accelerator: True)
-    assert choose_micro_batching(model, cfg, gpu_like(model)) == MicroBatching(1024, False, "probe")
+    chosen = choose_micro_batching(model, cfg, gpu_like(model))
+    assert chosen == MicroBatching(1024, 0, 2, "probe") and not chosen.recompute
     assert recompute_flags(model) == [False, False]
+    assert chosen.describe() == ("micro-batches of up to 1024 tokens (found by the memory probe), "
+                                 "not recomputing layer activations")
 
 
 def test_probe_leaves_a_partial_recompute_setting_alone_and_reports_nothing_fits(tmp_path, monkeypatch):
@@ -67,11 +89,11 @@ def test_probe_leaves_a_partial_recompute_setting_alone_and_reports_nothing_fits
 def test_a_set_budget_or_no_auto_is_used_as_given(tmp_path):
     cpu = Accelerator(cpu=True)
     cfg = tiny_config(tmp_path, train={"micro_batch_tokens": 300})
-    assert choose_micro_batching(None, cfg, cpu) == MicroBatching(300, False, "config")
+    assert choose_micro_batching(None, cfg, cpu) == MicroBatching(300, 0, 0, "config")
     cfg = tiny_config(tmp_path, train={"auto_micro_batch": False})
-    assert choose_micro_batching(None, cfg, cpu) == MicroBatching(None, False, "as stated")
+    assert choose_micro_batching(None, cfg, cpu) == MicroBatching(None, 0, 0, "as stated")
     cfg = tiny_config(tmp_path, train={"micro_batch_size": 2, "grad_accum_steps": 3})
-    assert choose_micro_batching(None, cfg, cpu) == MicroBatching(768, False, "whole step")
+    assert choose_micro_batching(None, cfg, cpu) == MicroBatching(768, 0, 0, "whole step")
 
 
 def test_one_probe_changes_no_weight_no_random_state_and_leaves_no_gradient(checkpointed):
