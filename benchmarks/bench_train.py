@@ -283,7 +283,8 @@ def describe(cfg, metrics: dict) -> str:
         ckpt = "recomputing every layer"
     else:
         ckpt = f"recomputing {recomputed} of {layers} layers"
-    extras = [x for x, on in (("rows packed", t.packing), ("fused ops off", not m.fused_ops),
+    extras = [x for x, on in (("rows packed", t.packing), ("layers compiled", m.compile_layers),
+                              ("Liger kernels", m.liger_kernel), ("fused ops off", not m.fused_ops),
                               ("embeddings on CPU", m.embeddings_on_cpu),
                               ("fp32 frozen weights", cfg.quant.upcast_frozen)) if on]
     return ", ".join([step, run, ckpt, *extras])
