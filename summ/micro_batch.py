@@ -88,12 +88,12 @@ def choose_micro_batching(model, cfg: RunConfig, accelerator) -> MicroBatching |
             chosen = (budget, recomputed)
             break
     if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
         # Every rank must run the same micro-batches: the most cautious choice wins (the smallest
-        # budget; at equal budgets, the most layers recomputed).
-        span = layers + 1
-        score = chosen[0] * span + layers - chosen[1] if chosen else -1
-        lowest = int(accelerator.gather(torch.tensor([score], device=accelerator.device)).min())
-        chosen = None if lowest < 0 else (lowest // span, layers - lowest % span)
+        # budget; at equal budgets, the most layers recomputed; nothing, if a rank found nothing).
+        choices = gather_object([chosen])
+        chosen = None if None in choices else min(choices, key=lambda c: (c[0], -c[1]))
         if may_choose_layers:
             limit_checkpointing(bare, layers if chosen is None else chosen[1])
     if chosen is None:

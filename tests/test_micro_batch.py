@@ -65,6 +65,31 @@ def test_probe_keeps_the_first_partial_recompute_that_fits_the_whole_step(tmp_pa
                                  "recomputing 2 of 4 decoder layers")
 
 
+def test_ranks_agree_on_the_most_cautious_choice(tmp_path, monkeypatch):
+    """Every rank must run the same micro-batches: a rank that fits the whole step without recompute
+    follows another that needed half the layers recomputed; nothing fitting anywhere wins over all."""
+    cfg = tiny_config(tmp_path, model={"gradient_checkpointing": True, "config_overrides": FOUR_LAYERS},
+                      train={"micro_batch_size": 1, "grad_accum_steps": 8})
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
+
+    def rank(fits, others):
+        """This rank's choice, given the other ranks' choices."""
+        accelerator = SimpleNamespace(device=torch.device("cuda"), num_processes=1 + len(others),
+                                      unwrap_model=lambda m: m)
+        monkeypatch.setattr(mb, "_fits", lambda model, rows, length, accelerator: fits(model))
+        monkeypatch.setattr("accelerate.utils.gather_object", lambda mine: mine + others)
+        return choose_micro_batching(model, cfg, accelerator)
+
+    needs_half = (1024, 2)
+    assert rank(lambda model: sum(recompute_flags(model)) >= 2, []) == MicroBatching(*needs_half, 4, "probe")
+    assert rank(lambda model: True, [needs_half, (1024, 1)]) == MicroBatching(1024, 2, 4, "probe")
+    assert recompute_flags(model) == [True, False, True, False]
+    assert rank(lambda model: True, [(512, 4), needs_half]) == MicroBatching(512, 4, 4, "probe")
+    # A rank where nothing fits: the run stops everywhere (recompute back on all layers meanwhile).
+    assert rank(lambda model: True, [needs_half, None]) is None
+    assert recompute_flags(model) == [True] * 4
+
+
 def test_probe_keeps_recompute_off_when_the_whole_step_fits_without_it(checkpointed, monkeypatch):
     cfg, model = checkpointed
     monkeypatch.setattr(mb, "_fits", lambda model, rows, length, accelerator: True)
