@@ -273,8 +273,8 @@ def out_of_memory_hint(batches: list[dict], cfg: RunConfig, micro_batching: Micr
                   f"train.grad_accum_steps to keep the rows per step")
         raise TrainingError(
             f"out of GPU memory on a micro-batch of {rows} rows x {length} tokens ({rows * length} tokens); "
-            f"{sizing}, lower data.max_length, or recompute more layers (model.checkpointed_layers="
-            f"{cfg.model.checkpointed_layers}, null: all)") from None
+            f"{sizing}, lower data.max_length, or recompute more layers (now {micro_batching.recomputed_layers} of "
+            f"{micro_batching.layers}: model.gradient_checkpointing=true, model.checkpointed_layers=N)") from None
 
 
 def setup_micro_batching(model, cfg: RunConfig, accelerator) -> MicroBatching:

@@ -352,7 +352,9 @@ def test_out_of_memory_names_the_micro_batch_and_the_knobs(tmp_path, monkeypatch
     cfg = tiny_config(tmp_path / "run", train={"micro_batch_tokens": 256}, eval={"at_end": False})
     with pytest.raises(TrainingError, match=r"^out of GPU memory on a micro-batch of \d+ rows x \d+ tokens \(\d+ "
                                             r"tokens\); set train.micro_batch_tokens below 256 \(the rows per step "
-                                            r"stay the same\), lower data.max_length, "):
+                                            r"stay the same\), lower data.max_length, or recompute more layers "
+                                            r"\(now 0 of 2: model.gradient_checkpointing=true, "
+                                            r"model.checkpointed_layers=N\)$"):
         train(cfg)
 
 
