@@ -38,8 +38,9 @@ class ModelConfig:
     config_overrides: dict = field(default_factory=dict)
     trust_remote_code: bool = False
     gradient_checkpointing: bool = True
-    # How many decoder layers recompute their activations in backward (spread evenly); None: all.
-    # Fewer recomputes ~1/3 of a layer's compute each, and costs that layer's activations in memory.
+    # How many decoder layers recompute their activations in backward (spread evenly). None: as few
+    # as fit the whole step under train.auto_micro_batch on a GPU (the probe chooses), else all.
+    # Each layer not recomputed saves ~1/3 of its compute and costs its activations in memory.
     checkpointed_layers: Optional[int] = None
     # Swap transformers' Python GELU-tanh / RMSNorm (a chain of elementwise kernels, each saving its
     # output for backward) for torch's fused kernels computing the same function.
