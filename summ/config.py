@@ -38,8 +38,9 @@ class ModelConfig:
     config_overrides: dict = field(default_factory=dict)
     trust_remote_code: bool = False
     gradient_checkpointing: bool = True
-    # How many decoder layers recompute their activations in backward (spread evenly). None: as few
-    # as fit the whole step under train.auto_micro_batch on a GPU (the probe chooses), else all.
+    # How many decoder layers recompute their activations in backward (spread evenly). None: all,
+    # unless the micro-batch probe runs (GPU, train.auto_micro_batch, train.micro_batch_tokens null):
+    # then as few as let the whole step fit.
     # Each layer not recomputed saves ~1/3 of its compute and costs its activations in memory.
     checkpointed_layers: Optional[int] = None
     # Swap transformers' Python GELU-tanh / RMSNorm (a chain of elementwise kernels, each saving its
@@ -122,8 +123,9 @@ class TrainConfig:
     # into micro-batches of at most this many tokens (rows x padded longest row).
     micro_batch_tokens: Optional[int] = None
     # With micro_batch_tokens null: on a GPU a short probe at start finds the largest budget that
-    # fits (whole step first, and without recomputing layers if that fits too); on a CPU a step is one
-    # micro-batch. false: micro-batches of micro_batch_size rows, executed as stated.
+    # fits (whole step first; with model.gradient_checkpointing and checkpointed_layers null, also
+    # recomputing as few layers as fit); on a CPU a step is one micro-batch. false: micro-batches of
+    # micro_batch_size rows, executed as stated.
     auto_micro_batch: bool = True
     # The rows of a micro-batch packed back to back into sequences of up to data.max_length tokens,
     # position ids restarting at each row and attention kept inside it: almost no padding, the same

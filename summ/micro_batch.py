@@ -50,8 +50,8 @@ class MicroBatching:
 
 
 def choose_micro_batching(model, cfg: RunConfig, accelerator) -> MicroBatching | None:
-    """The token budget (and, on a GPU under `auto_micro_batch`, whether to recompute) for this run;
-    None when not even one row of max_length fits.
+    """The token budget (and, on a GPU under `auto_micro_batch`, how many layers recompute) for this
+    run; None when not even one row of max_length fits.
 
     Runs before the first step: a probe changes no weights and no random state, and leaves no
     gradients behind.
@@ -71,7 +71,7 @@ def choose_micro_batching(model, cfg: RunConfig, accelerator) -> MicroBatching |
         return MicroBatching(whole_step, stated, layers, "whole step")
 
     # The whole step recomputing as few layers as fit (when how many was left to us), then halving.
-    may_choose_layers = m.gradient_checkpointing and m.checkpointed_layers is None
+    may_choose_layers = m.gradient_checkpointing and m.checkpointed_layers is None and layers > 0
     fewer = sorted({layers * k // 4 for k in range(4)}) if may_choose_layers else []
     candidates = [(whole_step, n) for n in fewer]
     budget = whole_step

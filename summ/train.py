@@ -268,13 +268,15 @@ def out_of_memory_hint(batches: list[dict], cfg: RunConfig, micro_batching: Micr
     except torch.OutOfMemoryError:
         rows, length = max((tuple(b["input_ids"].shape) for b in batches), key=lambda s: s[0] * s[1])
         t = cfg.train
-        sizing = (f"set train.micro_batch_tokens below {micro_batching.tokens} (the rows per step stay the same)"
-                  if micro_batching.tokens else f"lower train.micro_batch_size={t.micro_batch_size} and raise "
-                  f"train.grad_accum_steps to keep the rows per step")
+        knobs = [f"set train.micro_batch_tokens below {micro_batching.tokens} (the rows per step stay the same)"
+                 if micro_batching.tokens else f"lower train.micro_batch_size={t.micro_batch_size} and raise "
+                 f"train.grad_accum_steps to keep the rows per step", "lower data.max_length"]
+        if micro_batching.recomputed_layers < micro_batching.layers:
+            knobs.append(f"recompute more layers (now {micro_batching.recomputed_layers} of {micro_batching.layers}: "
+                         f"model.gradient_checkpointing=true, model.checkpointed_layers=N)")
         raise TrainingError(
             f"out of GPU memory on a micro-batch of {rows} rows x {length} tokens ({rows * length} tokens); "
-            f"{sizing}, lower data.max_length, or recompute more layers (now {micro_batching.recomputed_layers} of "
-            f"{micro_batching.layers}: model.gradient_checkpointing=true, model.checkpointed_layers=N)") from None
+            f"{', '.join(knobs[:-1])}, or {knobs[-1]}") from None
 
 
 def setup_micro_batching(model, cfg: RunConfig, accelerator) -> MicroBatching:

@@ -121,6 +121,17 @@ def test_a_set_budget_or_no_auto_is_used_as_given(tmp_path):
     assert choose_micro_batching(None, cfg, cpu) == MicroBatching(768, 0, 0, "whole step")
 
 
+@pytest.mark.parametrize("checkpointing, layers, recomputed", [(False, None, 0), (True, None, 2), (True, 1, 1),
+                                                                 (True, 9, 2)])
+def test_the_recompute_reported_without_a_probe_is_the_configs(tmp_path, checkpointing, layers, recomputed):
+    cfg = tiny_config(tmp_path, model={"gradient_checkpointing": checkpointing, "checkpointed_layers": layers})
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
+    chosen = choose_micro_batching(model, cfg, Accelerator(cpu=True))
+    assert chosen == MicroBatching(512, recomputed, 2, "whole step")
+    assert recompute_flags(model) == ([True] * 2 if checkpointing and layers is None else
+                                      [True, False] if layers == 1 else [checkpointing] * 2)
+
+
 def test_one_probe_changes_no_weight_no_random_state_and_leaves_no_gradient(checkpointed):
     cfg, model = checkpointed
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -356,6 +356,11 @@ def test_out_of_memory_names_the_micro_batch_and_the_knobs(tmp_path, monkeypatch
                                             r"\(now 0 of 2: model.gradient_checkpointing=true, "
                                             r"model.checkpointed_layers=N\)$"):
         train(cfg)
+    # Every layer recomputing already: the hint stops at the knobs that are left.
+    cfg = tiny_config(tmp_path / "run2", model={"gradient_checkpointing": True}, train={"micro_batch_tokens": 256},
+                      eval={"at_end": False})
+    with pytest.raises(TrainingError, match=r"\(the rows per step stay the same\), or lower data.max_length$"):
+        train(cfg)
 
 
 def test_out_of_memory_in_validation_names_the_evaluation_batch(tmp_path, monkeypatch):
