@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import (MODELS, REPO, TINY_OVERRIDES, cap_memory, describe, environment, header,  # noqa: E402
-                         ours_settings, run_config, summarize_steps, write_results)
+from bench_train import (MODELS, REPO, TINY_OVERRIDES, add_data_arguments, cap_memory, describe,  # noqa: E402
+                         environment, header, ours_settings, run_config, summarize_steps, write_results)
 
 
 
@@ -151,11 +151,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["phi2", "tinyllama"], choices=sorted(MODELS))
     parser.add_argument("--processes", nargs="+", type=int, default=[1, 2],
                         help="process counts; each must divide the largest")
-    parser.add_argument("--data-xsum", default=str(REPO / "data" / "xsum_sample"))
-    parser.add_argument("--data-cnn", default=str(REPO / "tests" / "fixtures" / "cnn_tiny"))
-    parser.add_argument("--rows", type=int, default=600, help="training rows read")
-    parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
-    parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
+    add_data_arguments(parser, measured_steps=True)
     parser.add_argument("--tokens", type=int,
                         help="token budget per micro-batch, rows per step unchanged (default: bench_train's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -99,12 +99,21 @@ def run_config(args, model: str, out_dir: Path, extra: tuple[str, ...] = ()):
     return load_config(REPO / spec["config"], sets + list(extra))
 
 
+def add_data_arguments(parser, rows_help: str = "training rows read", measured_steps: bool = False) -> None:
+    """Where the rows come from and how many are read (every benchmark script); with `measured_steps`,
+    the optimizer steps skipped and then measured."""
+    parser.add_argument("--data-xsum", default=str(REPO / "data" / "xsum_sample"))
+    parser.add_argument("--data-cnn", default=str(REPO / "tests" / "fixtures" / "cnn_tiny"))
+    parser.add_argument("--rows", type=int, default=600, help=rows_help)
+    if measured_steps:
+        parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
+        parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
+
+
 def add_one_model_arguments(parser) -> None:
     """The arguments of the scripts that look at one model (profile_vram, profile_kernels, tune_microbatch)."""
     parser.add_argument("--model", default="phi2", choices=sorted(MODELS))
-    parser.add_argument("--data-xsum", default=str(REPO / "data" / "xsum_sample"))
-    parser.add_argument("--data-cnn", default=str(REPO / "tests" / "fixtures" / "cnn_tiny"))
-    parser.add_argument("--rows", type=int, default=600, help="training rows read")
+    add_data_arguments(parser)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override, e.g. --set model.embeddings_on_cpu=true")
     parser.add_argument("--cap-gib", type=float, default=15.0, help="GPU memory cap (a T4: 15)")
@@ -394,11 +403,7 @@ def main() -> int:
                         choices=sorted(RUNNERS))
     parser.add_argument("--t4", action="store_true",
                         help="also run recipe_t4 and ours_t4: our loop in the T4 profile (fp16, no flash)")
-    parser.add_argument("--data-xsum", default=str(REPO / "data" / "xsum_sample"))
-    parser.add_argument("--data-cnn", default=str(REPO / "tests" / "fixtures" / "cnn_tiny"))
-    parser.add_argument("--rows", type=int, default=600, help="training rows read (enough for every runner)")
-    parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
-    parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
+    add_data_arguments(parser, "training rows read (enough for every runner)", measured_steps=True)
     parser.add_argument("--tokens", type=int,
                         help="token budget per micro-batch of ours, ours_t4 and the variants, with their rows per "
                              "step unchanged (default: MODELS[...]['ours']); the recipe runners keep the probe's")
