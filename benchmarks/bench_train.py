@@ -389,10 +389,10 @@ def markdown(results: dict) -> str:
             tps = r["non_pad_tokens_per_s"]
             head = f"| {model} | {runner} | {r['dtype']} | {r['rows_per_step']} | {r['micro_batch']} | {tps:,.0f} | " \
                 f"{r['steps_per_s']:.3f} | "
-            lines.append(
-                head + f"{r['s_per_step_median']:.3f} ({r['s_per_step_min']:.3f}-{r['s_per_step_max']:.3f}) | "
-                f"{mem} | {tps / ref:.2f}x | {tps / tuned:.2f}x |" if ref and tuned else
-                head + f"{r['s_per_step_median']:.3f} | {mem} | | |")
+            # A ratio needs its peer in this run; a run without one leaves the column empty.
+            vs_ref, vs_tuned = (f"{tps / peer:.2f}x" if peer else "" for peer in (ref, tuned))
+            lines.append(head + f"{r['s_per_step_median']:.3f} ({r['s_per_step_min']:.3f}-{r['s_per_step_max']:.3f}) | "
+                         f"{mem} | {vs_ref} | {vs_tuned} |")
     return "\n".join(lines) + "\n"
 
 
@@ -452,6 +452,8 @@ def main() -> int:
             results["models"][model][runner] = json.loads(lines[-1][len("RESULT "):])
             print(f"{model}/{runner}: {results['models'][model][runner]['non_pad_tokens_per_s']:,.0f} tok/s "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
+            # After every row, so a run cut short keeps the rows it finished.
+            write_results(Path(args.out), "bench_train", results, markdown(results))
     table = markdown(results)
     write_results(Path(args.out), "bench_train", results, table)
     print(table)

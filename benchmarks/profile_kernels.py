@@ -13,6 +13,12 @@ optimizer steps, records `--steps`, and prints: wall time per step, GPU busy tim
 launches per step, the top kernels by GPU time, and that time grouped by kind (matmul, 4-bit
 dequantize, attention, elementwise, ...).
 `--trace` also writes a Chrome trace (open it in https://ui.perfetto.dev).
+
+`--host` runs the same steps without the profiler and splits each step's wall time by what the
+host was doing: building the batches, issuing the forward, issuing the backward, waiting for the
+GPU to finish the window (the loss read-back), clipping, the optimizer step, and the rest. A step
+whose wait is small spent its time issuing work (host-bound: fewer launches or less Python help);
+one whose wait dominates is GPU-bound. With compiled layers it also counts graph breaks.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps recorded")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--trace", help="write a Chrome trace here")
+    parser.add_argument("--host", action="store_true", help="split the wall time by host activity instead")
     args = parser.parse_args()
     args.data = {"xsum": args.data_xsum, "cnn": args.data_cnn}
     if args.warmup < 1 or args.steps < 1:
@@ -88,6 +95,8 @@ def main() -> int:
                 "train.grad_accum_steps=1"]
         cfg = run_config(args, args.model, Path(tmp), tuple(fill + sets))
         rows = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+        if args.host:
+            return host_split(args, cfg, rows, tokens)
         with profile(activities=activities,
                      schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1),
                      record_shapes=False) as prof:
@@ -108,7 +117,9 @@ def main() -> int:
     events = [e for e in prof.key_averages() if getattr(e, device_time, 0) > 0]
     if on_gpu:  # kernels only: CPU-side ops also carry the device time of the kernels they launch
         events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    events = [e for e in events if not e.key.startswith("ProfilerStep")]  # the step span, not work
+    # Spans, not work: the step marks, and record_function ranges mirrored on the GPU timeline
+    # (e.g. the optimizer's step), which would count their kernels twice.
+    events = [e for e in events if not e.key.startswith("ProfilerStep") and not getattr(e, "is_user_annotation", False)]
     total_us = sum(getattr(e, device_time) for e in events)
     wall_s = (marks[args.warmup + args.steps - 1] - marks[args.warmup - 1]) / args.steps
     launches = sum(e.count for e in events) / args.steps
@@ -138,6 +149,93 @@ def main() -> int:
         Path(args.trace).parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(args.trace)
     return 0
+
+
+HOST_PHASES = ("batches", "forward", "backward", "wait for GPU", "clip", "optimizer", "other")
+
+
+def host_split(args, cfg, rows: int, tokens: int) -> int:
+    """Wall time per optimizer step split by what the host did (see the module docstring)."""
+    import accelerate
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    import summ.train as loop
+
+    spent: dict[str, float] = defaultdict(float)
+    marks: list[float] = []
+    per_step: list[dict[str, float]] = []
+
+    def timed(phase: str, fn):
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[phase] += time.perf_counter() - start
+        return wrapper
+
+    def step_hook(*_):
+        marks.append(time.perf_counter())
+        per_step.append(dict(spent))
+        spent.clear()
+
+    forward, accumulate = loop.forward_summed_loss, loop.accumulate_gradients
+
+    def accumulate_split(*a, **kw):
+        # What accumulate_gradients spends outside forward and backward is the loss read-back: the
+        # host waiting for the GPU to finish the window's kernels.
+        before = spent["forward"] + spent["backward"]
+        start = time.perf_counter()
+        try:
+            return accumulate(*a, **kw)
+        finally:
+            spent["wait for GPU"] += time.perf_counter() - start - (spent["forward"] + spent["backward"] - before)
+
+    patches = [(loop, "step_batches", timed("batches", loop.step_batches)),
+               (loop, "forward_summed_loss", timed("forward", forward)),
+               (loop, "accumulate_gradients", accumulate_split),
+               (loop, "optimizer_step", timed("optimizer", loop.optimizer_step)),
+               (accelerate.Accelerator, "backward", timed("backward", accelerate.Accelerator.backward)),
+               (accelerate.Accelerator, "clip_grad_norm_", timed("clip", accelerate.Accelerator.clip_grad_norm_))]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, replacement in patches:
+        setattr(owner, name, replacement)
+    handle = register_optimizer_step_post_hook(step_hook)
+    try:
+        from summ.train import train
+
+        train(cfg)
+    finally:
+        handle.remove()
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+    # per_step[i] holds what ran up to optimizer step i's end (step 0 also holds the setup).
+    first, last = args.warmup, args.warmup + args.steps - 1
+    wall_s = (marks[last] - marks[first - 1]) / args.steps
+    phases = {p: sum(s.get(p, 0.0) for s in per_step[first:last + 1]) / args.steps for p in HOST_PHASES[:-1]}
+    phases["other"] = wall_s - sum(phases.values())
+    on_gpu = torch.cuda.is_available()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
+    breaks = graph_breaks()
+    print(f"\n{args.model}, {rows} rows per step, token budget {tokens}, overrides {args.overrides or 'none'}; "
+          f"peak allocated {peak:.2f} GiB; graph breaks {breaks}")
+    print(f"wall per optimizer step: {wall_s:.3f} s\n\n| host activity | ms per step | share |\n|---|---|---|")
+    for phase in HOST_PHASES:
+        print(f"| {phase} | {1e3 * phases[phase]:.1f} | {100 * phases[phase] / wall_s:.0f}% |")
+    summary = {"model": args.model, "tokens": tokens, "rows_per_step": rows, "overrides": args.overrides,
+               "wall_s_per_step": wall_s, "host_ms_per_step": {p: 1e3 * v for p, v in phases.items()},
+               "graph_breaks": breaks, "peak_allocated_gib": peak}
+    print("SUMMARY " + json.dumps(summary))
+    return 0
+
+
+def graph_breaks() -> int:
+    """Graph breaks torch.compile hit in this process (0 when nothing was compiled)."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))
 
 
 if __name__ == "__main__":

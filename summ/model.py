@@ -97,6 +97,8 @@ def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype
 
     model = load_base_model(cfg, device, compute_dtype)
     model.config.use_cache = False
+    if cfg.quant.enabled and cfg.quant.dequantize_for_training:
+        model = dequantize_4bit(model, compute_dtype)
     if cfg.quant.enabled and cfg.quant.upcast_frozen:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -202,3 +202,15 @@ def test_bench_train_refuses_a_variant_on_a_runner_that_is_not_ours():
     with pytest.raises(SystemExit, match=r"^--variant tuned:x: the part before ':' must be one of recipe, recipe_t4, "
                                          r"ours, ours_t4$"):
         _script("bench_train").variant_row("tuned:x")
+
+
+def test_profile_kernels_host_split_runs_tiny():
+    # The phases partition the step: they sum to its wall time ("other" is the remainder).
+    out = run_script("profile_kernels", "--tiny", "--host", "--rows", "8", "--tokens", "256", "--warmup", "1",
+                     "--steps", "2")
+    summary = json.loads(next(x for x in out.splitlines() if x.startswith("SUMMARY "))[len("SUMMARY "):])
+    phases = summary["host_ms_per_step"]
+    assert list(phases) == ["batches", "forward", "backward", "wait for GPU", "clip", "optimizer", "other"]
+    assert summary["rows_per_step"] == 2 and summary["graph_breaks"] == 0
+    assert phases["forward"] > 0 and phases["backward"] > 0 and phases["optimizer"] > 0
+    assert abs(sum(phases.values()) - 1e3 * summary["wall_s_per_step"]) < 1e-6

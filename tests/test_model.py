@@ -251,3 +251,47 @@ def test_gguf_rebuild_takes_special_tokens_from_the_file():
         ("<s>", 1, "</s>", "<unk>")
     assert vars(model.config) == vars(model.generation_config) == {"eos_token_id": 1, "bos_token_id": 2,
                                                                    "pad_token_id": 0}
+
+
+@pytest.mark.parametrize("arch", ["phi", "llama"])
+def test_dequantize_for_training_trains_as_the_4bit_model(tmp_path, arch):
+    """The 4-bit weights held dequantized are the values the 4-bit kernels compute with: the same
+    losses step by step, and no 4-bit linear is left to dequantize again."""
+    import dataclasses
+
+    import bitsandbytes as bnb
+
+    from summ.model import build_model
+    from summ.train import train
+    from tests.conftest import tiny_config
+
+    def config(out, held: bool):
+        overrides = {**tiny_config(tmp_path, arch).model.config_overrides, "initializer_range": 0.2}
+        cfg = tiny_config(out, arch, quant=True, model={"config_overrides": overrides}, lora={"dropout": 0.1})
+        return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, dequantize_for_training=held))
+
+    runs = [train(config(tmp_path / str(held), held)) for held in (False, True)]
+    steps = {"phi": 3, "llama": 2}[arch]  # the tiny XSum and CNN/DailyMail fixtures' rows
+    assert runs[0].steps == runs[1].steps == steps
+    assert len(runs[0].train_losses) == len(runs[1].train_losses) == steps
+    torch.testing.assert_close(runs[1].train_losses, runs[0].train_losses, rtol=1e-6, atol=0)
+
+    model = build_model(config(tmp_path / "m", True), torch.device("cpu"), torch.float32)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+
+
+@pytest.mark.parametrize("quant, message", [
+    ({"enabled": False, "dequantize_for_training": True},
+     "'quant.dequantize_for_training' must be false when quant.enabled is false (there is nothing to dequantize), "
+     "got True"),
+    ({"upcast_frozen": True, "dequantize_for_training": True},
+     "'quant.dequantize_for_training' must be false with quant.upcast_frozen (that would hold every frozen weight "
+     "in fp32), got True"),
+])
+def test_dequantize_for_training_refuses_what_it_cannot_do(quant, message):
+    from summ.config import ConfigError
+
+    with pytest.raises(ConfigError, match="^<test>: " + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+        config_from_dict({"model": {"name_or_path": str(FIXTURES / "phi-2")}, "data": {"dataset": "x"},
+                          "quant": quant}, "<test>")
