@@ -446,7 +446,10 @@ def main() -> int:
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                results["models"][model][runner] = {"error": tail[0]}
+                # A negative code is the signal that ended the child (a crash leaves no traceback).
+                results["models"][model][runner] = {"error": f"exit code {proc.returncode}: {tail[0].strip()}"}
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / f"{model}-{runner.replace(':', '-')}.stderr.txt").write_text(proc.stderr)
                 print(f"{model}/{runner}: FAILED ({tail[0]})\n{proc.stderr[-3000:]}", file=sys.stderr)
                 continue
             results["models"][model][runner] = json.loads(lines[-1][len("RESULT "):])
