@@ -95,7 +95,9 @@ def run_config(args, model: str, out_dir: Path, extra: tuple[str, ...] = ()):
     if tiny:
         sets += ["model.config_overrides=" + json.dumps(TINY_OVERRIDES[model]), "data.max_length=128",
                  "data.min_article_tokens=16", "quant.compute_dtype=float32", "train.mixed_precision=no",
-                 "model.attn_implementation=eager"]
+                 "model.attn_implementation=eager",
+                 # The shipped configs compile their layers; on a CPU that takes longer than the tiny run.
+                 "model.compile_layers=false"]
     return load_config(REPO / spec["config"], sets + list(extra))
 
 

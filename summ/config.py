@@ -52,10 +52,6 @@ class ModelConfig:
     # torch.compile each decoder layer (inductor, dynamic shapes): fused kernels and fewer launches
     # where a step is bound by kernel launches; the first steps wait for the compiler.
     compile_layers: bool = False
-    # torch.compile's mode for those layers: "reduce-overhead" also replays each layer's kernels as a
-    # CUDA graph (one launch instead of ~100), recorded once per micro-batch shape; packed rows
-    # (train.packing) keep the shapes few.
-    compile_mode: str = "default"
     # Keep the input embedding table in host memory and look rows up there (Phi-2: 0.24 GiB of GPU
     # memory). The same numbers, a few MB copied per micro-batch; for the smallest GPUs.
     embeddings_on_cpu: bool = False
@@ -265,7 +261,6 @@ CHOICES = {
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "quant.quant_type": ("nf4", "fp4"),
     "quant.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
-    "model.compile_mode": ("default", "reduce-overhead"),
     "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),

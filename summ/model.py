@@ -115,7 +115,7 @@ def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype
     torch.manual_seed(cfg.train.seed)
     model = get_peft_model(model, peft_lora_config(cfg, model.config.model_type))
     if cfg.model.compile_layers:
-        compile_decoder_layers(model, cfg.model.compile_mode)
+        compile_decoder_layers(model)
     trainable, total = count_parameters(model)
     log.info("parameters: %s total, %s trainable (%.3f%%)", f"{total:,}", f"{trainable:,}", 100 * trainable / total)
     return model
@@ -128,13 +128,13 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def compile_decoder_layers(model, mode: str = "default") -> int:
+def compile_decoder_layers(model) -> int:
     """Compile every decoder layer in place (LoRA included), with dynamic shapes so micro-batches of
     new lengths reuse the compiled code. Returns how many were compiled."""
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(dynamic=True, mode=None if mode == "default" else mode)
-    log.info("compiled %d decoder layers (mode %s)", len(layers), mode)
+        layer.compile(dynamic=True)
+    log.info("compiled %d decoder layers", len(layers))
     return len(layers)
 
 
