@@ -62,7 +62,9 @@ def curve_config(args, out_dir: Path, extra: tuple[str, ...] = ()):
         sets.append("lora.dropout=0.0")
     if args.tiny:
         sets += ["data.max_length=128", "data.min_article_tokens=16", "quant.compute_dtype=float32",
-                 "train.mixed_precision=no", "model.attn_implementation=eager"]
+                 "train.mixed_precision=no", "model.attn_implementation=eager",
+                 # The shipped config compiles its layers; on a CPU that takes longer than the tiny run.
+                 "model.compile_layers=false"]
     else:
         sets += [f"train.mixed_precision={args.dtype}",
                  f"quant.compute_dtype={'bfloat16' if args.dtype == 'bf16' else 'float16'}"]
