@@ -1,5 +1,5 @@
 # `make demo`: install into .venv and fine-tune SmolLM2-135M-Instruct on the bundled XSum sample (2-core CPU, ~14 min).
-# `make test`: the test suite (CPU, offline).
+# `make test`: the test suite (CPU, offline); `make test-slow`: its slowest multi-process tests (CI runs both).
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install demo test search-demo clean
+.PHONY: install demo test test-slow search-demo clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,11 @@ search-demo: install
 	$(BIN)/python run.py report $(SEARCH_DIR) --out $(SEARCH_DIR)/report
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# The slowest multi-process tests (a two-process scaling benchmark, a search trial killed and resumed).
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow tests
 
 clean:
 	rm -rf $(VENV) runs

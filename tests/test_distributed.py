@@ -232,6 +232,7 @@ def test_ranks_that_each_build_a_single_process_accelerator_are_refused(tmp_path
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_scaling_benchmark_runs_one_and_two_processes_on_the_same_global_batch(tmp_path):
     """benchmarks/bench_scaling.py on 2 gloo processes: both process counts run, report their speed
     against one process, one memory figure per rank, and per-step losses equal to one process's."""

@@ -100,6 +100,7 @@ def test_two_trials_asha_stops_the_trailing_one_and_best_trains(tmp_path, ray_lo
         [(r["trial_id"], r["status"]) for r in result["trials"]]
 
 
+@pytest.mark.slow
 def test_a_trial_whose_process_is_killed_resumes_from_its_checkpoint_and_completes(tmp_path, ray_local):
     """kill -9 of the worker running a trial: Ray starts the trial again (search.max_failures), the
     trial resumes from the checkpoint of its last validation, and the search completes."""
