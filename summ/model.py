@@ -369,6 +369,10 @@ def check_model_settings(cfg: RunConfig) -> None:
     if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("model.attn_implementation: 'flash_attention_2' needs the flash-attn package "
                           "(pip install flash-attn); 'sdpa' needs nothing")
+    if cfg.model.compile_layers and torch.cuda.is_available() and importlib.util.find_spec("triton") is None:
+        # inductor writes Triton kernels for a GPU; without it the first forward fails after the load.
+        raise ConfigError("model.compile_layers: compiling on a GPU needs the triton package (pip install triton); "
+                          "or set it to false")
     model = base_on_meta(cfg)
     if cfg.model.liger_kernel:
         if model.config.model_type not in LIGER_MODEL_TYPES:

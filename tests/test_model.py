@@ -295,3 +295,21 @@ def test_dequantize_for_training_refuses_what_it_cannot_do(quant, message):
     with pytest.raises(ConfigError, match="^<test>: " + message.replace("(", r"\(").replace(")", r"\)") + "$"):
         config_from_dict({"model": {"name_or_path": str(FIXTURES / "phi-2")}, "data": {"dataset": "x"},
                           "quant": quant}, "<test>")
+
+
+def test_compiled_layers_on_a_gpu_without_triton_are_refused_before_loading(tmp_path, monkeypatch):
+    import importlib.util
+
+    from summ.config import ConfigError
+    from summ.model import check_model_settings
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, model={"compile_layers": True})
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"^model.compile_layers: compiling on a GPU needs the triton package "
+                                          r"\(pip install triton\); or set it to false$"):
+        check_model_settings(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_model_settings(cfg)  # a CPU compiles with its C++ compiler, no Triton
