@@ -5,6 +5,8 @@
         model.checkpointed_layers=8   # one more row of our loop: a lever measured beside the others
     python benchmarks/bench_train.py --models phi2 --runners reference tuned recipe \
         --variant recipe:compiled model.compile_layers=true   # a lever on top of the config as shipped
+    python benchmarks/bench_train.py --models phi2 --runners tuned recipe --repeat 3   # each runner 3 times,
+        in turn: the median run, and the spread, where the host's speed varies from run to run
     python benchmarks/bench_train.py --tiny          # seconds on a CPU; what CI runs to keep this working
 
 An optimizer step holds train.micro_batch_size x train.grad_accum_steps rows (the optimization);
@@ -389,13 +391,47 @@ def markdown(results: dict) -> str:
             mem = ("n/a" if r["peak_allocated_gib"] is None
                    else f"{r['peak_allocated_gib']:.2f} / {r['peak_reserved_gib']:.2f}")
             tps = r["non_pad_tokens_per_s"]
-            head = f"| {model} | {runner} | {r['dtype']} | {r['rows_per_step']} | {r['micro_batch']} | {tps:,.0f} | " \
-                f"{r['steps_per_s']:.3f} | "
+            spread = (f" ({min(r['repeats']):,.0f}-{max(r['repeats']):,.0f} over {len(r['repeats'])} runs)"
+                      if "repeats" in r else "")
+            head = f"| {model} | {runner} | {r['dtype']} | {r['rows_per_step']} | {r['micro_batch']} | {tps:,.0f}" \
+                f"{spread} | {r['steps_per_s']:.3f} | "
             # A ratio needs its peer in this run; a run without one leaves the column empty.
             vs_ref, vs_tuned = (f"{tps / peer:.2f}x" if peer else "" for peer in (ref, tuned))
             lines.append(head + f"{r['s_per_step_median']:.3f} ({r['s_per_step_min']:.3f}-{r['s_per_step_max']:.3f}) | "
                          f"{mem} | {vs_ref} | {vs_tuned} |")
     return "\n".join(lines) + "\n"
+
+
+def run_child(args, model: str, runner: str) -> dict:
+    """One runner in its own process: its RESULT, or {"error": ...} (its stderr kept under --out)."""
+    child = [sys.executable, __file__, *sys.argv[1:], "--child", model, runner]
+    started = time.perf_counter()
+    proc = subprocess.run(child, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"{model}-{runner.replace(':', '-')}.stderr.txt").write_text(proc.stderr)
+        print(f"{model}/{runner}: FAILED ({tail[0]})\n{proc.stderr[-3000:]}", file=sys.stderr)
+        # A negative code is the signal that ended the child (a crash leaves no traceback).
+        return {"error": f"exit code {proc.returncode}: {tail[0].strip()}"}
+    result = json.loads(lines[-1][len("RESULT "):])
+    print(f"{model}/{runner}: {result['non_pad_tokens_per_s']:,.0f} tok/s ({time.perf_counter() - started:.0f} s)",
+          flush=True)
+    return result
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the lower middle of an even count), and with more than one,
+    every run's tokens/s under "repeats" in the order they ran; an error if any run failed."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r["non_pad_tokens_per_s"])
+    middle = dict(ordered[(len(ordered) - 1) // 2])
+    if len(runs) > 1:
+        middle["repeats"] = [r["non_pad_tokens_per_s"] for r in runs]
+    return middle
 
 
 def main() -> int:
@@ -418,12 +454,16 @@ def main() -> int:
                         metavar="NAME [SECTION.KEY=VALUE ...]",
                         help="one more row of our loop with these overrides: NAME on top of ours (row ours:NAME), "
                              "BASE:NAME on top of BASE (recipe, recipe_t4, ours or ours_t4)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every runner this many times, in turn, and report the median run and the spread")
     parser.add_argument("--cap-gib", type=float, default=15.0, help="GPU memory cap per runner")
     parser.add_argument("--tiny", action="store_true", help="2-layer models, CPU-sized: keeps the script working")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "RUNNER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.data = {"xsum": args.data_xsum, "cnn": args.data_cnn}
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
     args.variants = [(variant_row(v[0]), v[1:]) for v in args.variants]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for name, _ in args.variants:  # a typo fails here, not after the peers have run
@@ -441,24 +481,17 @@ def main() -> int:
     results = {"environment": environment(), "command": " ".join(["python"] + sys.argv), "models": {}}
     for model in args.models:
         results["models"][model] = {}
-        for runner in runners:
-            child = [sys.executable, __file__, *sys.argv[1:], "--child", model, runner]
-            started = time.perf_counter()
-            proc = subprocess.run(child, capture_output=True, text=True)
-            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                # A negative code is the signal that ended the child (a crash leaves no traceback).
-                results["models"][model][runner] = {"error": f"exit code {proc.returncode}: {tail[0].strip()}"}
-                Path(args.out).mkdir(parents=True, exist_ok=True)
-                (Path(args.out) / f"{model}-{runner.replace(':', '-')}.stderr.txt").write_text(proc.stderr)
-                print(f"{model}/{runner}: FAILED ({tail[0]})\n{proc.stderr[-3000:]}", file=sys.stderr)
-                continue
-            results["models"][model][runner] = json.loads(lines[-1][len("RESULT "):])
-            print(f"{model}/{runner}: {results['models'][model][runner]['non_pad_tokens_per_s']:,.0f} tok/s "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
-            # After every row, so a run cut short keeps the rows it finished.
-            write_results(Path(args.out), "bench_train", results, markdown(results))
+        runs: dict[str, list[dict]] = {runner: [] for runner in runners}
+        # Repetitions go round the runners (A B A B, not A A B B), so a drift of the machine's speed
+        # during the run spreads over every runner instead of favouring one.
+        for _ in range(args.repeat):
+            for runner in runners:
+                if runs[runner] and "error" in runs[runner][-1]:
+                    continue
+                runs[runner].append(run_child(args, model, runner))
+                results["models"][model][runner] = median_run(runs[runner])
+                # After every row, so a run cut short keeps the rows it finished.
+                write_results(Path(args.out), "bench_train", results, markdown(results))
     table = markdown(results)
     write_results(Path(args.out), "bench_train", results, table)
     print(table)

@@ -214,3 +214,33 @@ def test_profile_kernels_host_split_runs_tiny():
     assert summary["rows_per_step"] == 2 and summary["graph_breaks"] == 0
     assert phases["forward"] > 0 and phases["backward"] > 0 and phases["optimizer"] > 0
     assert abs(sum(phases.values()) - 1e3 * summary["wall_s_per_step"]) < 1e-6
+
+
+def test_bench_train_repeats_runners_in_turn_and_keeps_the_median_run(tmp_path, monkeypatch):
+    bench = _script("bench_train")
+    order = []
+    speeds = {"tuned": iter([300.0, 100.0, 200.0]), "recipe": iter([5.0, 7.0, 6.0])}
+
+    def fake_child(args, model, runner):
+        order.append(runner)
+        return {"non_pad_tokens_per_s": next(speeds[runner]), "dtype": "x", "rows_per_step": 1, "micro_batch": "m",
+                "steps_per_s": 1.0, "s_per_step_median": 1.0, "s_per_step_min": 1.0, "s_per_step_max": 1.0,
+                "peak_allocated_gib": None, "peak_reserved_gib": None}
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    run_script("bench_train", "--tiny", "--models", "phi2", "--runners", "tuned", "recipe", "--repeat", "3",
+               "--out", tmp_path)
+    assert order == ["tuned", "recipe"] * 3
+    runs = json.loads((tmp_path / "bench_train.json").read_text())["models"]["phi2"]
+    assert (runs["tuned"]["non_pad_tokens_per_s"], runs["tuned"]["repeats"]) == (200.0, [300.0, 100.0, 200.0])
+    assert (runs["recipe"]["non_pad_tokens_per_s"], runs["recipe"]["repeats"]) == (6.0, [5.0, 7.0, 6.0])
+    row = next(x for x in (tmp_path / "bench_train.md").read_text().splitlines() if x.startswith("| phi2 | recipe |"))
+    assert "| 6 (5-7 over 3 runs) |" in row and row.endswith("| n/a |  | 0.03x |")
+
+
+def test_bench_train_median_run_reports_a_failure_and_the_lower_middle():
+    median_run = _script("bench_train").median_run
+    assert median_run([{"non_pad_tokens_per_s": 2.0}, {"error": "exit code -11: x"}]) == {"error": "exit code -11: x"}
+    assert median_run([{"non_pad_tokens_per_s": 4.0}, {"non_pad_tokens_per_s": 2.0}]) == {
+        "non_pad_tokens_per_s": 2.0, "repeats": [4.0, 2.0]}
+    assert median_run([{"non_pad_tokens_per_s": 4.0}]) == {"non_pad_tokens_per_s": 4.0}
