@@ -70,6 +70,10 @@ TINY_OURS = {"train.micro_batch_size": "2", "train.grad_accum_steps": "1", "trai
 TINY_RECIPE = {"train.grad_accum_steps": "2"}
 # Model types Liger-Kernel patches (it has no Phi-2 kernels; the peer then runs packing alone).
 LIGER_MODEL_TYPES = ("llama",)
+# --tiny on top of a shipped config: CPU-sized rows in fp32. The shipped configs compile their
+# layers; on a CPU that takes longer than the tiny run.
+TINY_SETS = ("data.max_length=128", "data.min_article_tokens=16", "quant.compute_dtype=float32",
+             "train.mixed_precision=no", "model.attn_implementation=eager", "model.compile_layers=false")
 TINY_OVERRIDES = {
     "phi2": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
              "num_key_value_heads": 4},
@@ -95,11 +99,7 @@ def run_config(args, model: str, out_dir: Path, extra: tuple[str, ...] = ()):
         f"log.output_dir={out_dir}", "log.log_every=1", "log.tensorboard=false", "log.progress_bar=false",
     ]
     if tiny:
-        sets += ["model.config_overrides=" + json.dumps(TINY_OVERRIDES[model]), "data.max_length=128",
-                 "data.min_article_tokens=16", "quant.compute_dtype=float32", "train.mixed_precision=no",
-                 "model.attn_implementation=eager",
-                 # The shipped configs compile their layers; on a CPU that takes longer than the tiny run.
-                 "model.compile_layers=false"]
+        sets += ["model.config_overrides=" + json.dumps(TINY_OVERRIDES[model]), *TINY_SETS]
     return load_config(REPO / spec["config"], sets + list(extra))
 
 

@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import REPO, TINY_OVERRIDES, cap_memory, environment, encoded_rows  # noqa: E402
+from bench_train import REPO, TINY_OVERRIDES, TINY_SETS, cap_memory, environment, encoded_rows  # noqa: E402
 
 RUNNERS = ("hf_trainer", "ours", "ours_hf_numerics")
 
@@ -61,10 +61,7 @@ def curve_config(args, out_dir: Path, extra: tuple[str, ...] = ()):
     if args.no_dropout:
         sets.append("lora.dropout=0.0")
     if args.tiny:
-        sets += ["data.max_length=128", "data.min_article_tokens=16", "quant.compute_dtype=float32",
-                 "train.mixed_precision=no", "model.attn_implementation=eager",
-                 # The shipped config compiles its layers; on a CPU that takes longer than the tiny run.
-                 "model.compile_layers=false"]
+        sets += TINY_SETS
     else:
         sets += [f"train.mixed_precision={args.dtype}",
                  f"quant.compute_dtype={'bfloat16' if args.dtype == 'bf16' else 'float16'}"]

@@ -97,7 +97,7 @@ def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype
 
     model = load_base_model(cfg, device, compute_dtype)
     model.config.use_cache = False
-    if cfg.quant.enabled and cfg.quant.dequantize_for_training:
+    if cfg.quant.dequantize_for_training:  # config validation refuses it without quant.enabled
         model = dequantize_4bit(model, compute_dtype)
     if cfg.quant.enabled and cfg.quant.upcast_frozen:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
