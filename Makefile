@@ -1,5 +1,6 @@
 # `make demo`: install into .venv and fine-tune SmolLM2-135M-Instruct on the bundled XSum sample (2-core CPU, ~14 min).
-# `make test`: the test suite (CPU, offline); `make test-slow`: its slowest multi-process tests (CI runs both).
+# `make test`: the test suite (CPU, offline); `make test-slow`: its slowest multi-process tests (CI runs both);
+# `make test-gpu`: the tests that need a CUDA GPU.
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -12,7 +13,7 @@ TORCH_INDEX ?=
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install demo test test-slow search-demo clean
+.PHONY: install demo test test-slow test-gpu search-demo clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,11 +39,15 @@ search-demo: install
 	$(BIN)/python run.py report $(SEARCH_DIR) --out $(SEARCH_DIR)/report
 
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
 
 # The slowest multi-process tests (a two-process scaling benchmark, a search trial killed and resumed).
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow tests
+
+# What needs a CUDA GPU (CUDA graphs recorded and replayed against the eager loop); on a GPU machine.
+test-gpu: install
+	$(BIN)/python -m pytest -q -m gpu tests
 
 clean:
 	rm -rf $(VENV) runs

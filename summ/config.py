@@ -137,6 +137,11 @@ class TrainConfig:
     # position ids restarting at each row and attention kept inside it: almost no padding, the same
     # loss and gradients. The token budget then counts the packed tensor (packed rows x the longest).
     packing: bool = False
+    # On one CUDA GPU: each micro-batch's forward and backward recorded once as a CUDA graph and
+    # replayed, so the step costs its GPU time instead of the host's time to issue thousands of small
+    # kernels. Micro-batches then run at a fixed rows x data.max_length (padding never reaches a
+    # labelled token); the loss and gradients are those of the same rows without graphs.
+    cuda_graphs: bool = False
     length_grouping: bool = True
     # false: rows in file order (with length_grouping false too), e.g. to compare step by step
     # with another trainer fed the same rows.
@@ -491,6 +496,10 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
     if q.dequantize_for_training and q.upcast_frozen:
         fail("quant.dequantize_for_training", "false with quant.upcast_frozen (that would hold every frozen "
              "weight in fp32)")
+    if t.cuda_graphs and t.packing:
+        fail("train.cuda_graphs", "false with train.packing (a graph runs fixed-shape padded micro-batches)")
+    if t.cuda_graphs and m.embeddings_on_cpu:
+        fail("train.cuda_graphs", "false with model.embeddings_on_cpu (a graph cannot look rows up on the host)")
     if m.gguf_file is not None and m.init == "random":
         fail("model.init", "'pretrained' when model.gguf_file is set")
     if e.top_p > 1:

@@ -25,6 +25,7 @@ from summ.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from summ.config import ConfigError, RunConfig, TrainConfig
 from summ.data import (Encoder, Example, RowStats, collate, collate_packed, encode_rows, load_rows, padded_length,
                        plan_batches, split_by_tokens)
+from summ.graphed_step import GraphedMicroSteps, check_graph_launch
 from summ.loss import count_label_tokens, evaluate_loss, forward_summed_loss
 from summ.micro_batch import MicroBatching, choose_micro_batching
 from summ.model import build_model, check_model_settings, count_parameters, load_tokenizer
@@ -92,6 +93,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
     run_dir = Path(cfg.log.output_dir)
     resume_from = resume_point(run_dir, resume)
     accelerator = make_accelerator(cfg, run_dir)
+    if t.cuda_graphs:
+        check_graph_launch(accelerator)
     set_seed(t.seed)
 
     # Inputs first, before any folder is made or model loaded: bad input fails in seconds.
@@ -103,6 +106,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
     model, optimizer, scheduler = setup_model(cfg, accelerator, data.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     micro_batching = setup_micro_batching(model, cfg, accelerator)
+    graphed = setup_graphed_steps(model, cfg, accelerator, micro_batching, data) if t.cuda_graphs else None
     state = TrainState()
     if resume_from is not None:
         state = TrainState.from_dict(load_checkpoint(accelerator, resume_from, model, optimizer, scheduler))
@@ -138,19 +142,19 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
         for w in range(state.window if epoch == state.epoch else 0, len(windows)):
             if state.step >= data.total_steps:
                 break
-            batches = step_batches(windows[w], data, cfg, micro_batching)
+            batches = step_batches(windows[w], data, cfg, micro_batching, graphed)
 
             # forward and backward over the window, the loss normalised by its label tokens
             model.train()
             with out_of_memory_hint(batches, cfg, micro_batching):
-                window_loss, tokens = accumulate_gradients(model, batches, accelerator)
+                window_loss, tokens = accumulate_gradients(model, batches, accelerator, graphed)
             tokens_since_log += tokens
 
             # clip (this also unscales fp16 gradients), step unless anything is non-finite, schedule
             grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf))
             applied = optimizer_step(accelerator, optimizer, window_loss, grad_norm)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=graphed is None)  # a graph adds into the .grad tensors it recorded
 
             state.step += 1
             state.epoch, state.window = (epoch, w + 1) if w + 1 < len(windows) else (epoch + 1, 0)
@@ -197,7 +201,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
 
     metrics = {**final_metrics(state, data, count_parameters(model)),
                "micro_batch_tokens": micro_batching.tokens, "recompute": micro_batching.recompute,
-               "recomputed_layers": micro_batching.recomputed_layers, "decoder_layers": micro_batching.layers}
+               "recomputed_layers": micro_batching.recomputed_layers, "decoder_layers": micro_batching.layers,
+               "cuda_graphs_recorded": len(graphed.graphs) if graphed is not None else 0}
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), data.tokenizer, cfg, run_dir)
         write_metrics(run_dir, metrics)
@@ -211,19 +216,25 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
 # ----------------------------------------------------------------------------- the step
 
 
-def step_batches(window: list[list[int]], data: TrainData, cfg: RunConfig, micro_batching: MicroBatching) -> list[dict]:
-    """One optimizer step's rows as the micro-batches that run: as planned, or regrouped by the token
-    budget in effect; padded, or packed (`train.packing`)."""
+def step_batches(window: list[list[int]], data: TrainData, cfg: RunConfig, micro_batching: MicroBatching,
+                 graphed: GraphedMicroSteps | None = None) -> list[dict]:
+    """One optimizer step's rows as the micro-batches that run: as planned, regrouped by the token
+    budget in effect, or (CUDA graphs) in groups of the graph's rows; padded, or packed (`train.packing`)."""
     row_tokens = padded_length(cfg.data.max_length) if cfg.train.packing else None
-    if micro_batching.tokens is not None:
+    if graphed is not None:
+        rows = [i for b in window for i in b]
+        window = [rows[s:s + graphed.rows] for s in range(0, len(rows), graphed.rows)]
+    elif micro_batching.tokens is not None:
         window = split_by_tokens([i for b in window for i in b], data.lengths, micro_batching.tokens, row_tokens)
     pad = data.tokenizer.pad_token_id
     return [collate_packed([data.train_examples[i] for i in b], row_tokens, pad) if row_tokens else
             collate([data.train_examples[i] for i in b], pad) for b in window]
 
 
-def accumulate_gradients(model, batches: list[dict], accelerator) -> tuple[float, int]:
-    """Backward over one accumulation window; returns (mean loss per label token, non-pad tokens).
+def accumulate_gradients(model, batches: list[dict], accelerator,
+                         graphed: GraphedMicroSteps | None = None) -> tuple[float, int]:
+    """Backward over one accumulation window (through recorded CUDA graphs when `graphed`); returns
+    (mean loss per label token, non-pad tokens).
 
     The loss is summed over every label token of the window, on all ranks, and divided by their
     count once, so batch 1 x accumulation 8 gives the gradient of batch 8 x accumulation 1 (a mean
@@ -237,6 +248,9 @@ def accumulate_gradients(model, batches: list[dict], accelerator) -> tuple[float
         n_labels = int(accelerator.reduce(torch.tensor(n_labels, device=accelerator.device), reduction="sum"))
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(batches):
+        if graphed is not None:  # one process (check_graph_launch): nothing to all-reduce
+            loss_sum += graphed.step(batch, world / max(n_labels, 1))
+            continue
         # Gradients are all-reduced once per window, on its last micro-batch.
         with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
             summed = forward_summed_loss(model, batch, accelerator.device)
@@ -277,6 +291,18 @@ def out_of_memory_hint(batches: list[dict], cfg: RunConfig, micro_batching: Micr
         raise TrainingError(
             f"out of GPU memory on a micro-batch of {rows} rows x {length} tokens ({rows * length} tokens); "
             f"{', '.join(knobs[:-1])}, or {knobs[-1]}") from None
+
+
+def setup_graphed_steps(model, cfg: RunConfig, accelerator, micro_batching: MicroBatching,
+                        data: TrainData) -> GraphedMicroSteps:
+    """Micro-batches of as many full-length rows as the token budget holds (at most a step's rows)."""
+    t = cfg.train
+    length = padded_length(cfg.data.max_length)
+    rows_per_step = t.micro_batch_size * t.grad_accum_steps
+    rows = t.micro_batch_size if micro_batching.tokens is None else micro_batching.tokens // length
+    rows = max(1, min(rows, rows_per_step))
+    accelerator.print(f"CUDA graphs: micro-batches run as {rows} rows x {length} tokens")
+    return GraphedMicroSteps(model, accelerator, rows, length, data.tokenizer.pad_token_id)
 
 
 def setup_micro_batching(model, cfg: RunConfig, accelerator) -> MicroBatching:

@@ -1,0 +1,161 @@
+"""train.cuda_graphs: fixed-shape micro-batches give the loss and gradients of the batches they pad
+(CPU), the settings a graph cannot run are refused before anything loads, and on a CUDA GPU the
+recorded graphs train as the eager loop does and resume exactly (`make test-gpu`)."""
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from summ.config import ConfigError
+from summ.data import IGNORE_INDEX, collate
+from summ.graphed_step import check_graph_launch, static_inputs, static_summed_loss
+from summ.loss import forward_summed_loss
+from summ.model import build_model
+from summ.train import accumulate_gradients, step_batches, train
+from tests.conftest import tiny_config
+from tests.test_train import examples_for, lora_grads
+
+gpu = pytest.mark.gpu
+
+
+def test_static_inputs_pad_rows_length_and_head_positions():
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]]),
+             "labels": torch.tensor([[-100, -100, 7, 8], [-100, 10, -100, -100]])}
+    inputs = static_inputs(batch, rows=3, length=6, pad_id=0, bucket=4)
+    assert inputs.input_ids.tolist() == [[5, 6, 7, 8, 0, 0], [9, 10, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]]
+    # Positions 0 (predicts 10 in row 2), 1 and 2 carry a label; one filler makes a multiple of 4.
+    assert inputs.positions.tolist() == [0, 1, 2, 0]
+    assert inputs.targets.tolist() == [[-100, 7, 8, -100], [10, -100, -100, -100], [-100, -100, -100, -100]]
+    # A count past length - 1 is capped there: every position the head can score.
+    assert static_inputs(batch, rows=2, length=4, pad_id=0, bucket=4).positions.tolist() == [0, 1, 2]
+
+
+def test_a_micro_batch_larger_than_the_graph_is_refused():
+    batch = {"input_ids": torch.zeros((3, 8), dtype=torch.long), "labels": torch.zeros((3, 8), dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"^a micro-batch of 3 rows x 8 tokens does not fit the graph's 2 x 8$"):
+        static_inputs(batch, rows=2, length=8, pad_id=0)
+
+
+@pytest.mark.parametrize("arch, quant", [("phi", False), ("llama", False), ("phi", True)])
+def test_fixed_shape_micro_batch_gives_the_loss_and_gradient_of_the_batch(tmp_path, arch, quant):
+    """What a graph records (rows and length padded, bucketed head positions) equals the loop's
+    forward on the batch itself: padding is never seen by a labelled token and never scored."""
+    cfg = tiny_config(tmp_path, arch, quant=quant, model={"attn_implementation": "sdpa"})
+    tok, ex = examples_for(cfg, 3)
+    ex[1].input_ids, ex[1].labels = ex[1].input_ids[:90], ex[1].labels[:90]  # rows end at different places
+    ex[1].labels[-10:] = ex[1].input_ids[-10:]
+    batch = collate(ex, tok.pad_token_id)
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
+    model.train()
+    expected_loss = forward_summed_loss(model, batch)
+    expected_loss.backward()
+    expected = lora_grads(model)
+
+    inputs = static_inputs(batch, rows=5, length=136, pad_id=tok.pad_token_id)
+    assert inputs.input_ids.shape == (5, 136) and inputs.positions.numel() % 64 == 0
+    assert int((inputs.targets != IGNORE_INDEX).sum()) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    model.zero_grad()
+    loss = static_summed_loss(model, inputs)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
+    for name, grad in lora_grads(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_step_runs_as_micro_batches_of_the_graphs_rows(tmp_path):
+    cfg = tiny_config(tmp_path)
+    tok, ex = examples_for(cfg, 8)
+    data = SimpleNamespace(tokenizer=tok, train_examples=ex, lengths=[len(e.input_ids) for e in ex])
+    planned = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    batches = step_batches(planned, data, cfg, SimpleNamespace(tokens=None), SimpleNamespace(rows=3))
+    assert [b["input_ids"].shape[0] for b in batches] == [3, 3, 2]
+    assert torch.equal(batches[2]["input_ids"], collate(ex[6:8], tok.pad_token_id)["input_ids"])
+
+
+def test_cuda_graphs_are_refused_with_packing_and_with_embeddings_on_the_host(tmp_path):
+    with pytest.raises(ConfigError, match=r"^tiny: 'train.cuda_graphs' must be false with train.packing \(a graph "
+                                          r"runs fixed-shape padded micro-batches\), got True$"):
+        tiny_config(tmp_path, train={"cuda_graphs": True, "packing": True})
+    with pytest.raises(ConfigError, match=r"^tiny: 'train.cuda_graphs' must be false with model.embeddings_on_cpu "
+                                          r"\(a graph cannot look rows up on the host\), got True$"):
+        tiny_config(tmp_path, train={"cuda_graphs": True}, model={"embeddings_on_cpu": True})
+
+
+def test_cuda_graphs_need_a_gpu_and_one_process(tmp_path):
+    with pytest.raises(ConfigError, match=r"^train.cuda_graphs: runs on one process \(this launch has 2\); set it to "
+                                          r"false for data-parallel training$"):
+        check_graph_launch(SimpleNamespace(device=torch.device("cuda"), num_processes=2))
+    if torch.cuda.is_available():
+        return
+    # Refused before the run folder is made or a model loads.
+    cfg = tiny_config(tmp_path / "run", train={"cuda_graphs": True})
+    with pytest.raises(ConfigError, match=r"^train.cuda_graphs: needs a CUDA GPU \(this run is on cpu\); set it "
+                                          r"to false$"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- on a CUDA GPU
+
+
+def graphed_and_eager(tmp_path, **model_settings):
+    """Loss and LoRA gradients of one window (two micro-batches whose head positions round to
+    different counts: two graphs sharing a pool), eager and through graphs, on the same weights."""
+    from summ.graphed_step import GraphedMicroSteps
+
+    cfg = tiny_config(tmp_path, "phi", quant=True, model={"attn_implementation": "sdpa", **model_settings})
+    tok, ex = examples_for(cfg, 6)
+    for e in ex[:3]:  # long summaries: labels on more positions in the first micro-batch
+        e.labels[-70:] = e.input_ids[-70:]
+    batches = [collate(ex[:3], tok.pad_token_id), collate(ex[3:], tok.pad_token_id)]
+    accelerator = Accelerator()
+    model = build_model(cfg, accelerator.device, torch.float32)
+    model.train()
+    eager_loss, _ = accumulate_gradients(model, batches, accelerator)
+    eager = lora_grads(model)
+    model.zero_grad(set_to_none=True)
+    graphed = GraphedMicroSteps(model, accelerator, rows=3, length=128, pad_id=tok.pad_token_id)
+    results = []
+    for _ in range(2):  # the second window replays the recorded graphs
+        model.zero_grad(set_to_none=False)
+        results.append((accumulate_gradients(model, batches, accelerator, graphed)[0], lora_grads(model)))
+    return eager_loss, eager, results, graphed
+
+
+@gpu
+@pytest.mark.parametrize("settings", [{}, {"compile_layers": True}, {"gradient_checkpointing": True}],
+                         ids=["4bit", "compiled", "recompute"])
+def test_graphs_give_the_eager_loss_and_gradient(tmp_path, settings):
+    eager_loss, eager, results, graphed = graphed_and_eager(tmp_path, **settings)
+    assert len(graphed.graphs) == 2
+    for loss, grads in results:
+        assert loss == pytest.approx(eager_loss, rel=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, eager[name], rtol=1e-3, atol=1e-6)
+
+
+def graph_run(tmp_path, name, dropout=0.1, **train_settings):
+    return tiny_config(tmp_path / name, "phi", quant=True, model={"attn_implementation": "sdpa"},
+                       lora={"r": 4, "alpha": 8, "dropout": dropout},
+                       train={"micro_batch_size": 1, "grad_accum_steps": 4, "save_every": 2, "keep_last": 5, "epochs": 2,
+                              **train_settings},
+                       eval={"at_end": False, "generate": False})
+
+
+@gpu
+def test_a_graphed_run_resumes_exactly_and_tracks_the_eager_run(tmp_path):
+    """Dropout on: replays draw fresh random numbers from the generator the checkpoint saves, so a
+    run resumed from step 2 of 6 (recording its graphs anew) gives the uninterrupted run's losses."""
+    whole = train(graph_run(tmp_path, "whole", cuda_graphs=True))
+    assert whole.steps == 6
+    resumed = train(graph_run(tmp_path, "resumed", cuda_graphs=True),
+                    resume=tmp_path / "whole" / "checkpoints" / "step-0000002")
+    assert resumed.steps == 6
+    assert resumed.train_losses == whole.train_losses
+    # Without dropout the graphed run follows the eager one step for step.
+    eager = train(graph_run(tmp_path, "eager", dropout=0.0, cuda_graphs=False))
+    graphed = train(graph_run(tmp_path, "graphed", dropout=0.0, cuda_graphs=True))
+    assert graphed.train_losses == pytest.approx(eager.train_losses, rel=1e-4)
