@@ -7,6 +7,8 @@
         --variant recipe:compiled model.compile_layers=true   # a lever on top of the config as shipped
     python benchmarks/bench_train.py --models phi2 --runners tuned recipe --repeat 3   # each runner 3 times,
         in turn: the median run, and the spread, where the host's speed varies from run to run
+    python benchmarks/bench_train.py --models phi2 --runners tuned recipe \
+        --variant recipe:graphs train.cuda_graphs=true   # the step recorded as CUDA graphs (GPU only)
     python benchmarks/bench_train.py --tiny          # seconds on a CPU; what CI runs to keep this working
 
 An optimizer step holds train.micro_batch_size x train.grad_accum_steps rows (the optimization);

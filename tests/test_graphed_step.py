@@ -18,7 +18,10 @@ from summ.train import accumulate_gradients, step_batches, train
 from tests.conftest import tiny_config
 from tests.test_train import examples_for, lora_grads
 
-gpu = pytest.mark.gpu
+# Deselected by `make test` (-m "not gpu"); a plain `pytest` on a CPU machine skips them with the reason.
+def gpu(test):
+    needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu)")
+    return pytest.mark.gpu(needs_cuda(test))
 
 
 def test_static_inputs_pad_rows_length_and_head_positions():
