@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import (MODELS, REPO, TINY_OVERRIDES, add_data_arguments, cap_memory, describe,  # noqa: E402
                          environment, header, ours_settings, run_config, summarize_steps, write_results)
+from summ.files import write_atomic  # noqa: E402  (bench_train puts the repository on the path)
 
 
 
@@ -78,7 +79,7 @@ def free_port() -> int:
 
 
 def measure(args, model: str, processes: int) -> dict:
-    """Launch one process count and merge its ranks' RESULT lines."""
+    """Launch one process count and merge its ranks' results."""
     with tempfile.TemporaryDirectory() as run_dir:
         child = [__file__, *sys.argv[1:], "--child", model, str(processes), run_dir]
         if processes == 1:
@@ -88,7 +89,8 @@ def measure(args, model: str, processes: int) -> dict:
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", str(free_port()), *child]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    ranks = [json.loads(x[len("RESULT "):]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        # One file per rank: ranks printing to the same pipe can interleave their lines.
+        ranks = [json.loads(f.read_text()) for f in sorted(Path(run_dir).glob("result-rank*.json"))]
     if proc.returncode != 0 or len(ranks) != processes:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         print(f"{model} x{processes}: FAILED ({tail[0]})\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -171,7 +173,8 @@ def main() -> int:
     if args.child:
         model, processes, args.run_dir = args.child[0], int(args.child[1]), args.child[2]
         cap_memory(args.cap_gib)
-        print("RESULT " + json.dumps(run_child(args, model, processes)), flush=True)
+        result = run_child(args, model, processes)
+        write_atomic(Path(args.run_dir) / f"result-rank{result['rank']}.json", json.dumps(result))
         return 0
 
     results = {"environment": environment(), "command": " ".join(["python"] + sys.argv), "models": {}}

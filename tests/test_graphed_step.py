@@ -78,6 +78,51 @@ def test_a_step_runs_as_micro_batches_of_the_graphs_rows(tmp_path):
     assert torch.equal(batches[2]["input_ids"], collate(ex[6:8], tok.pad_token_id)["input_ids"])
 
 
+class EagerStandIn:
+    """What GraphedMicroSteps.step computes, run eagerly: the loop's side of graphs, testable on a CPU."""
+
+    def __init__(self, model, rows, length, pad_id):
+        self.model, self.rows, self.length, self.pad_id = model, rows, length, pad_id
+
+    def step(self, batch, loss_scale):
+        summed = static_summed_loss(self.model, static_inputs(batch, self.rows, self.length, self.pad_id))
+        (summed * loss_scale).backward()
+        return summed.detach()
+
+
+def test_the_loop_normalises_graphed_micro_batches_by_the_windows_label_tokens(tmp_path):
+    """accumulate_gradients through the graph interface: one window of 5 rows as micro-batches of 2
+    fixed-shape rows gives the loss and gradient of the same window run eagerly in one batch."""
+    cfg = tiny_config(tmp_path, "llama", model={"attn_implementation": "sdpa"})
+    tok, ex = examples_for(cfg, 5)
+    accelerator = Accelerator(cpu=True)
+    model = build_model(cfg, accelerator.device, torch.float32)
+    model.train()
+    eager_loss, eager_tokens = accumulate_gradients(model, [collate(ex, tok.pad_token_id)], accelerator)
+    eager = lora_grads(model)
+    model.zero_grad()
+    batches = [collate(ex[s:s + 2], tok.pad_token_id) for s in (0, 2, 4)]
+    loss, tokens = accumulate_gradients(model, batches, accelerator, EagerStandIn(model, 2, 128, tok.pad_token_id))
+    assert (loss, tokens) == (pytest.approx(eager_loss, rel=1e-6), eager_tokens)
+    for name, grad in lora_grads(model).items():
+        torch.testing.assert_close(grad, eager[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("sets, rows", [({}, 8), ({"micro_batch_tokens": 256}, 2),
+                                        ({"micro_batch_tokens": 100}, 1), ({"auto_micro_batch": False}, 1)])
+def test_graphs_run_as_many_full_rows_as_the_budget_holds(tmp_path, sets, rows):
+    from summ.micro_batch import choose_micro_batching
+    from summ.train import setup_graphed_steps
+
+    cfg = tiny_config(tmp_path, train={"micro_batch_size": 1, "grad_accum_steps": 8, **sets})
+    accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1, print=lambda *a: None,
+                                  unwrap_model=lambda m: m)
+    model = build_model(cfg, accelerator.device, torch.float32)
+    data = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0))
+    graphed = setup_graphed_steps(model, cfg, accelerator, choose_micro_batching(model, cfg, accelerator), data)
+    assert (graphed.rows, graphed.length) == (rows, 128)
+
+
 def test_cuda_graphs_are_refused_with_packing_and_with_embeddings_on_the_host(tmp_path):
     with pytest.raises(ConfigError, match=r"^tiny: 'train.cuda_graphs' must be false with train.packing \(a graph "
                                           r"runs fixed-shape padded micro-batches\), got True$"):
