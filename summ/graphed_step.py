@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from summ.config import ConfigError
-from summ.data import IGNORE_INDEX
+from summ.data import IGNORE_INDEX, padded_length
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def static_inputs(batch: dict[str, torch.Tensor], rows: int, length: int, pad_id
     shifted = torch.full((rows, length - 1), IGNORE_INDEX, dtype=torch.long)
     shifted[:n, :width - 1] = labels[:, 1:]
     labelled = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    padded_count = min(max(-(-labelled.numel() // bucket) * bucket, bucket), length - 1)
+    padded_count = min(max(padded_length(labelled.numel(), bucket), bucket), length - 1)
     positions = torch.zeros(padded_count, dtype=torch.long)  # filler: position 0, its targets ignored
     positions[:labelled.numel()] = labelled
     targets = torch.full((rows, padded_count), IGNORE_INDEX, dtype=torch.long)

@@ -221,11 +221,11 @@ def step_batches(window: list[list[int]], data: TrainData, cfg: RunConfig, micro
     """One optimizer step's rows as the micro-batches that run: as planned, regrouped by the token
     budget in effect, or (CUDA graphs) in groups of the graph's rows; padded, or packed (`train.packing`)."""
     row_tokens = padded_length(cfg.data.max_length) if cfg.train.packing else None
+    rows = [i for b in window for i in b]
     if graphed is not None:
-        rows = [i for b in window for i in b]
         window = [rows[s:s + graphed.rows] for s in range(0, len(rows), graphed.rows)]
     elif micro_batching.tokens is not None:
-        window = split_by_tokens([i for b in window for i in b], data.lengths, micro_batching.tokens, row_tokens)
+        window = split_by_tokens(rows, data.lengths, micro_batching.tokens, row_tokens)
     pad = data.tokenizer.pad_token_id
     return [collate_packed([data.train_examples[i] for i in b], row_tokens, pad) if row_tokens else
             collate([data.train_examples[i] for i in b], pad) for b in window]

@@ -16,7 +16,7 @@ from summ.loss import forward_summed_loss
 from summ.model import build_model
 from summ.train import accumulate_gradients, step_batches, train
 from tests.conftest import tiny_config
-from tests.test_train import examples_for, lora_grads
+from tests.test_train import examples_for, lora_grads, ragged_rows
 
 # Deselected by `make test` (-m "not gpu"); a plain `pytest` on a CPU machine skips them with the reason.
 def gpu(test):
@@ -47,9 +47,7 @@ def test_fixed_shape_micro_batch_gives_the_loss_and_gradient_of_the_batch(tmp_pa
     """What a graph records (rows and length padded, bucketed head positions) equals the loop's
     forward on the batch itself: padding is never seen by a labelled token and never scored."""
     cfg = tiny_config(tmp_path, arch, quant=quant, model={"attn_implementation": "sdpa"})
-    tok, ex = examples_for(cfg, 3)
-    ex[1].input_ids, ex[1].labels = ex[1].input_ids[:90], ex[1].labels[:90]  # rows end at different places
-    ex[1].labels[-10:] = ex[1].input_ids[-10:]
+    tok, ex = ragged_rows(cfg)
     batch = collate(ex, tok.pad_token_id)
     model = build_model(cfg, torch.device("cpu"), torch.float32)
     model.train()

@@ -28,6 +28,14 @@ def examples_for(cfg, n):
     return tok, encode_rows(Encoder(tok, cfg.data), rows, "train")
 
 
+def ragged_rows(cfg, n=3):
+    """`n` examples whose second row ends early (90 tokens, the last 10 labelled), so a batch of them pads."""
+    tok, ex = examples_for(cfg, n)
+    ex[1].input_ids, ex[1].labels = ex[1].input_ids[:90], ex[1].labels[:90]
+    ex[1].labels[-10:] = ex[1].input_ids[-10:]
+    return tok, ex
+
+
 def lora_grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -120,9 +128,7 @@ def test_head_on_labelled_positions_gives_the_full_loss_and_gradient(tmp_path, a
     from summ.loss import forward_summed_loss
 
     cfg = tiny_config(tmp_path, arch)
-    tok, ex = examples_for(cfg, 3)
-    ex[1].input_ids, ex[1].labels = ex[1].input_ids[:90], ex[1].labels[:90]  # rows end at different places
-    ex[1].labels[-10:] = ex[1].input_ids[-10:]
+    tok, ex = ragged_rows(cfg)
     batch = collate(ex, tok.pad_token_id)
     model = build_model(cfg, torch.device("cpu"), torch.float32)
     model.train()
