@@ -39,6 +39,9 @@ POSITION_BUCKET = 64
 # Runs of a micro-batch before it is recorded: the first loads kernels and compiles, the second runs
 # what the recording will see.
 WARMUP_RUNS = 2
+# Compiling cannot happen while recording, so a layer whose compiled code does not apply is recorded
+# as its eager kernels instead (set "fail_on_recompile" to see why it does not apply).
+CAPTURE_STANCE = "eager_on_recompile"
 
 
 def check_graph_launch(accelerator) -> None:
@@ -81,9 +84,24 @@ def static_inputs(batch: dict[str, torch.Tensor], rows: int, length: int, pad_id
     return StaticInputs(input_ids, positions, targets)
 
 
-def static_summed_loss(model, inputs: StaticInputs) -> torch.Tensor:
-    """The summed next-token loss of `inputs` (on the model's device): the computation a graph records."""
-    logits = model(input_ids=inputs.input_ids, logits_to_keep=inputs.positions).logits
+def causal_mask(length: int, device=None) -> torch.Tensor:
+    """The causal attention mask of `length` tokens as transformers' SDPA attention takes a prepared
+    one: 4D, True where a query may attend, broadcast over rows and heads."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+
+
+def graph_mask(model, length: int, device) -> torch.Tensor | None:
+    """The mask every graphed run passes: with SDPA attention, transformers skips building the causal
+    mask (SDPA's is_causal does it) except while a CUDA graph records, so compiled layers would meet a
+    mask they were not compiled for and run eagerly inside the graph; a prepared mask keeps the runs
+    alike. The other attention implementations build the same mask either way: None."""
+    return causal_mask(length, device) if model.config._attn_implementation == "sdpa" else None
+
+
+def static_summed_loss(model, inputs: StaticInputs, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The summed next-token loss of `inputs` (on the model's device): the computation a graph records.
+    `mask`: a prepared causal mask (`graph_mask`), or None to let the model build its own."""
+    logits = model(input_ids=inputs.input_ids, attention_mask=mask, logits_to_keep=inputs.positions).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), inputs.targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
 
@@ -101,6 +119,7 @@ class GraphedMicroSteps:
         self.device = accelerator.device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.input_ids = torch.full((rows, length), pad_id, dtype=torch.long, device=self.device)
+        self.mask = graph_mask(model, length, self.device)
         self.loss_scale = torch.zeros((), device=self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
@@ -120,7 +139,7 @@ class GraphedMicroSteps:
 
     def _forward_backward(self, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         on_device = StaticInputs(self.input_ids, positions, targets)
-        summed = static_summed_loss(self.model, on_device)
+        summed = static_summed_loss(self.model, on_device, self.mask)
         self.accelerator.backward(summed * self.loss_scale)  # with fp16: scaled by the loss scaler
         return summed.detach()
 
@@ -144,9 +163,7 @@ class GraphedMicroSteps:
                         self._forward_backward(positions, targets)
                 torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            # Compiling cannot happen while recording; a layer whose compiled code does not apply is
-            # recorded as its eager kernels instead.
-            with torch.compiler.set_stance("eager_on_recompile"), torch.cuda.graph(graph, pool=self.pool):
+            with torch.compiler.set_stance(CAPTURE_STANCE), torch.cuda.graph(graph, pool=self.pool):
                 summed = self._forward_backward(positions, targets)
         for p, grad in zip(self.params, saved_grads):
             p.grad.copy_(grad)
