@@ -36,6 +36,17 @@ def test_static_inputs_pad_rows_length_and_head_positions():
     assert static_inputs(batch, rows=2, length=4, pad_id=0, bucket=4).positions.tolist() == [0, 1, 2]
 
 
+def test_only_sdpa_attention_gets_a_prepared_mask():
+    """Eager attention adds its mask to the scores (a bool mask would be added as 0/1), and builds
+    the same mask while recording: graphs leave it to the model."""
+    def model(attn):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=attn))
+
+    assert graph_mask(model("eager"), 8, torch.device("cpu")) is None
+    assert torch.equal(graph_mask(model("sdpa"), 3, torch.device("cpu")),
+                       torch.tensor([[[[True, False, False], [True, True, False], [True, True, True]]]]))
+
+
 def test_a_micro_batch_larger_than_the_graph_is_refused():
     batch = {"input_ids": torch.zeros((3, 8), dtype=torch.long), "labels": torch.zeros((3, 8), dtype=torch.long)}
     with pytest.raises(ValueError, match=r"^a micro-batch of 3 rows x 8 tokens does not fit the graph's 2 x 8$"):
