@@ -132,9 +132,9 @@ def main() -> int:
     # Inductor names its generated kernels triton_*: whether compiled layers ran (inside a CUDA graph
     # too) shows here, not in the step time.
     compiled = [e for e in events if e.key.startswith("triton")]
+    compiled_kernels = sum(e.count for e in compiled) / args.steps
     compiled_us = sum(getattr(e, device_time) for e in compiled)
-    print(f"from compiled code: {sum(e.count for e in compiled) / args.steps:,.0f} kernels, "
-          f"{compiled_us / args.steps / 1e3:.1f} ms per step")
+    print(f"from compiled code: {compiled_kernels:,.0f} kernels, {compiled_us / args.steps / 1e3:.1f} ms per step")
     by_kind: dict[str, float] = defaultdict(float)
     for e in events:
         by_kind[kind_of(e.key)] += getattr(e, device_time)
@@ -148,7 +148,7 @@ def main() -> int:
               f"{100 * us / total_us:.1f}% |")
     summary = {"model": args.model, "tokens": tokens, "rows_per_step": rows, "overrides": args.overrides,
                "wall_s_per_step": wall_s, "busy_s_per_step": total_us / args.steps / 1e6, "kernels_per_step": launches,
-               "compiled_kernels_per_step": sum(e.count for e in compiled) / args.steps,
+               "compiled_kernels_per_step": compiled_kernels,
                "peak_allocated_gib": peak,
                "ms_per_step_by_kind": {k: v / args.steps / 1e3 for k, v in by_kind.items()}}
     print("SUMMARY " + json.dumps(summary))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from summ.config import ConfigError
 from summ.data import IGNORE_INDEX, padded_length
+from summ.loss import labelled_positions
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def static_inputs(batch: dict[str, torch.Tensor], rows: int, length: int, pad_id
     input_ids[:n, :width] = ids
     shifted = torch.full((rows, length - 1), IGNORE_INDEX, dtype=torch.long)
     shifted[:n, :width - 1] = labels[:, 1:]
-    labelled = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    labelled = labelled_positions(shifted)
     padded_count = min(max(padded_length(labelled.numel(), bucket), bucket), length - 1)
     positions = torch.zeros(padded_count, dtype=torch.long)  # filler: position 0, its targets ignored
     positions[:labelled.numel()] = labelled
@@ -84,18 +85,15 @@ def static_inputs(batch: dict[str, torch.Tensor], rows: int, length: int, pad_id
     return StaticInputs(input_ids, positions, targets)
 
 
-def causal_mask(length: int, device=None) -> torch.Tensor:
-    """The causal attention mask of `length` tokens as transformers' SDPA attention takes a prepared
-    one: 4D, True where a query may attend, broadcast over rows and heads."""
-    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
-
-
 def graph_mask(model, length: int, device) -> torch.Tensor | None:
     """The mask every graphed run passes: with SDPA attention, transformers skips building the causal
     mask (SDPA's is_causal does it) except while a CUDA graph records, so compiled layers would meet a
     mask they were not compiled for and run eagerly inside the graph; a prepared mask keeps the runs
-    alike. The other attention implementations build the same mask either way: None."""
-    return causal_mask(length, device) if model.config._attn_implementation == "sdpa" else None
+    alike (4D, True where a query may attend, broadcast over rows and heads, as transformers takes a
+    prepared one). The other attention implementations build the same mask either way: None."""
+    if model.config._attn_implementation != "sdpa":
+        return None
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
 
 
 def static_summed_loss(model, inputs: StaticInputs, mask: torch.Tensor | None = None) -> torch.Tensor:

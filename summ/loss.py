@@ -13,6 +13,12 @@ def count_label_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
+def labelled_positions(targets: torch.Tensor) -> torch.Tensor:
+    """Positions (of `targets`, the labels shifted by one) where some row carries a label: where the
+    LM head runs."""
+    return (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
     """Every row is its tokens followed only by padding (what summ.data.collate builds)."""
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
@@ -37,7 +43,7 @@ def forward_summed_loss(model, batch: dict[str, torch.Tensor], device: torch.dev
         # without the padding mask attention runs as plain causal (flash kernels), same result.
         mask = None
     targets = batch["labels"][:, 1:]
-    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    positions = labelled_positions(targets)
     picked = targets[:, positions]
     keep = (picked != IGNORE_INDEX).flatten().nonzero().squeeze(1)
     packed = {"position_ids": batch["position_ids"].to(device, non_blocking=True)} if "position_ids" in batch else {}
