@@ -302,6 +302,9 @@ def describe(cfg, metrics: dict) -> str:
                               ("Liger kernels", m.liger_kernel), ("fused ops off", not m.fused_ops),
                               ("embeddings on CPU", m.embeddings_on_cpu),
                               ("fp32 frozen weights", cfg.quant.upcast_frozen)) if on]
+    if metrics.get("cuda_graphs_recorded"):
+        extras.append(f"{metrics['cuda_graphs_recorded']} CUDA graphs warmed up (compiling what was not yet "
+                      f"compiled) and recorded in {metrics['cuda_graphs_record_seconds']:.1f} s before step 1")
     return ", ".join([step, run, ckpt, *extras])
 
 

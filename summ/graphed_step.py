@@ -7,10 +7,14 @@ kernels with one launch, so the step costs only its GPU time.
 
 A graph has fixed shapes and must not read GPU values on the host while it is recorded, so:
 - every micro-batch runs as `rows` x `length` tokens, short rows and missing rows padded (padding
-  carries no label and, under a causal mask, is never seen by a real token);
+  carries no label and, under a causal mask, is never seen by a real token); `length` is the
+  micro-batch's longest row rounded up to a multiple of LENGTH_BUCKET, so length-grouped
+  micro-batches of short rows run short graphs instead of padding to `data.max_length`;
+- attention is SDPA's causal kernel with no mask (`graph_attention`): right padding needs none, and
+  it is the flash kernel where one exists;
 - the LM head runs on the positions that carry a label in some row (as `summ.loss` does), their
-  count rounded up to a multiple of POSITION_BUCKET; one graph per rounded count, all sharing one
-  memory pool;
+  count rounded up to a multiple of POSITION_BUCKET; one graph per (length, rounded count), all
+  sharing one memory pool;
 - the loss is a cross-entropy summed over every kept position, unlabelled ones ignored, and the
   step's normaliser (world size / label tokens) is a GPU scalar the graph reads.
 
@@ -23,10 +27,15 @@ state, so a resumed run replays exactly what the uninterrupted one did.
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from summ.config import ConfigError
 from summ.data import IGNORE_INDEX, padded_length
@@ -37,6 +46,9 @@ log = logging.getLogger(__name__)
 # Label positions per graph are rounded up to a multiple of this: a few graphs per run instead of one
 # per distinct count, at most this many extra head positions per micro-batch.
 POSITION_BUCKET = 64
+# A micro-batch's length is its longest row rounded up to a multiple of this (at most the graph's
+# length): a few graph lengths per run, at most this many padded positions per row beyond dynamic padding.
+LENGTH_BUCKET = 64
 # Runs of a micro-batch before it is recorded: the first loads kernels and compiles, the second runs
 # what the recording will see.
 WARMUP_RUNS = 2
@@ -85,21 +97,38 @@ def static_inputs(batch: dict[str, torch.Tensor], rows: int, length: int, pad_id
     return StaticInputs(input_ids, positions, targets)
 
 
-def graph_mask(model, length: int, device) -> torch.Tensor | None:
-    """The mask every graphed run passes: with SDPA attention, transformers skips building the causal
-    mask (SDPA's is_causal does it) except while a CUDA graph records, so compiled layers would meet a
-    mask they were not compiled for and run eagerly inside the graph; a prepared mask keeps the runs
-    alike (4D, True where a query may attend, broadcast over rows and heads, as transformers takes a
-    prepared one). The other attention implementations build the same mask either way: None."""
-    if model.config._attn_implementation != "sdpa":
-        return None
-    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+def causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA with `is_causal` and no mask: what transformers' SDPA path does for unpadded rows."""
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
 
-def static_summed_loss(model, inputs: StaticInputs, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The summed next-token loss of `inputs` (on the model's device): the computation a graph records.
-    `mask`: a prepared causal mask (`graph_mask`), or None to let the model build its own."""
-    logits = model(input_ids=inputs.input_ids, attention_mask=mask, logits_to_keep=inputs.positions).logits
+# While a CUDA graph records, transformers builds a 4D causal mask that it otherwise leaves to SDPA's
+# is_causal (it counts stream capture as tracing), and a mask rules out the flash kernel. An
+# attention implementation of its own has no mask to build (transformers builds masks only for
+# the implementations it knows), so graphs record the same kernels they were warmed up with.
+GRAPH_ATTENTION = "summ_causal_sdpa"
+AttentionInterface.register(GRAPH_ATTENTION, causal_sdpa)
+
+
+@contextmanager
+def graph_attention(model):
+    """Runs a model with SDPA attention as `causal_sdpa`; other implementations as they are (they
+    build the same mask whether or not a graph records)."""
+    config = model.config
+    if config._attn_implementation != "sdpa":
+        yield
+        return
+    config._attn_implementation = GRAPH_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+def static_summed_loss(model, inputs: StaticInputs) -> torch.Tensor:
+    """The summed next-token loss of `inputs` (on the model's device): the computation a graph records
+    (under `graph_attention`)."""
+    logits = model(input_ids=inputs.input_ids, logits_to_keep=inputs.positions).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), inputs.targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
 
@@ -116,56 +145,87 @@ class GraphedMicroSteps:
         self.rows, self.length, self.pad_id = rows, length, pad_id
         self.device = accelerator.device
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.input_ids = torch.full((rows, length), pad_id, dtype=torch.long, device=self.device)
-        self.mask = graph_mask(model, length, self.device)
+        self.input_ids: dict[int, torch.Tensor] = {}  # per graph length: rows x length, read by its graphs
         self.loss_scale = torch.zeros((), device=self.device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
+        self.record_seconds = 0.0  # spent recording (and warming up for) the graphs
+
+    def length_for(self, batch: dict[str, torch.Tensor]) -> int:
+        """The graph length a micro-batch runs at: its width rounded up to LENGTH_BUCKET, at most `length`."""
+        return min(padded_length(batch["input_ids"].shape[1], LENGTH_BUCKET), self.length)
+
+    def inputs_for(self, batch: dict[str, torch.Tensor]) -> tuple[tuple[int, int], StaticInputs]:
+        """A micro-batch at its graph's shapes, and the graph's key: (length, head positions)."""
+        length = self.length_for(batch)
+        inputs = static_inputs(batch, self.rows, length, self.pad_id)
+        return (length, inputs.positions.numel()), inputs
+
+    def record_ahead(self, batches: Iterable[dict[str, torch.Tensor]]) -> int:
+        """Records the graph of every micro-batch among `batches` that has none yet, so no training
+        step waits for a recording; returns how many it recorded. The largest first: only the first
+        recording runs warm-up runs outside the pool, and the pool grows to the largest graph once."""
+        pending: dict[tuple[int, int], StaticInputs] = {}
+        for batch in batches:
+            key, inputs = self.inputs_for(batch)
+            if key not in self.graphs:
+                pending.setdefault(key, inputs)
+        for key in sorted(pending, reverse=True):
+            self.graphs[key] = self._record(pending[key])
+        return len(pending)
 
     def step(self, batch: dict[str, torch.Tensor], loss_scale: float) -> torch.Tensor:
-        inputs = static_inputs(batch, self.rows, self.length, self.pad_id)
-        count = inputs.positions.numel()
-        if count not in self.graphs:
-            self.graphs[count] = self._record(inputs)
-        graph, positions, targets, summed = self.graphs[count]
-        self.input_ids.copy_(inputs.input_ids.pin_memory(), non_blocking=True)
+        key, inputs = self.inputs_for(batch)
+        if key not in self.graphs:
+            self.graphs[key] = self._record(inputs)
+        graph, positions, targets, summed = self.graphs[key]
+        self.input_ids[key[0]].copy_(inputs.input_ids.pin_memory(), non_blocking=True)
         positions.copy_(inputs.positions.pin_memory(), non_blocking=True)
         targets.copy_(inputs.targets.pin_memory(), non_blocking=True)
         self.loss_scale.fill_(loss_scale)
         graph.replay()
         return summed.clone()  # the next replay overwrites it
 
-    def _forward_backward(self, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        on_device = StaticInputs(self.input_ids, positions, targets)
-        summed = static_summed_loss(self.model, on_device, self.mask)
+    def _forward_backward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                          targets: torch.Tensor) -> torch.Tensor:
+        summed = static_summed_loss(self.model, StaticInputs(input_ids, positions, targets))
         self.accelerator.backward(summed * self.loss_scale)  # with fp16: scaled by the loss scaler
         return summed.detach()
 
     def _record(self, inputs: StaticInputs):
+        started = time.perf_counter()
+        length = inputs.input_ids.shape[1]
+        if length not in self.input_ids:
+            self.input_ids[length] = torch.full((self.rows, length), self.pad_id, dtype=torch.long, device=self.device)
+        input_ids = self.input_ids[length]
+        input_ids.copy_(inputs.input_ids)
         positions = inputs.positions.to(self.device)
         targets = inputs.targets.to(self.device)
-        self.input_ids.copy_(inputs.input_ids)
         self.loss_scale.fill_(1.0)
         for p in self.params:
             if p.grad is None:  # backward inside the graph must add into a tensor that outlives it
                 p.grad = torch.zeros_like(p)
         saved_grads = [p.grad.clone() for p in self.params]
-        with torch.random.fork_rng(devices=[self.device]):
+        self.model.train()  # dropout is recorded into the graph
+        with torch.random.fork_rng(devices=[self.device]), graph_attention(self.model):
             if not self.graphs:
-                # Kernels load and compiled layers compile on the first runs. Only the first graph
-                # needs them: a later one would run them outside the shared pool, on top of it.
+                # Kernels load and compiled layers compile (for any length: they are compiled with
+                # dynamic shapes) on the first runs. Only the first graph needs them: a later one
+                # would run them outside the shared pool, on top of it.
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
                     for _ in range(WARMUP_RUNS):
-                        self._forward_backward(positions, targets)
+                        self._forward_backward(input_ids, positions, targets)
                 torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.compiler.set_stance(CAPTURE_STANCE), torch.cuda.graph(graph, pool=self.pool):
-                summed = self._forward_backward(positions, targets)
+                summed = self._forward_backward(input_ids, positions, targets)
         for p, grad in zip(self.params, saved_grads):
             p.grad.copy_(grad)
         self.pool = graph.pool()
-        log.info("recorded a CUDA graph for %d x %d tokens, %d head positions (%d graphs)", self.rows, self.length,
+        torch.cuda.synchronize(self.device)
+        self.record_seconds += time.perf_counter() - started
+        log.info("recorded a CUDA graph for %d x %d tokens, %d head positions (%d graphs)", self.rows, length,
                  positions.numel(), len(self.graphs) + 1)
         return graph, positions, targets, summed

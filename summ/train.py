@@ -25,7 +25,7 @@ from summ.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from summ.config import ConfigError, RunConfig, TrainConfig
 from summ.data import (Encoder, Example, RowStats, collate, collate_packed, encode_rows, load_rows, padded_length,
                        plan_batches, split_by_tokens)
-from summ.graphed_step import GraphedMicroSteps, check_graph_launch
+from summ.graphed_step import LENGTH_BUCKET, GraphedMicroSteps, check_graph_launch
 from summ.loss import count_label_tokens, evaluate_loss, forward_summed_loss
 from summ.micro_batch import MicroBatching, choose_micro_batching
 from summ.model import build_model, check_model_settings, count_parameters, load_tokenizer
@@ -135,8 +135,10 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
     if state.step == 0 and cfg.eval.at_start:
         validate(0)
     progress = _progress(accelerator, cfg, data.total_steps, state.step)
-    bad_in_row, tokens_since_log, log_clock = 0, 0, time.perf_counter()
     _reset_peak_memory(release_cache=True)
+    if graphed is not None:
+        record_graphs_ahead(graphed, data, cfg, micro_batching, state, accelerator)
+    bad_in_row, tokens_since_log, log_clock = 0, 0, time.perf_counter()
     for epoch in range(state.epoch, t.epochs):
         windows = data.windows_of_epoch(epoch)
         for w in range(state.window if epoch == state.epoch else 0, len(windows)):
@@ -202,7 +204,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
     metrics = {**final_metrics(state, data, count_parameters(model)),
                "micro_batch_tokens": micro_batching.tokens, "recompute": micro_batching.recompute,
                "recomputed_layers": micro_batching.recomputed_layers, "decoder_layers": micro_batching.layers,
-               "cuda_graphs_recorded": len(graphed.graphs) if graphed is not None else 0}
+               "cuda_graphs_recorded": len(graphed.graphs) if graphed is not None else 0,
+               "cuda_graphs_record_seconds": graphed.record_seconds if graphed is not None else 0.0}
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), data.tokenizer, cfg, run_dir)
         write_metrics(run_dir, metrics)
@@ -219,10 +222,13 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
 def step_batches(window: list[list[int]], data: TrainData, cfg: RunConfig, micro_batching: MicroBatching,
                  graphed: GraphedMicroSteps | None = None) -> list[dict]:
     """One optimizer step's rows as the micro-batches that run: as planned, regrouped by the token
-    budget in effect, or (CUDA graphs) in groups of the graph's rows; padded, or packed (`train.packing`)."""
+    budget in effect, or (CUDA graphs) longest first in groups of the graph's rows, so short rows
+    share short graphs; padded, or packed (`train.packing`). Regrouping leaves the step's gradient
+    as it is (the loss is normalised over the whole step)."""
     row_tokens = padded_length(cfg.data.max_length) if cfg.train.packing else None
     rows = [i for b in window for i in b]
     if graphed is not None:
+        rows.sort(key=lambda i: -data.lengths[i])
         window = [rows[s:s + graphed.rows] for s in range(0, len(rows), graphed.rows)]
     elif micro_batching.tokens is not None:
         window = split_by_tokens(rows, data.lengths, micro_batching.tokens, row_tokens)
@@ -301,8 +307,26 @@ def setup_graphed_steps(model, cfg: RunConfig, accelerator, micro_batching: Micr
     rows_per_step = t.micro_batch_size * t.grad_accum_steps
     rows = t.micro_batch_size if micro_batching.tokens is None else micro_batching.tokens // length
     rows = max(1, min(rows, rows_per_step))
-    accelerator.print(f"CUDA graphs: micro-batches run as {rows} rows x {length} tokens")
+    accelerator.print(f"CUDA graphs: micro-batches run as {rows} rows x their longest row's length rounded up to "
+                      f"{LENGTH_BUCKET} tokens (at most {length})")
     return GraphedMicroSteps(model, accelerator, rows, length, data.tokenizer.pad_token_id)
+
+
+def record_graphs_ahead(graphed: GraphedMicroSteps, data: TrainData, cfg: RunConfig, micro_batching: MicroBatching,
+                        state: TrainState, accelerator) -> None:
+    """Records every graph the rest of the run replays before its first step (the steps are planned
+    ahead): a few seconds once, instead of a slow step whenever a new shape first comes up."""
+    def upcoming_batches():
+        left = data.total_steps - state.step
+        for epoch in range(state.epoch, cfg.train.epochs):
+            windows = data.windows_of_epoch(epoch)
+            for window in windows[state.window if epoch == state.epoch else 0:][:left]:
+                left -= 1
+                yield from step_batches(window, data, cfg, micro_batching, graphed)
+
+    started = time.perf_counter()
+    recorded = graphed.record_ahead(upcoming_batches())
+    accelerator.print(f"CUDA graphs: recorded {recorded} graphs in {time.perf_counter() - started:.1f} s")
 
 
 def setup_micro_batching(model, cfg: RunConfig, accelerator) -> MicroBatching:

@@ -3,6 +3,7 @@
 recorded graphs train as the eager loop does and resume exactly (`make test-gpu`)."""
 
 import dataclasses
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,8 @@ from accelerate import Accelerator
 
 from summ.config import ConfigError
 from summ.data import IGNORE_INDEX, collate
-from summ.graphed_step import check_graph_launch, graph_mask, static_inputs, static_summed_loss
+from summ.graphed_step import (GRAPH_ATTENTION, GraphedMicroSteps, check_graph_launch, graph_attention, static_inputs,
+                               static_summed_loss)
 from summ.loss import forward_summed_loss
 from summ.model import build_model
 from summ.train import accumulate_gradients, step_batches, train
@@ -36,15 +38,25 @@ def test_static_inputs_pad_rows_length_and_head_positions():
     assert static_inputs(batch, rows=2, length=4, pad_id=0, bucket=4).positions.tolist() == [0, 1, 2]
 
 
-def test_only_sdpa_attention_gets_a_prepared_mask():
-    """Eager attention adds its mask to the scores (a bool mask would be added as 0/1), and builds
-    the same mask while recording: graphs leave it to the model."""
-    def model(attn):
-        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=attn))
+def test_graph_attention_switches_sdpa_alone_and_restores_it():
+    """Eager attention adds its mask to the scores and builds the same mask while recording: graphs
+    leave it as it is."""
+    for attn, inside in (("sdpa", GRAPH_ATTENTION), ("eager", "eager")):
+        model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attn))
+        with graph_attention(model):
+            assert model.config._attn_implementation == inside
+        assert model.config._attn_implementation == attn
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    with pytest.raises(RuntimeError, match="^inside$"), graph_attention(model):
+        raise RuntimeError("inside")
+    assert model.config._attn_implementation == "sdpa"
 
-    assert graph_mask(model("eager"), 8, torch.device("cpu")) is None
-    assert torch.equal(graph_mask(model("sdpa"), 3, torch.device("cpu")),
-                       torch.tensor([[[[True, False, False], [True, True, False], [True, True, True]]]]))
+
+def test_a_micro_batch_runs_at_its_width_rounded_up_to_the_length_bucket():
+    graphed = GraphedMicroSteps(torch.nn.Linear(1, 1), SimpleNamespace(device=torch.device("cpu")), rows=4,
+                                length=200, pad_id=0)
+    widths = {w: graphed.length_for({"input_ids": torch.zeros((2, w))}) for w in (8, 64, 65, 128, 136, 200)}
+    assert widths == {8: 64, 64: 64, 65: 128, 128: 128, 136: 192, 200: 200}
 
 
 def test_a_micro_batch_larger_than_the_graph_is_refused():
@@ -69,25 +81,48 @@ def test_fixed_shape_micro_batch_gives_the_loss_and_gradient_of_the_batch(tmp_pa
     inputs = static_inputs(batch, rows=5, length=136, pad_id=tok.pad_token_id)
     assert inputs.input_ids.shape == (5, 136) and inputs.positions.numel() % 64 == 0
     assert int((inputs.targets != IGNORE_INDEX).sum()) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    mask = graph_mask(model, 136, torch.device("cpu"))  # the prepared causal mask graphs pass with SDPA
-    assert mask.shape == (1, 1, 136, 136) and mask[0, 0, 3].tolist() == [True] * 4 + [False] * 132
-    for mask in (None, mask):
+    for attention in (nullcontext, graph_attention):  # the model's own masked SDPA, and the graphs' causal one
         model.zero_grad()
-        loss = static_summed_loss(model, inputs, mask)
-        loss.backward()
+        with attention(model):
+            loss = static_summed_loss(model, inputs)
+            loss.backward()
         assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
         for name, grad in lora_grads(model).items():
             torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6)
 
 
-def test_a_step_runs_as_micro_batches_of_the_graphs_rows(tmp_path):
+def test_a_step_runs_longest_rows_first_in_groups_of_the_graphs_rows(tmp_path):
     cfg = tiny_config(tmp_path)
     tok, ex = examples_for(cfg, 8)
+    for i, e in enumerate(ex):  # row i has 40 + 10 i tokens, its last 5 labelled
+        e.input_ids, e.labels = e.input_ids[:40 + 10 * i], e.labels[:40 + 10 * i]
+        e.labels[-5:] = e.input_ids[-5:]
     data = SimpleNamespace(tokenizer=tok, train_examples=ex, lengths=[len(e.input_ids) for e in ex])
     planned = [[0, 1], [2, 3], [4, 5], [6, 7]]
     batches = step_batches(planned, data, cfg, SimpleNamespace(tokens=None), SimpleNamespace(rows=3))
-    assert [b["input_ids"].shape[0] for b in batches] == [3, 3, 2]
-    assert torch.equal(batches[2]["input_ids"], collate(ex[6:8], tok.pad_token_id)["input_ids"])
+    for batch, rows in zip(batches, ([7, 6, 5], [4, 3, 2], [1, 0]), strict=True):
+        assert torch.equal(batch["input_ids"], collate([ex[i] for i in rows], tok.pad_token_id)["input_ids"])
+
+
+def test_graphs_are_recorded_ahead_for_the_windows_a_run_has_left(tmp_path):
+    """Resumed at step 2 (epoch 0, window 2) of 5, in two epochs of 3 windows: the windows recorded
+    ahead are epoch 0's third and epoch 1's first two (the run stops at its total steps)."""
+    from summ.train import TrainState, record_graphs_ahead
+
+    cfg = tiny_config(tmp_path, train={"epochs": 2})
+    tok, ex = examples_for(cfg, 6)
+    windows = {0: [[[0], [1]], [[2], [3]], [[4], [5]]], 1: [[[5], [4]], [[3], [2]], [[1], [0]]]}
+    data = SimpleNamespace(tokenizer=tok, train_examples=ex, lengths=[len(e.input_ids) for e in ex],
+                           windows_of_epoch=windows.get, total_steps=5)
+    seen = []
+    graphed = SimpleNamespace(rows=1, record_ahead=lambda batches: len(seen.extend(batches) or seen))
+    record_graphs_ahead(graphed, data, cfg, SimpleNamespace(tokens=None), TrainState(step=2, epoch=0, window=2),
+                        SimpleNamespace(print=lambda *a: None))
+    expected = [step_batches(w, data, cfg, SimpleNamespace(tokens=None), graphed)
+                for w in (windows[0][2], windows[1][0], windows[1][1])]
+    assert len(seen) == 6
+    for batch, want in zip(seen, [b for w in expected for b in w], strict=True):
+        assert torch.equal(batch["input_ids"], want["input_ids"])
 
 
 class EagerStandIn:
@@ -162,15 +197,17 @@ def test_cuda_graphs_need_a_gpu_and_one_process(tmp_path):
 
 
 def graphed_and_eager(tmp_path, **model_settings):
-    """Loss and LoRA gradients of one window (two micro-batches whose head positions round to
-    different counts: two graphs sharing a pool), eager and through graphs, on the same weights."""
-    from summ.graphed_step import GraphedMicroSteps
-
+    """Loss and LoRA gradients of one window, eager and through graphs, on the same weights. Its
+    three micro-batches make three graphs sharing a pool: two of 128 tokens whose head positions
+    round to different counts, and one of short rows that runs at 64 tokens."""
     cfg = tiny_config(tmp_path, "phi", quant=True, model={"attn_implementation": "sdpa", **model_settings})
-    tok, ex = examples_for(cfg, 6)
+    tok, ex = examples_for(cfg, 8)
     for e in ex[:3]:  # long summaries: labels on more positions in the first micro-batch
         e.labels[-70:] = e.input_ids[-70:]
-    batches = [collate(ex[:3], tok.pad_token_id), collate(ex[3:], tok.pad_token_id)]
+    for e in ex[6:]:  # short rows, the last 10 tokens labelled
+        e.input_ids, e.labels = e.input_ids[:50], e.labels[:50]
+        e.labels[-10:] = e.input_ids[-10:]
+    batches = [collate(ex[:3], tok.pad_token_id), collate(ex[3:6], tok.pad_token_id), collate(ex[6:], tok.pad_token_id)]
     accelerator = Accelerator()
     model = build_model(cfg, accelerator.device, torch.float32)
     model.train()
@@ -193,7 +230,7 @@ def test_graphs_give_the_eager_loss_and_gradient(tmp_path, monkeypatch, settings
     # being recorded eagerly.
     monkeypatch.setattr("summ.graphed_step.CAPTURE_STANCE", "fail_on_recompile")
     eager_loss, eager, results, graphed = graphed_and_eager(tmp_path, **settings)
-    assert len(graphed.graphs) == 2
+    assert sorted(length for length, _ in graphed.graphs) == [64, 128, 128]
     for loss, grads in results:
         assert loss == pytest.approx(eager_loss, rel=1e-5)
         for name, grad in grads.items():
