@@ -111,11 +111,13 @@ AttentionInterface.register(GRAPH_ATTENTION, causal_sdpa)
 
 
 @contextmanager
-def graph_attention(model):
-    """Runs a model with SDPA attention as `causal_sdpa`; other implementations as they are (they
-    build the same mask whether or not a graph records)."""
+def graph_attention(model, length: int):
+    """Runs a model with SDPA attention as `causal_sdpa` on rows of `length` tokens. Left as they are:
+    other implementations (they build the same mask whether or not a graph records), and a sliding
+    window shorter than the rows (only a mask carries it)."""
     config = model.config
-    if config._attn_implementation != "sdpa":
+    window = getattr(config, "sliding_window", None)
+    if config._attn_implementation != "sdpa" or (window is not None and window < length):
         yield
         return
     config._attn_implementation = GRAPH_ATTENTION
@@ -207,7 +209,7 @@ class GraphedMicroSteps:
                 p.grad = torch.zeros_like(p)
         saved_grads = [p.grad.clone() for p in self.params]
         self.model.train()  # dropout is recorded into the graph
-        with torch.random.fork_rng(devices=[self.device]), graph_attention(self.model):
+        with torch.random.fork_rng(devices=[self.device]), graph_attention(self.model, length):
             if not self.graphs:
                 # Kernels load and compiled layers compile (for any length: they are compiled with
                 # dynamic shapes) on the first runs. Only the first graph needs them: a later one

@@ -9,11 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
+from transformers import AttentionInterface
 
 from summ.config import ConfigError
 from summ.data import IGNORE_INDEX, collate
-from summ.graphed_step import (GRAPH_ATTENTION, GraphedMicroSteps, check_graph_launch, graph_attention, static_inputs,
-                               static_summed_loss)
+from summ.graphed_step import (GRAPH_ATTENTION, GraphedMicroSteps, causal_sdpa, check_graph_launch, graph_attention,
+                               static_inputs, static_summed_loss)
 from summ.loss import forward_summed_loss
 from summ.model import build_model
 from summ.train import accumulate_gradients, step_batches, train
@@ -39,15 +40,17 @@ def test_static_inputs_pad_rows_length_and_head_positions():
 
 
 def test_graph_attention_switches_sdpa_alone_and_restores_it():
-    """Eager attention adds its mask to the scores and builds the same mask while recording: graphs
-    leave it as it is."""
-    for attn, inside in (("sdpa", GRAPH_ATTENTION), ("eager", "eager")):
-        model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attn))
-        with graph_attention(model):
+    """Eager attention adds its mask to the scores and builds the same mask while recording, and only
+    a mask carries a sliding window shorter than the rows: graphs leave both as they are."""
+    # (attention, sliding window, what runs inside): a window shorter than the rows needs its mask.
+    for attn, window, inside in (("sdpa", None, GRAPH_ATTENTION), ("sdpa", 128, GRAPH_ATTENTION),
+                                 ("sdpa", 127, "sdpa"), ("eager", None, "eager")):
+        model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attn, sliding_window=window))
+        with graph_attention(model, 128):
             assert model.config._attn_implementation == inside
         assert model.config._attn_implementation == attn
     model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
-    with pytest.raises(RuntimeError, match="^inside$"), graph_attention(model):
+    with pytest.raises(RuntimeError, match="^inside$"), graph_attention(model, 128):
         raise RuntimeError("inside")
     assert model.config._attn_implementation == "sdpa"
 
@@ -66,9 +69,13 @@ def test_a_micro_batch_larger_than_the_graph_is_refused():
 
 
 @pytest.mark.parametrize("arch, quant", [("phi", False), ("llama", False), ("phi", True)])
-def test_fixed_shape_micro_batch_gives_the_loss_and_gradient_of_the_batch(tmp_path, arch, quant):
-    """What a graph records (rows and length padded, bucketed head positions) equals the loop's
-    forward on the batch itself: padding is never seen by a labelled token and never scored."""
+def test_fixed_shape_micro_batch_gives_the_loss_and_gradient_of_the_batch(tmp_path, monkeypatch, arch, quant):
+    """What a graph records (rows and length padded, bucketed head positions, causal attention with
+    no mask) equals the loop's forward on the batch itself (with its padding mask): padding is never
+    seen by a labelled token and never scored."""
+    calls = []
+    monkeypatch.setitem(AttentionInterface._global_mapping, GRAPH_ATTENTION,
+                        lambda *args, **kwargs: calls.append(1) or causal_sdpa(*args, **kwargs))
     cfg = tiny_config(tmp_path, arch, quant=quant, model={"attn_implementation": "sdpa"})
     tok, ex = ragged_rows(cfg)
     batch = collate(ex, tok.pad_token_id)
@@ -81,11 +88,13 @@ def test_fixed_shape_micro_batch_gives_the_loss_and_gradient_of_the_batch(tmp_pa
     inputs = static_inputs(batch, rows=5, length=136, pad_id=tok.pad_token_id)
     assert inputs.input_ids.shape == (5, 136) and inputs.positions.numel() % 64 == 0
     assert int((inputs.targets != IGNORE_INDEX).sum()) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    for attention in (nullcontext, graph_attention):  # the model's own masked SDPA, and the graphs' causal one
+    # SDPA as the model runs it, then as graphs run it: causal_sdpa, once per decoder layer.
+    for attention, graph_calls in ((lambda model: nullcontext(), 0), (lambda model: graph_attention(model, 136), 2)):
         model.zero_grad()
         with attention(model):
             loss = static_summed_loss(model, inputs)
             loss.backward()
+        assert len(calls) == graph_calls
         assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
         for name, grad in lora_grads(model).items():
             torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6)
