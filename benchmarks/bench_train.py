@@ -303,8 +303,8 @@ def describe(cfg, metrics: dict) -> str:
                               ("embeddings on CPU", m.embeddings_on_cpu),
                               ("fp32 frozen weights", cfg.quant.upcast_frozen)) if on]
     if metrics.get("cuda_graphs_recorded"):
-        extras.append(f"{metrics['cuda_graphs_recorded']} CUDA graphs warmed up (compiling what was not yet "
-                      f"compiled) and recorded in {metrics['cuda_graphs_record_seconds']:.1f} s before step 1")
+        extras.append(f"{metrics['cuda_graphs_recorded']} CUDA graphs recorded before step 1 in "
+                      f"{metrics['cuda_graphs_record_seconds']:.1f} s (warm-up runs and any compiling included)")
     return ", ".join([step, run, ckpt, *extras])
 
 

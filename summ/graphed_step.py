@@ -11,7 +11,8 @@ A graph has fixed shapes and must not read GPU values on the host while it is re
   micro-batch's longest row rounded up to a multiple of LENGTH_BUCKET, so length-grouped
   micro-batches of short rows run short graphs instead of padding to `data.max_length`;
 - attention is SDPA's causal kernel with no mask (`graph_attention`): right padding needs none, and
-  it is the flash kernel where one exists;
+  it is the flash kernel where one exists (a model whose sliding window is shorter than the rows
+  keeps its masked attention);
 - the LM head runs on the positions that carry a label in some row (as `summ.loss` does), their
   count rounded up to a multiple of POSITION_BUCKET; one graph per (length, rounded count), all
   sharing one memory pool;
@@ -19,9 +20,10 @@ A graph has fixed shapes and must not read GPU values on the host while it is re
   step's normaliser (world size / label tokens) is a GPU scalar the graph reads.
 
 The gradients accumulate in place into `.grad` tensors that exist before recording, so the loop
-zeroes them without freeing them. The first recording runs the micro-batch a few times first
+zeroes them without freeing them. Each length runs outside a graph before its first recording
 (kernels load, compiled layers compile); those runs change neither the gradients nor the random
-state, so a resumed run replays exactly what the uninterrupted one did.
+state, so a resumed run replays exactly what the uninterrupted one did. The loop records every graph
+a run needs before its first step (`record_ahead`).
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ POSITION_BUCKET = 64
 # A micro-batch's length is its longest row rounded up to a multiple of this (at most the graph's
 # length): a few graph lengths per run, at most this many padded positions per row beyond dynamic padding.
 LENGTH_BUCKET = 64
-# Runs of a micro-batch before it is recorded: the first loads kernels and compiles, the second runs
-# what the recording will see.
+# Runs of the first micro-batch before it is recorded: the first loads kernels and compiles, the
+# second runs what the recording will see. A later new length runs once.
 WARMUP_RUNS = 2
 # Compiling cannot happen while recording, so a layer whose compiled code does not apply is recorded
 # as its eager kernels instead (set "fail_on_recompile" to see why it does not apply).
@@ -102,10 +104,11 @@ def causal_sdpa(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
 
-# While a CUDA graph records, transformers builds a 4D causal mask that it otherwise leaves to SDPA's
-# is_causal (it counts stream capture as tracing), and a mask rules out the flash kernel. An
-# attention implementation of its own has no mask to build (transformers builds masks only for
-# the implementations it knows), so graphs record the same kernels they were warmed up with.
+# While a CUDA graph records, some transformers versions (5.17 among them) build a 4D causal mask
+# that they otherwise leave to SDPA's is_causal (they count stream capture as tracing), and a mask
+# rules out the flash kernel. An attention implementation of its own has no mask to build
+# (transformers builds masks only for the implementations it knows), so graphs record the same
+# kernels they were warmed up with.
 GRAPH_ATTENTION = "summ_causal_sdpa"
 AttentionInterface.register(GRAPH_ATTENTION, causal_sdpa)
 
@@ -151,7 +154,9 @@ class GraphedMicroSteps:
         self.loss_scale = torch.zeros((), device=self.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
-        self.record_seconds = 0.0  # spent recording (and warming up for) the graphs
+        self.warmed_lengths: set[int] = set()  # lengths run outside a graph before their first recording
+        self.warmup_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.record_seconds = 0.0  # spent recording the graphs, warm-up runs included
 
     def length_for(self, batch: dict[str, torch.Tensor]) -> int:
         """The graph length a micro-batch runs at: its width rounded up to LENGTH_BUCKET, at most `length`."""
@@ -165,21 +170,19 @@ class GraphedMicroSteps:
 
     def record_ahead(self, batches: Iterable[dict[str, torch.Tensor]]) -> int:
         """Records the graph of every micro-batch among `batches` that has none yet, so no training
-        step waits for a recording; returns how many it recorded. The largest first: only the first
-        recording runs warm-up runs outside the pool, and the pool grows to the largest graph once."""
+        step waits for a recording; returns how many it recorded."""
         pending: dict[tuple[int, int], StaticInputs] = {}
         for batch in batches:
             key, inputs = self.inputs_for(batch)
             if key not in self.graphs:
                 pending.setdefault(key, inputs)
-        for key in sorted(pending, reverse=True):
-            self.graphs[key] = self._record(pending[key])
+        self._record(pending)
         return len(pending)
 
     def step(self, batch: dict[str, torch.Tensor], loss_scale: float) -> torch.Tensor:
         key, inputs = self.inputs_for(batch)
         if key not in self.graphs:
-            self.graphs[key] = self._record(inputs)
+            self._record({key: inputs})
         graph, positions, targets, summed = self.graphs[key]
         self.input_ids[key[0]].copy_(inputs.input_ids.pin_memory(), non_blocking=True)
         positions.copy_(inputs.positions.pin_memory(), non_blocking=True)
@@ -194,40 +197,73 @@ class GraphedMicroSteps:
         self.accelerator.backward(summed * self.loss_scale)  # with fp16: scaled by the loss scaler
         return summed.detach()
 
-    def _record(self, inputs: StaticInputs):
+    def _record(self, pending: dict[tuple[int, int], StaticInputs]) -> None:
+        """Records one graph per key of `pending`, longest first, each length not run before warmed up
+        first. The gradients and the random state are left as they were, so a resumed run replays
+        exactly what the uninterrupted one did."""
+        if not pending:
+            return
         started = time.perf_counter()
-        length = inputs.input_ids.shape[1]
-        if length not in self.input_ids:
-            self.input_ids[length] = torch.full((self.rows, length), self.pad_id, dtype=torch.long, device=self.device)
-        input_ids = self.input_ids[length]
-        input_ids.copy_(inputs.input_ids)
-        positions = inputs.positions.to(self.device)
-        targets = inputs.targets.to(self.device)
-        self.loss_scale.fill_(1.0)
         for p in self.params:
             if p.grad is None:  # backward inside the graph must add into a tensor that outlives it
                 p.grad = torch.zeros_like(p)
         saved_grads = [p.grad.clone() for p in self.params]
         self.model.train()  # dropout is recorded into the graph
-        with torch.random.fork_rng(devices=[self.device]), graph_attention(self.model, length):
-            if not self.graphs:
-                # Kernels load and compiled layers compile (for any length: they are compiled with
-                # dynamic shapes) on the first runs. Only the first graph needs them: a later one
-                # would run them outside the shared pool, on top of it.
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    for _ in range(WARMUP_RUNS):
-                        self._forward_backward(input_ids, positions, targets)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.compiler.set_stance(CAPTURE_STANCE), torch.cuda.graph(graph, pool=self.pool):
-                summed = self._forward_backward(input_ids, positions, targets)
-        for p, grad in zip(self.params, saved_grads):
-            p.grad.copy_(grad)
-        self.pool = graph.pool()
+        keys = sorted(pending, reverse=True)
+        staged = {key: (pending[key].input_ids, pending[key].positions.to(self.device),
+                        pending[key].targets.to(self.device)) for key in keys}
+        for length, _ in keys:
+            if length not in self.input_ids:  # one buffer per length, read by all its graphs
+                self.input_ids[length] = torch.full((self.rows, length), self.pad_id, dtype=torch.long,
+                                                    device=self.device)
+        try:
+            with torch.random.fork_rng(devices=[self.device]):
+                self._warm_up(keys, staged)
+                for key in keys:
+                    self._stage(staged[key][0])  # outside the recording: a graph would replay these copies
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.compiler.set_stance(CAPTURE_STANCE), torch.cuda.graph(graph, pool=self.pool):
+                        summed = self._run(*staged[key])
+                    self.pool = graph.pool()
+                    self.graphs[key] = (graph, staged[key][1], staged[key][2], summed)
+                    log.info("recorded a CUDA graph for %d x %d tokens, %d head positions (%d graphs)", self.rows,
+                             key[0], key[1], len(self.graphs))
+        finally:
+            for p, grad in zip(self.params, saved_grads):
+                p.grad.copy_(grad)
         torch.cuda.synchronize(self.device)
         self.record_seconds += time.perf_counter() - started
-        log.info("recorded a CUDA graph for %d x %d tokens, %d head positions (%d graphs)", self.rows, length,
-                 positions.numel(), len(self.graphs) + 1)
-        return graph, positions, targets, summed
+
+    def _warm_up(self, keys: list[tuple[int, int]], staged: dict) -> None:
+        """Runs each length not run before outside any graph, all of them before the first recording:
+        kernels load, and compiled layers compile for the shapes they meet (a recording cannot
+        compile, and torch may tie a dynamic length to an equal dimension of the model, so one
+        length's compiled code need not serve another). Their memory is freed before the pool grows."""
+        first_of_length: dict[int, tuple[int, int]] = {}
+        for key in keys:
+            if key[0] not in self.warmed_lengths:
+                first_of_length.setdefault(key[0], key)
+        if not first_of_length:
+            return
+        current = torch.cuda.current_stream(self.device)
+        self.warmup_stream.wait_stream(current)
+        with torch.cuda.stream(self.warmup_stream):
+            for length, key in first_of_length.items():
+                for _ in range(WARMUP_RUNS if not self.warmed_lengths else 1):
+                    self._stage(staged[key][0])
+                    self._run(*staged[key])
+                self.warmed_lengths.add(length)
+        current.wait_stream(self.warmup_stream)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the warm-ups' memory, for the pool to use
+
+    def _stage(self, host_ids: torch.Tensor) -> None:
+        """A staged micro-batch into its length's input buffer, at 1 x its loss."""
+        self.input_ids[host_ids.shape[1]].copy_(host_ids)
+        self.loss_scale.fill_(1.0)
+
+    def _run(self, host_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One forward and backward of a staged micro-batch."""
+        length = host_ids.shape[1]
+        with graph_attention(self.model, length):
+            return self._forward_backward(self.input_ids[length], positions, targets)

@@ -137,7 +137,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
     progress = _progress(accelerator, cfg, data.total_steps, state.step)
     _reset_peak_memory(release_cache=True)
     if graphed is not None:
-        record_graphs_ahead(graphed, data, cfg, micro_batching, state, accelerator)
+        with out_of_memory_hint([(graphed.rows, graphed.length)], cfg, micro_batching):
+            record_graphs_ahead(graphed, data, cfg, micro_batching, state, accelerator)
     bad_in_row, tokens_since_log, log_clock = 0, 0, time.perf_counter()
     for epoch in range(state.epoch, t.epochs):
         windows = data.windows_of_epoch(epoch)
@@ -148,7 +149,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
 
             # forward and backward over the window, the loss normalised by its label tokens
             model.train()
-            with out_of_memory_hint(batches, cfg, micro_batching):
+            with out_of_memory_hint(running_shapes(batches, graphed), cfg, micro_batching):
                 window_loss, tokens = accumulate_gradients(model, batches, accelerator, graphed)
             tokens_since_log += tokens
 
@@ -280,13 +281,21 @@ def optimizer_step(accelerator, optimizer, window_loss: float, grad_norm: float)
     return False
 
 
+def running_shapes(batches: list[dict], graphed: GraphedMicroSteps | None) -> list[tuple[int, int]]:
+    """Rows x tokens of each micro-batch as it runs: as collated, or at its graph's shape."""
+    if graphed is None:
+        return [tuple(b["input_ids"].shape) for b in batches]
+    return [(graphed.rows, graphed.length_for(b)) for b in batches]
+
+
 @contextmanager
-def out_of_memory_hint(batches: list[dict], cfg: RunConfig, micro_batching: MicroBatching):
-    """Turn a CUDA out-of-memory into one line naming the micro-batch and the knobs that shrink it."""
+def out_of_memory_hint(shapes: list[tuple[int, int]], cfg: RunConfig, micro_batching: MicroBatching):
+    """Turn a CUDA out-of-memory into one line naming the largest micro-batch (of `shapes`: rows x
+    length) and the knobs that shrink it."""
     try:
         yield
     except torch.OutOfMemoryError:
-        rows, length = max((tuple(b["input_ids"].shape) for b in batches), key=lambda s: s[0] * s[1])
+        rows, length = max(shapes, key=lambda shape: shape[0] * shape[1])
         t = cfg.train
         knobs = [f"set train.micro_batch_tokens below {micro_batching.tokens} (the rows per step stay the same)"
                  if micro_batching.tokens else f"lower train.micro_batch_size={t.micro_batch_size} and raise "

@@ -208,7 +208,9 @@ def test_cuda_graphs_need_a_gpu_and_one_process(tmp_path):
 def graphed_and_eager(tmp_path, **model_settings):
     """Loss and LoRA gradients of one window, eager and through graphs, on the same weights. Its
     three micro-batches make three graphs sharing a pool: two of 128 tokens whose head positions
-    round to different counts, and one of short rows that runs at 64 tokens."""
+    round to different counts, recorded ahead, and one of short rows that runs at 64 tokens,
+    recorded when first met (after a warm-up run on top of the pool, with gradients already added
+    by two replays). The window runs in order, then in reverse."""
     cfg = tiny_config(tmp_path, "phi", quant=True, model={"attn_implementation": "sdpa", **model_settings})
     tok, ex = examples_for(cfg, 8)
     for e in ex[:3]:  # long summaries: labels on more positions in the first micro-batch
@@ -224,10 +226,11 @@ def graphed_and_eager(tmp_path, **model_settings):
     eager = lora_grads(model)
     model.zero_grad(set_to_none=True)
     graphed = GraphedMicroSteps(model, accelerator, rows=3, length=128, pad_id=tok.pad_token_id)
+    assert graphed.record_ahead(batches[:2]) == 2
     results = []
-    for _ in range(2):  # the second window replays the recorded graphs
+    for window in (batches, batches[::-1]):
         model.zero_grad(set_to_none=False)
-        results.append((accumulate_gradients(model, batches, accelerator, graphed)[0], lora_grads(model)))
+        results.append((accumulate_gradients(model, window, accelerator, graphed)[0], lora_grads(model)))
     return eager_loss, eager, results, graphed
 
 
