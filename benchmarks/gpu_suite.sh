@@ -28,7 +28,12 @@ else
   VRAM=(--rows 2331) LAYER_STEP=4
 fi
 ROWS_X=(--rows 2331) ROWS_C=(--rows 1219)
-[ "${TINY:-0}" = 1 ] && ROWS_X=() && ROWS_C=()
+# The fastest settings measured add CUDA graphs (one CUDA GPU): the recipe graphed, and our rows per
+# step graphed (Phi-2: micro-batches of 8 full rows, no recompute).
+GRAPHS_PHI=(--variant recipe:graphs train.cuda_graphs=true
+            --variant graphs train.cuda_graphs=true train.micro_batch_tokens=4096 model.checkpointed_layers=0)
+GRAPHS_TL=(--variant recipe:graphs train.cuda_graphs=true --variant graphs train.cuda_graphs=true)
+[ "${TINY:-0}" = 1 ] && ROWS_X=() && ROWS_C=() && GRAPHS_PHI=() && GRAPHS_TL=()
 
 step() {
   local name=$1
@@ -47,18 +52,19 @@ step vram $PY benchmarks/profile_vram.py --model phi2 --data-xsum "$X" "${VRAM[@
   --set train.auto_micro_batch=false --set model.embeddings_on_cpu=true --out "$OUT/vram"
 # Fastest token budget x recomputed layers under the 15 GiB cap (how a step's rows run), then the
 # peers, the shipped recipe (8 rows per step, micro-batches from the probe), our benchmark settings
-# (bench_train.MODELS: more rows per step) and those with the tuner's point, in one run; --t4 adds
-# recipe_t4 and ours_t4.
+# (bench_train.MODELS: more rows per step), those with the tuner's point and the graphed rows, in one
+# run; --t4 adds recipe_t4 and ours_t4.
 step tune_phi2 $PY benchmarks/tune_microbatch.py --model phi2 --data-xsum "$X" "${SIZE[@]}" "${ROWS_X[@]}" \
   --budgets "${BUDGETS_PHI[@]}" --layer-step $LAYER_STEP --out "$OUT/tune_phi2"
 # shellcheck disable=SC2046
 step bench_phi2 $PY benchmarks/bench_train.py --models phi2 --runners reference tuned recipe ours --t4 "${SIZE[@]}" \
-  "${ROWS_X[@]}" "${STEPS[@]}" --data-xsum "$X" --variant best $(best tune_phi2) --out "$OUT/bench_phi2"
+  "${ROWS_X[@]}" "${STEPS[@]}" --data-xsum "$X" --variant best $(best tune_phi2) "${GRAPHS_PHI[@]}" --out "$OUT/bench_phi2"
 step tune_tinyllama $PY benchmarks/tune_microbatch.py --model tinyllama --data-cnn "$C" "${SIZE[@]}" \
   "${ROWS_C[@]}" --budgets "${BUDGETS_TL[@]}" --layer-step $LAYER_STEP --out "$OUT/tune_tinyllama"
 # shellcheck disable=SC2046
 step bench_tinyllama $PY benchmarks/bench_train.py --models tinyllama --runners reference tuned recipe ours --t4 "${SIZE[@]}" \
-  "${ROWS_C[@]}" "${STEPS[@]}" --data-cnn "$C" --variant best $(best tune_tinyllama) --out "$OUT/bench_tinyllama"
+  "${ROWS_C[@]}" "${STEPS[@]}" --data-cnn "$C" --variant best $(best tune_tinyllama) "${GRAPHS_TL[@]}" \
+  --out "$OUT/bench_tinyllama"
 step generate $PY benchmarks/bench_generate.py --data-xsum "$X" --data-cnn "$C" "${GEN[@]}" --out "$OUT/generate"
 # Same rows, same seed: the HF Trainer recipe against our loop with the tuned recompute setting.
 # shellcheck disable=SC2046
