@@ -244,3 +244,21 @@ def test_bench_train_median_run_reports_a_failure_and_the_lower_middle():
     assert median_run([{"non_pad_tokens_per_s": 4.0}, {"non_pad_tokens_per_s": 2.0}]) == {
         "non_pad_tokens_per_s": 2.0, "repeats": [4.0, 2.0]}
     assert median_run([{"non_pad_tokens_per_s": 4.0}]) == {"non_pad_tokens_per_s": 4.0}
+
+
+def test_graph_shapes_counts_the_padding_of_graphed_steps(tmp_path):
+    # 40 rows, 8 per step: every combination trains the same rows; graphs of fewer rows, each as long
+    # as its longest row (rounded up to 64 tokens, at most max_length), pad less.
+    run_script("graph_shapes", "--rows", "40", "--steps-of", "recipe", "8", "--graph-rows", "8", "2",
+               "--out", tmp_path)
+    results = {(r["steps_of"], r["graph_rows"]): r
+               for r in json.loads((tmp_path / "graph_shapes.json").read_text())["results"]}
+    assert sorted(results) == [("8", 2), ("8", 8), ("recipe", 2), ("recipe", 8)]
+    assert len({r["real_tokens"] for r in results.values()}) == 1
+    assert {key: (r["steps"], r["replays_per_step"]) for key, r in results.items()} == \
+        {("8", 2): (5, 4.0), ("8", 8): (5, 1.0), ("recipe", 2): (5, 4.0), ("recipe", 8): (5, 1.0)}
+    for steps_of in ("recipe", "8"):
+        assert results[(steps_of, 2)]["real_share"] > results[(steps_of, 8)]["real_share"]
+    for r in results.values():
+        assert r["real_tokens"] < r["graph_tokens"] and r["graph_length"] == 512
+        assert all(length % 64 == 0 and length <= 512 for length in r["graph_lengths"])
