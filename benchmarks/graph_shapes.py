@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_train import MODELS, REPO, add_data_arguments  # noqa: E402
 
 
-def shape_config(args, steps_of: str, graph_rows: int):
+def shape_config(args, steps_of: str):
     from summ.config import load_config
-    from summ.data import padded_length
 
     spec = MODELS[args.model]
     sets = [f"model.name_or_path={REPO / spec['fixture']}", f"data.dataset={args.data[spec['data']]}",
@@ -36,20 +35,20 @@ def shape_config(args, steps_of: str, graph_rows: int):
             "data.max_eval_rows=1", "model.init=random", "train.warmup_steps=0"]  # no schedule runs
     if steps_of != "recipe":
         sets += [f"train.micro_batch_size={int(steps_of)}", "train.grad_accum_steps=1"]
-    cfg = load_config(REPO / spec["config"], sets)
-    budget = graph_rows * padded_length(cfg.data.max_length)
-    return load_config(REPO / spec["config"], sets + [f"train.micro_batch_tokens={budget}"])
+    return load_config(REPO / spec["config"], sets)
 
 
 def measure(args, steps_of: str, graph_rows: int) -> dict:
+    from summ.data import padded_length
     from summ.micro_batch import MicroBatching
     from summ.train import setup_data, setup_graphed_steps, step_batches
 
-    cfg = shape_config(args, steps_of, graph_rows)
+    cfg = shape_config(args, steps_of)
     host = SimpleNamespace(num_processes=1, process_index=0, print=lambda *a, **k: None,
                            device=torch.device("cpu"))
     data = setup_data(cfg, host)
-    micro_batching = MicroBatching(cfg.train.micro_batch_tokens, 0, 0, "config")
+    # The token budget that holds `graph_rows` full-length rows, as train.micro_batch_tokens would set it.
+    micro_batching = MicroBatching(graph_rows * padded_length(cfg.data.max_length), 0, 0, "config")
     # As the loop sets graphs up (at most a step's rows per graph); no model: the shapes need none.
     graphed = setup_graphed_steps(torch.nn.Linear(1, 1), cfg, host, micro_batching, data)
     real = graph_tokens = replays = 0

@@ -150,11 +150,11 @@ class GraphedMicroSteps:
         self.rows, self.length, self.pad_id = rows, length, pad_id
         self.device = accelerator.device
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.input_ids: dict[int, torch.Tensor] = {}  # per graph length: rows x length, read by its graphs
+        # Per graph length: rows x length, read by its graphs; a length has one once it has been run.
+        self.input_ids: dict[int, torch.Tensor] = {}
         self.loss_scale = torch.zeros((), device=self.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
-        self.warmed_lengths: set[int] = set()  # lengths run outside a graph before their first recording
         self.warmup_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.record_seconds = 0.0  # spent recording the graphs, warm-up runs included
 
@@ -191,12 +191,6 @@ class GraphedMicroSteps:
         graph.replay()
         return summed.clone()  # the next replay overwrites it
 
-    def _forward_backward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                          targets: torch.Tensor) -> torch.Tensor:
-        summed = static_summed_loss(self.model, StaticInputs(input_ids, positions, targets))
-        self.accelerator.backward(summed * self.loss_scale)  # with fp16: scaled by the loss scaler
-        return summed.detach()
-
     def _record(self, pending: dict[tuple[int, int], StaticInputs]) -> None:
         """Records one graph per key of `pending`, longest first, each length not run before warmed up
         first. The gradients and the random state are left as they were, so a resumed run replays
@@ -210,22 +204,26 @@ class GraphedMicroSteps:
         saved_grads = [p.grad.clone() for p in self.params]
         self.model.train()  # dropout is recorded into the graph
         keys = sorted(pending, reverse=True)
-        staged = {key: (pending[key].input_ids, pending[key].positions.to(self.device),
-                        pending[key].targets.to(self.device)) for key in keys}
-        for length, _ in keys:
-            if length not in self.input_ids:  # one buffer per length, read by all its graphs
-                self.input_ids[length] = torch.full((self.rows, length), self.pad_id, dtype=torch.long,
-                                                    device=self.device)
+        staged = {key: StaticInputs(pending[key].input_ids, pending[key].positions.to(self.device),
+                                    pending[key].targets.to(self.device)) for key in keys}
+        new_lengths: dict[int, StaticInputs] = {}  # the longest-first micro-batch of each length not run before
+        for key in keys:
+            if key[0] not in self.input_ids:
+                new_lengths.setdefault(key[0], staged[key])
+        first_ever = not self.input_ids
+        for length in new_lengths:  # one buffer per length, read by all its graphs
+            self.input_ids[length] = torch.full((self.rows, length), self.pad_id, dtype=torch.long,
+                                                device=self.device)
         try:
             with torch.random.fork_rng(devices=[self.device]):
-                self._warm_up(keys, staged)
+                self._warm_up(list(new_lengths.values()), first_ever)
                 for key in keys:
-                    self._stage(staged[key][0])  # outside the recording: a graph would replay these copies
+                    self._stage(staged[key].input_ids)  # outside the recording: a graph would replay these copies
                     graph = torch.cuda.CUDAGraph()
                     with torch.compiler.set_stance(CAPTURE_STANCE), torch.cuda.graph(graph, pool=self.pool):
-                        summed = self._run(*staged[key])
+                        summed = self._run(staged[key])
                     self.pool = graph.pool()
-                    self.graphs[key] = (graph, staged[key][1], staged[key][2], summed)
+                    self.graphs[key] = (graph, staged[key].positions, staged[key].targets, summed)
                     log.info("recorded a CUDA graph for %d x %d tokens, %d head positions (%d graphs)", self.rows,
                              key[0], key[1], len(self.graphs))
         finally:
@@ -234,36 +232,36 @@ class GraphedMicroSteps:
         torch.cuda.synchronize(self.device)
         self.record_seconds += time.perf_counter() - started
 
-    def _warm_up(self, keys: list[tuple[int, int]], staged: dict) -> None:
-        """Runs each length not run before outside any graph, all of them before the first recording:
-        kernels load, and compiled layers compile for the shapes they meet (a recording cannot
-        compile, and torch may tie a dynamic length to an equal dimension of the model, so one
-        length's compiled code need not serve another). Their memory is freed before the pool grows."""
-        first_of_length: dict[int, tuple[int, int]] = {}
-        for key in keys:
-            if key[0] not in self.warmed_lengths:
-                first_of_length.setdefault(key[0], key)
-        if not first_of_length:
+    def _warm_up(self, micro_batches: list[StaticInputs], first_ever: bool) -> None:
+        """Runs each of `micro_batches` (one per new length) outside any graph, all of them before the
+        first recording: kernels load, and compiled layers compile for the shapes they meet (a
+        recording cannot compile, and torch may tie a dynamic length to an equal dimension of the
+        model, so one length's compiled code need not serve another). Their memory is freed before
+        the pool grows."""
+        if not micro_batches:
             return
         current = torch.cuda.current_stream(self.device)
         self.warmup_stream.wait_stream(current)
         with torch.cuda.stream(self.warmup_stream):
-            for length, key in first_of_length.items():
-                for _ in range(WARMUP_RUNS if not self.warmed_lengths else 1):
-                    self._stage(staged[key][0])
-                    self._run(*staged[key])
-                self.warmed_lengths.add(length)
+            for i, inputs in enumerate(micro_batches):
+                for _ in range(WARMUP_RUNS if first_ever and i == 0 else 1):
+                    self._stage(inputs.input_ids)
+                    self._run(inputs)
         current.wait_stream(self.warmup_stream)
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # the warm-ups' memory, for the pool to use
 
     def _stage(self, host_ids: torch.Tensor) -> None:
-        """A staged micro-batch into its length's input buffer, at 1 x its loss."""
+        """A micro-batch's input ids into its length's buffer, at 1 x its loss."""
         self.input_ids[host_ids.shape[1]].copy_(host_ids)
         self.loss_scale.fill_(1.0)
 
-    def _run(self, host_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """One forward and backward of a staged micro-batch."""
-        length = host_ids.shape[1]
+    def _run(self, staged: StaticInputs) -> torch.Tensor:
+        """Forward and backward of a staged micro-batch (its ids already in their buffer): what a graph
+        records. Returns the summed loss."""
+        length = staged.input_ids.shape[1]
         with graph_attention(self.model, length):
-            return self._forward_backward(self.input_ids[length], positions, targets)
+            on_device = StaticInputs(self.input_ids[length], staged.positions, staged.targets)
+            summed = static_summed_loss(self.model, on_device)
+            self.accelerator.backward(summed * self.loss_scale)  # with fp16: scaled by the loss scaler
+        return summed.detach()

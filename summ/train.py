@@ -140,66 +140,63 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
         with out_of_memory_hint([(graphed.rows, graphed.length)], cfg, micro_batching):
             record_graphs_ahead(graphed, data, cfg, micro_batching, state, accelerator)
     bad_in_row, tokens_since_log, log_clock = 0, 0, time.perf_counter()
-    for epoch in range(state.epoch, t.epochs):
-        windows = data.windows_of_epoch(epoch)
-        for w in range(state.window if epoch == state.epoch else 0, len(windows)):
-            if state.step >= data.total_steps:
-                break
-            batches = step_batches(windows[w], data, cfg, micro_batching, graphed)
+    steps_left = data.total_steps - state.step
+    for epoch, w, windows in remaining_windows(data, t.epochs, state.epoch, state.window, steps_left):
+        batches = step_batches(windows[w], data, cfg, micro_batching, graphed)
 
-            # forward and backward over the window, the loss normalised by its label tokens
-            model.train()
-            with out_of_memory_hint(running_shapes(batches, graphed), cfg, micro_batching):
-                window_loss, tokens = accumulate_gradients(model, batches, accelerator, graphed)
-            tokens_since_log += tokens
+        # forward and backward over the window, the loss normalised by its label tokens
+        model.train()
+        with out_of_memory_hint(running_shapes(batches, graphed), cfg, micro_batching):
+            window_loss, tokens = accumulate_gradients(model, batches, accelerator, graphed)
+        tokens_since_log += tokens
 
-            # clip (this also unscales fp16 gradients), step unless anything is non-finite, schedule
-            grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf))
-            applied = optimizer_step(accelerator, optimizer, window_loss, grad_norm)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=graphed is None)  # a graph adds into the .grad tensors it recorded
+        # clip (this also unscales fp16 gradients), step unless anything is non-finite, schedule
+        grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf))
+        applied = optimizer_step(accelerator, optimizer, window_loss, grad_norm)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=graphed is None)  # a graph adds into the .grad tensors it recorded
 
-            state.step += 1
-            state.epoch, state.window = (epoch, w + 1) if w + 1 < len(windows) else (epoch + 1, 0)
-            state.train_losses.append(window_loss)
-            step = state.step
-            progress.update(1)
+        state.step += 1
+        state.epoch, state.window = (epoch, w + 1) if w + 1 < len(windows) else (epoch + 1, 0)
+        state.train_losses.append(window_loss)
+        step = state.step
+        progress.update(1)
 
-            if applied:
-                bad_in_row = 0
-            else:
-                bad_in_row += 1
-                state.skipped_steps += 1
-                state.overflow_steps += math.isfinite(window_loss) and accelerator.scaler is not None
-                run_log.write(step, {"train/skipped_step": 1, "train/loss_this_step": window_loss,
-                                     "train/grad_norm_this_step": grad_norm})
-                accelerator.print(f"step {step}: non-finite loss {window_loss} or grad norm {grad_norm}; "
-                                  f"update skipped ({bad_in_row} in a row)")
-                if bad_in_row >= t.max_consecutive_bad_steps:
-                    raise TrainingDiverged(
-                        f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient (step {step}); "
-                        f"stopping. Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. "
-                        f"Try a lower train.lr or train.max_grad_norm (train.max_consecutive_bad_steps="
-                        f"{t.max_consecutive_bad_steps} sets the limit)")
+        if applied:
+            bad_in_row = 0
+        else:
+            bad_in_row += 1
+            state.skipped_steps += 1
+            state.overflow_steps += math.isfinite(window_loss) and accelerator.scaler is not None
+            run_log.write(step, {"train/skipped_step": 1, "train/loss_this_step": window_loss,
+                                 "train/grad_norm_this_step": grad_norm})
+            accelerator.print(f"step {step}: non-finite loss {window_loss} or grad norm {grad_norm}; "
+                              f"update skipped ({bad_in_row} in a row)")
+            if bad_in_row >= t.max_consecutive_bad_steps:
+                raise TrainingDiverged(
+                    f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient (step {step}); "
+                    f"stopping. Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. "
+                    f"Try a lower train.lr or train.max_grad_norm (train.max_consecutive_bad_steps="
+                    f"{t.max_consecutive_bad_steps} sets the limit)")
 
-            if step % cfg.log.log_every == 0 or step == data.total_steps:
-                tokens = accelerator.reduce(torch.tensor(tokens_since_log, device=accelerator.device), "sum").item()
-                elapsed = time.perf_counter() - log_clock
-                state.tokens_seen += tokens
-                logged = train_log_record(state, cfg.log.log_every, scheduler.get_last_lr()[0], grad_norm,
-                                          tokens, elapsed)
-                run_log.write(step, logged)
-                progress.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['train/tokens_per_s']:.0f}")
-                tokens_since_log, log_clock = 0, time.perf_counter()
+        if step % cfg.log.log_every == 0 or step == data.total_steps:
+            tokens = accelerator.reduce(torch.tensor(tokens_since_log, device=accelerator.device), "sum").item()
+            elapsed = time.perf_counter() - log_clock
+            state.tokens_seen += tokens
+            logged = train_log_record(state, cfg.log.log_every, scheduler.get_last_lr()[0], grad_norm,
+                                      tokens, elapsed)
+            run_log.write(step, logged)
+            progress.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['train/tokens_per_s']:.0f}")
+            tokens_since_log, log_clock = 0, time.perf_counter()
 
-            if (cfg.eval.eval_every and step % cfg.eval.eval_every == 0) or (step == data.total_steps
-                                                                             and cfg.eval.at_end):
-                validate(step)
-                log_clock = time.perf_counter()  # evaluation time is not training throughput
+        if (cfg.eval.eval_every and step % cfg.eval.eval_every == 0) or (step == data.total_steps
+                                                                         and cfg.eval.at_end):
+            validate(step)
+            log_clock = time.perf_counter()  # evaluation time is not training throughput
 
-            if step % t.save_every == 0 or step == data.total_steps:
-                save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, asdict(state),
-                                resume_record, t.keep_last)
+        if step % t.save_every == 0 or step == data.total_steps:
+            save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, asdict(state),
+                            resume_record, t.keep_last)
     progress.close()
 
     metrics = {**final_metrics(state, data, count_parameters(model)),
@@ -321,20 +318,26 @@ def setup_graphed_steps(model, cfg: RunConfig, accelerator, micro_batching: Micr
     return GraphedMicroSteps(model, accelerator, rows, length, data.tokenizer.pad_token_id)
 
 
+def remaining_windows(data: TrainData, epochs: int, epoch: int, window: int, steps_left: int):
+    """(epoch, window index, that epoch's windows) for each of the next `steps_left` optimizer steps,
+    from `window` of `epoch` on: the plan is a pure function, so the steps ahead are known."""
+    for e in range(epoch, epochs):
+        windows = data.windows_of_epoch(e)
+        for w in range(window if e == epoch else 0, len(windows)):
+            if steps_left == 0:
+                return
+            steps_left -= 1
+            yield e, w, windows
+
+
 def record_graphs_ahead(graphed: GraphedMicroSteps, data: TrainData, cfg: RunConfig, micro_batching: MicroBatching,
                         state: TrainState, accelerator) -> None:
     """Records every graph the rest of the run replays before its first step (the steps are planned
     ahead): a few seconds once, instead of a slow step whenever a new shape first comes up."""
-    def upcoming_batches():
-        left = data.total_steps - state.step
-        for epoch in range(state.epoch, cfg.train.epochs):
-            windows = data.windows_of_epoch(epoch)
-            for window in windows[state.window if epoch == state.epoch else 0:][:left]:
-                left -= 1
-                yield from step_batches(window, data, cfg, micro_batching, graphed)
-
+    upcoming = remaining_windows(data, cfg.train.epochs, state.epoch, state.window, data.total_steps - state.step)
+    batches = (b for _, w, windows in upcoming for b in step_batches(windows[w], data, cfg, micro_batching, graphed))
     started = time.perf_counter()
-    recorded = graphed.record_ahead(upcoming_batches())
+    recorded = graphed.record_ahead(batches)
     accelerator.print(f"CUDA graphs: recorded {recorded} graphs in {time.perf_counter() - started:.1f} s")
 
 
