@@ -64,9 +64,10 @@ def main() -> int:
 
     from summ.data import collate, collate_packed, padded_length, plan_batches, split_by_tokens
     from summ.model import build_model, limit_checkpointing
+    from summ.optimizer import make_optimizer
     from summ.precision import resolve_compute_dtype
     from summ.precision import mixed_precision_mode
-    from summ.train import accumulate_gradients, make_optimizer
+    from summ.train import accumulate_gradients
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from summ.graphed_step import LENGTH_BUCKET, GraphedMicroSteps, check_graph_laun
 from summ.loss import count_label_tokens, evaluate_loss, forward_summed_loss
 from summ.micro_batch import MicroBatching, choose_micro_batching
 from summ.model import build_model, check_model_settings, count_parameters, load_tokenizer
+from summ.optimizer import make_optimizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
 from summ.run_record import (RunLog, check_resume, record_resume, save_adapter, write_metrics,
                               write_run_record)
@@ -443,26 +444,6 @@ def setup_model(cfg: RunConfig, accelerator, total_steps: int):
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     return model, optimizer, scheduler
-
-
-def make_optimizer(model, t: TrainConfig, device: torch.device):
-    """AdamW over the trainable (LoRA) parameters; biases and norms get no weight decay."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "bias" in name or "norm" in name.lower() else decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": t.weight_decay, "decayed": True},
-                          {"params": no_decay, "weight_decay": 0.0, "decayed": False}) if g["params"]]
-    kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-    if t.optimizer == "adamw":
-        # fused: one kernel for every adapter tensor on a GPU instead of a launch per tensor per op.
-        return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
-    import bitsandbytes as bnb
-
-    # Paging moves optimizer state to host memory under GPU memory pressure; a CPU has nothing to page.
-    if t.optimizer == "paged_adamw_8bit" and device.type == "cuda":
-        return bnb.optim.PagedAdamW8bit(groups, **kwargs)
-    return bnb.optim.AdamW8bit(groups, **kwargs)
 
 
 def make_scheduler(optimizer, t: TrainConfig, total_steps: int):

@@ -8,6 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from summ.config import config_from_dict  # noqa: E402
 
@@ -66,3 +67,9 @@ def _fresh_accelerate_state():
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+# Deselected by `make test` (-m "not gpu"); a plain `pytest` on a CPU machine skips them with the reason.
+def gpu(test):
+    needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu)")
+    return pytest.mark.gpu(needs_cuda(test))

@@ -262,3 +262,15 @@ def test_graph_shapes_counts_the_padding_of_graphed_steps(tmp_path):
     for r in results.values():
         assert r["real_tokens"] < r["graph_tokens"] and r["graph_length"] == 512
         assert all(length % 64 == 0 and length <= 512 for length in r["graph_lengths"])
+
+
+def test_bench_optimizer_steps_the_recipes_lora_tensors(tmp_path):
+    # The Phi-2 recipe's LoRA (r=16 on q_proj, k_proj, v_proj and dense in 32 layers): 256 tensors,
+    # 10,485,760 parameters, each optimizer timed idle and behind queued work.
+    run_script("bench_optimizer", "--model", "phi2", "--steps", "1", "--busy-ms", "1", "--device", "cpu",
+               "--out", tmp_path)
+    results = json.loads((tmp_path / "bench_optimizer.json").read_text())
+    assert (results["tensors"], results["parameters"]) == (256, 10_485_760)
+    assert list(results["results"]) == ["bitsandbytes AdamW8bit", "summ AdamW8bit", "torch AdamW (fused)"]
+    assert all(r["idle_ms"] > 0 and r["behind_busy_ms"] > 0 for r in results["results"].values())
+    assert "| summ AdamW8bit |" in (tmp_path / "bench_optimizer.md").read_text()

@@ -18,13 +18,8 @@ from summ.graphed_step import (GRAPH_ATTENTION, GraphedMicroSteps, causal_sdpa, 
 from summ.loss import forward_summed_loss
 from summ.model import build_model
 from summ.train import accumulate_gradients, step_batches, train
-from tests.conftest import tiny_config
+from tests.conftest import gpu, tiny_config
 from tests.test_train import examples_for, lora_grads, ragged_rows
-
-# Deselected by `make test` (-m "not gpu"); a plain `pytest` on a CPU machine skips them with the reason.
-def gpu(test):
-    needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu)")
-    return pytest.mark.gpu(needs_cuda(test))
 
 
 def test_static_inputs_pad_rows_length_and_head_positions():
