@@ -15,10 +15,11 @@ dequantize, attention, elementwise, ...).
 `--trace` also writes a Chrome trace (open it in https://ui.perfetto.dev).
 
 `--host` runs the same steps without the profiler and splits each step's wall time by what the
-host was doing: building the batches, issuing the forward, issuing the backward, waiting for the
-GPU to finish the window (the loss read-back), clipping, the optimizer step, and the rest. A step
-whose wait is small spent its time issuing work (host-bound: fewer launches or less Python help);
-one whose wait dominates is GPU-bound. With compiled layers it also counts graph breaks.
+host was doing: building the batches, issuing the forward, issuing the backward, the rest of
+queueing the window (with CUDA graphs: staging inputs and launching the replays), clipping, the
+optimizer step, waiting for the GPU (the read-back of the loss and gradient norm), and the rest. A
+step whose wait is small spent its time issuing work (host-bound: fewer launches or less Python
+help); one whose wait dominates is GPU-bound. With compiled layers it also counts graph breaks.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def main() -> int:
     return 0
 
 
-HOST_PHASES = ("batches", "forward", "backward", "wait for GPU", "clip", "optimizer", "other")
+HOST_PHASES = ("batches", "forward", "backward", "queue window", "clip", "optimizer", "wait for GPU", "other")
 
 
 def host_split(args, cfg, rows: int, tokens: int) -> int:
@@ -172,14 +173,20 @@ def host_split(args, cfg, rows: int, tokens: int) -> int:
     spent: dict[str, float] = defaultdict(float)
     marks: list[float] = []
     per_step: list[dict[str, float]] = []
+    nested: list[float] = [0.0]  # time of the phases running inside the current one
 
     def timed(phase: str, fn):
+        # A phase's own time: what the phases it calls (read_back inside optimizer_step, forward
+        # inside queue_gradients) spend is theirs.
         def wrapper(*a, **kw):
             start = time.perf_counter()
+            nested.append(0.0)
             try:
                 return fn(*a, **kw)
             finally:
-                spent[phase] += time.perf_counter() - start
+                total = time.perf_counter() - start
+                spent[phase] += total - nested.pop()
+                nested[-1] += total
         return wrapper
 
     def step_hook(*_):
@@ -187,21 +194,10 @@ def host_split(args, cfg, rows: int, tokens: int) -> int:
         per_step.append(dict(spent))
         spent.clear()
 
-    accumulate = loop.accumulate_gradients  # the original, which the patch below replaces
-
-    def accumulate_split(*a, **kw):
-        # What accumulate_gradients spends outside forward and backward is the loss read-back: the
-        # host waiting for the GPU to finish the window's kernels.
-        before = spent["forward"] + spent["backward"]
-        start = time.perf_counter()
-        try:
-            return accumulate(*a, **kw)
-        finally:
-            spent["wait for GPU"] += time.perf_counter() - start - (spent["forward"] + spent["backward"] - before)
-
     patches = [(loop, "step_batches", timed("batches", loop.step_batches)),
                (loop, "forward_summed_loss", timed("forward", loop.forward_summed_loss)),
-               (loop, "accumulate_gradients", accumulate_split),
+               (loop, "queue_gradients", timed("queue window", loop.queue_gradients)),
+               (loop, "read_back", timed("wait for GPU", loop.read_back)),
                (loop, "optimizer_step", timed("optimizer", loop.optimizer_step)),
                (accelerate.Accelerator, "backward", timed("backward", accelerate.Accelerator.backward)),
                (accelerate.Accelerator, "clip_grad_norm_", timed("clip", accelerate.Accelerator.clip_grad_norm_))]

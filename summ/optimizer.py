@@ -75,3 +75,54 @@ class StreamOrderedSteps:
         devices = {p.device for p in params}
         return all(d.type == "cpu" or (d.type == "cuda" and torch.cuda.current_stream(d) == torch.cuda.default_stream(d))
                    for d in devices)
+
+
+class StepUndo:
+    """Device copies of the trainable parameters and the optimizer's state, taken just before a step
+    that is queued ahead of its finiteness check, so that a non-finite step can be undone bit for bit.
+
+    Ready once every parameter has its state (after its first step), when no state is paged (host
+    memory that the GPU pages in) and the step runs on the default stream, where bitsandbytes
+    launches its kernels: the copies are then ordered before and after the update by the stream.
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.copies: list[torch.Tensor] = []
+        self.scalars: list[tuple[dict, str, object]] = []
+
+    def ready(self) -> bool:
+        live = self._live_tensors()
+        if live is None or any(getattr(t, "is_paged", False) for t in live):
+            return False
+        return all(t.device.type == "cpu" or (t.device.type == "cuda" and
+                                              torch.cuda.current_stream(t.device) == torch.cuda.default_stream(t.device))
+                   for t in live)
+
+    @torch.no_grad()
+    def save(self) -> None:
+        live = self._live_tensors()
+        if [t.shape for t in self.copies] != [t.shape for t in live]:
+            self.copies = [torch.empty_like(t) for t in live]
+        torch._foreach_copy_(self.copies, live)
+        self.scalars = [(state, key, value) for state in self._states() for key, value in state.items()
+                        if not torch.is_tensor(value)]  # bitsandbytes counts steps in a Python int
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        torch._foreach_copy_(self._live_tensors(), self.copies)
+        for state, key, value in self.scalars:
+            state[key] = value
+
+    def _states(self) -> list[dict]:
+        return [self.optimizer.state.get(p) for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _live_tensors(self) -> list[torch.Tensor] | None:
+        """Parameters, then every state tensor once (bitsandbytes shares its quantization maps)."""
+        states = self._states()
+        if not all(states):
+            return None
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        unique = {id(t): t for t in params}
+        unique.update((id(v), v) for state in states for v in state.values() if torch.is_tensor(v))
+        return list(unique.values())

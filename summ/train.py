@@ -29,7 +29,7 @@ from summ.graphed_step import LENGTH_BUCKET, GraphedMicroSteps, check_graph_laun
 from summ.loss import count_label_tokens, evaluate_loss, forward_summed_loss
 from summ.micro_batch import MicroBatching, choose_micro_batching
 from summ.model import build_model, check_model_settings, count_parameters, load_tokenizer
-from summ.optimizer import make_optimizer
+from summ.optimizer import StepUndo, make_optimizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
 from summ.run_record import (RunLog, check_resume, record_resume, save_adapter, write_metrics,
                               write_run_record)
@@ -106,6 +106,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
 
     model, optimizer, scheduler = setup_model(cfg, accelerator, data.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
+    undo = StepUndo(optimizer)
     micro_batching = setup_micro_batching(model, cfg, accelerator)
     graphed = setup_graphed_steps(model, cfg, accelerator, micro_batching, data) if t.cuda_graphs else None
     state = TrainState()
@@ -145,15 +146,15 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
     for epoch, w, windows in remaining_windows(data, t.epochs, state.epoch, state.window, steps_left):
         batches = step_batches(windows[w], data, cfg, micro_batching, graphed)
 
-        # forward and backward over the window, the loss normalised by its label tokens
+        # forward and backward over the window, the loss normalised by its label tokens (queued, not waited for)
         model.train()
         with out_of_memory_hint(running_shapes(batches, graphed), cfg, micro_batching):
-            window_loss, tokens = accumulate_gradients(model, batches, accelerator, graphed)
+            loss_sum, n_labels, tokens = queue_gradients(model, batches, accelerator, graphed)
         tokens_since_log += tokens
 
         # clip (this also unscales fp16 gradients), step unless anything is non-finite, schedule
-        grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf))
-        applied = optimizer_step(accelerator, optimizer, window_loss, grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        applied, window_loss, grad_norm = optimizer_step(accelerator, optimizer, undo, loss_sum, n_labels, grad_norm)
         scheduler.step()
         optimizer.zero_grad(set_to_none=graphed is None)  # a graph adds into the .grad tensors it recorded
 
@@ -239,7 +240,16 @@ def step_batches(window: list[list[int]], data: TrainData, cfg: RunConfig, micro
 def accumulate_gradients(model, batches: list[dict], accelerator,
                          graphed: GraphedMicroSteps | None = None) -> tuple[float, int]:
     """Backward over one accumulation window (through recorded CUDA graphs when `graphed`); returns
-    (mean loss per label token, non-pad tokens).
+    (mean loss per label token, non-pad tokens). The loop queues the same work with
+    `queue_gradients` and reads the loss back later."""
+    loss_sum, n_labels, tokens = queue_gradients(model, batches, accelerator, graphed)
+    return loss_sum.item() / max(n_labels, 1), tokens
+
+
+def queue_gradients(model, batches: list[dict], accelerator,
+                    graphed: GraphedMicroSteps | None = None) -> tuple[torch.Tensor, int, int]:
+    """Queue forward and backward over one accumulation window; returns (the window's loss summed
+    over its label tokens, on the device; the label tokens; the non-pad tokens) without waiting.
 
     The loss is summed over every label token of the window, on all ranks, and divided by their
     count once, so batch 1 x accumulation 8 gives the gradient of batch 8 x accumulation 1 (a mean
@@ -262,21 +272,41 @@ def accumulate_gradients(model, batches: list[dict], accelerator,
             # DDP averages gradients over ranks; multiplying by `world` turns that into a sum.
             accelerator.backward(summed * world / max(n_labels, 1))
         loss_sum += summed.detach()
-    return accelerator.reduce(loss_sum, reduction="sum").item() / max(n_labels, 1), tokens
+    return accelerator.reduce(loss_sum, reduction="sum"), n_labels, tokens
 
 
-def optimizer_step(accelerator, optimizer, window_loss: float, grad_norm: float) -> bool:
-    """Apply the update unless the window's loss or gradients are not finite; True if applied.
+def read_back(loss_sum: torch.Tensor, n_labels: int, grad_norm: torch.Tensor) -> tuple[float, float]:
+    """The window's mean loss per label token and its gradient norm, on the host (one wait for the GPU)."""
+    loss, norm = torch.stack([loss_sum.float(), torch.as_tensor(grad_norm, device=loss_sum.device).float()]).tolist()
+    return loss / max(n_labels, 1), norm
 
-    With fp16 the loss scaler must see every step, skipped or not: clipping has already unscaled
-    the gradients, and without `update()` the next window's unscale raises.
+
+def optimizer_step(accelerator, optimizer, undo: StepUndo, loss_sum: torch.Tensor, n_labels: int,
+                   grad_norm: torch.Tensor) -> tuple[bool, float, float]:
+    """Apply the update unless the window's loss or gradients are not finite; returns (applied, mean
+    loss per label token, gradient norm).
+
+    Without a loss scaler the update is queued before the loss and norm are read back, so Python
+    launches the optimizer's kernels while the GPU still runs the backward pass; a non-finite
+    window's update is then undone from the copies `undo` took. With fp16 the loss scaler must see
+    every step, skipped or not: clipping has already unscaled the gradients, and without `update()`
+    the next window's unscale raises.
     """
-    if math.isfinite(window_loss) and math.isfinite(grad_norm):
+    if accelerator.scaler is None and undo.ready():
+        undo.save()
+        optimizer.step()
+        window_loss, norm = read_back(loss_sum, n_labels, grad_norm)
+        if math.isfinite(window_loss) and math.isfinite(norm):
+            return True, window_loss, norm
+        undo.restore()
+        return False, window_loss, norm
+    window_loss, norm = read_back(loss_sum, n_labels, grad_norm)
+    if math.isfinite(window_loss) and math.isfinite(norm):
         optimizer.step()  # with fp16: the scaler's step and update
-        return not accelerator.optimizer_step_was_skipped
+        return not accelerator.optimizer_step_was_skipped, window_loss, norm
     if accelerator.scaler is not None:
         accelerator.scaler.update()  # found inf: lowers the scale
-    return False
+    return False, window_loss, norm
 
 
 def running_shapes(batches: list[dict], graphed: GraphedMicroSteps | None) -> list[tuple[int, int]]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from summ.config import TrainConfig
-from summ.optimizer import make_optimizer, stream_ordered_adamw_8bit
+from summ.optimizer import StepUndo, make_optimizer, stream_ordered_adamw_8bit
 from tests.conftest import gpu
 
 
@@ -131,3 +131,42 @@ def test_on_a_gpu_updates_follow_the_gradients_queued_before_them(sync_calls):
     assert ours._stream_ordered()
     with torch.cuda.stream(torch.cuda.Stream()):  # bitsandbytes launches on the default stream: not ordered here
         assert not ours._stream_ordered()
+
+
+def adapter_like_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(2560, 16, bias=False), torch.nn.Linear(16, 64))
+
+
+def step_with(model, optimizer, grad_value: float | None, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) if grad_value is None else torch.full_like(p, grad_value)
+    optimizer.step()
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "adamw"])
+def test_step_undo_takes_a_non_finite_step_back_bit_for_bit(name):
+    cpu, t = torch.device("cpu"), TrainConfig(optimizer=name, weight_decay=0.01)
+    models = [adapter_like_model(0), adapter_like_model(0)]
+    optimizers = [make_optimizer(m, t, cpu) for m in models]
+    undo = StepUndo(optimizers[0])
+    assert not undo.ready()  # no state before the first step: nothing to take back to
+    for model, optimizer in zip(models, optimizers):
+        step_with(model, optimizer, None, seed=1)
+    assert undo.ready()
+
+    # The first model takes a step with NaN gradients, which is undone; the second never sees it.
+    undo.save()
+    step_with(models[0], optimizers[0], float("nan"), seed=2)
+    assert torch.isnan(next(models[0].parameters())).all()
+    undo.restore()
+    for model, optimizer in zip(models, optimizers):
+        step_with(model, optimizer, None, seed=3)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        mine, twin = optimizers[0].state[a], optimizers[1].state[b]
+        assert sorted(mine) == sorted(twin)
+        for key in mine:
+            assert torch.equal(mine[key], twin[key]) if torch.is_tensor(mine[key]) else mine[key] == twin[key], key

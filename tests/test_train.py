@@ -344,9 +344,12 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         return loss
 
     # One bad micro-batch (on a CPU a step is one micro-batch): its step is skipped, counted, and the run goes on.
+    # The step was queued before its loss was read back, so it is undone.
     monkeypatch.setattr(tr, "forward_summed_loss", poisoned_on({2}))
+    undone = []
+    monkeypatch.setattr(tr.StepUndo, "restore", lambda self, real=tr.StepUndo.restore: (undone.append(1), real(self)))
     result = train(tiny_config(tmp_path / "one", eval={"at_end": False}, log={"log_every": 3}))
-    assert result.metrics["skipped_steps"] == 1 and result.steps == 3
+    assert result.metrics["skipped_steps"] == 1 and result.steps == 3 and undone == [1]
     assert math.isnan(result.train_losses[1]) and all(math.isfinite(x) for x in result.train_losses[::2])
     lines = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     logged = {x["step"]: x for x in lines if "train/loss" in x}
