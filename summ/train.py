@@ -142,15 +142,19 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
         with out_of_memory_hint([(graphed.rows, graphed.length)], cfg, micro_batching):
             record_graphs_ahead(graphed, data, cfg, micro_batching, state, accelerator)
     bad_in_row, tokens_since_log, log_clock = 0, 0, time.perf_counter()
-    steps_left = data.total_steps - state.step
-    for epoch, w, windows in remaining_windows(data, t.epochs, state.epoch, state.window, steps_left):
-        batches = step_batches(windows[w], data, cfg, micro_batching, graphed)
+    steps = ((epoch, w, windows, step_batches(windows[w], data, cfg, micro_batching, graphed))
+             for epoch, w, windows in remaining_windows(data, t.epochs, state.epoch, state.window,
+                                                        data.total_steps - state.step))
+    upcoming = next(steps, None)
+    while upcoming is not None:
+        epoch, w, windows, batches = upcoming
 
         # forward and backward over the window, the loss normalised by its label tokens (queued, not waited for)
         model.train()
         with out_of_memory_hint(running_shapes(batches, graphed), cfg, micro_batching):
             loss_sum, n_labels, tokens = queue_gradients(model, batches, accelerator, graphed)
         tokens_since_log += tokens
+        upcoming = next(steps, None)  # the next step's micro-batches, built while the GPU runs this one
 
         # clip (this also unscales fp16 gradients), step unless anything is non-finite, schedule
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
