@@ -21,11 +21,11 @@ C=$DATA/cnn_dailymail
 if [ "${TINY:-0}" = 1 ]; then
   SIZE=(--tiny --rows 12) STEPS=(--steps 2 --warmup 1) BUDGETS_PHI=(128 256) BUDGETS_TL=(128 256)
   GEN=(--tiny --pairs smollm2:xsum phi2:xsum --xsum-rows 6 --batch-size 4) CURVES=(--tiny --steps 3 --warmup 1)
-  VRAM=(--tiny --rows 12 --tokens 256) LAYER_STEP=1
+  VRAM=(--tiny --rows 12 --tokens 256) LAYER_STEP=1 OPTIMIZER=(--steps 2 --busy-ms 1)
 else
   SIZE=() STEPS=(--steps 20 --warmup 2) BUDGETS_PHI=(2048 4096 8192 16384) BUDGETS_TL=(4096 8192 16384)
   GEN=(--pairs tinyllama:cnn phi2:xsum) CURVES=(--steps 20 --warmup 5 --micro-batch 8 --accumulation 1)
-  VRAM=(--rows 2331) LAYER_STEP=4
+  VRAM=(--rows 2331) LAYER_STEP=4 OPTIMIZER=()
 fi
 ROWS_X=(--rows 2331) ROWS_C=(--rows 1219)
 # The fastest settings measured add CUDA graphs (one CUDA GPU): the recipe graphed, and our rows per
@@ -65,6 +65,8 @@ step tune_tinyllama $PY benchmarks/tune_microbatch.py --model tinyllama --data-c
 step bench_tinyllama $PY benchmarks/bench_train.py --models tinyllama --runners reference tuned recipe ours --t4 "${SIZE[@]}" \
   "${ROWS_C[@]}" "${STEPS[@]}" --data-cnn "$C" --variant best $(best tune_tinyllama) "${GRAPHS_TL[@]}" \
   --out "$OUT/bench_tinyllama"
+# One optimizer step over the Phi-2 recipe's LoRA tensors: bitsandbytes as it ships, as summ steps it, fused AdamW.
+step optimizer $PY benchmarks/bench_optimizer.py --model phi2 "${OPTIMIZER[@]}" --out "$OUT/optimizer"
 step generate $PY benchmarks/bench_generate.py --data-xsum "$X" --data-cnn "$C" "${GEN[@]}" --out "$OUT/generate"
 # Same rows, same seed: the HF Trainer recipe against our loop with the tuned recompute setting.
 # shellcheck disable=SC2046
