@@ -10,7 +10,7 @@ underneath, MULTI_CPU / gloo), and two further tests require `run.py` to refuse 
 single-process launches instead of training.
 
 Both runs are subprocesses of `run.py`, started once for the module (about half a minute on a
-2-core CPU); each test reads one aspect of the two run folders.
+2-core CPU); each test reads one aspect of the two run folders. The module is marked slow.
 """
 
 import json
@@ -28,6 +28,10 @@ import pytest
 
 from summ.train import setup_data
 from tests.conftest import tiny_config
+
+# Every test here starts processes (half a minute for the two runs, seconds per refused launch):
+# `make test-slow` and CI run them, `make test` does not.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).parents[1]
 TOLERANCE = 1e-5
