@@ -41,7 +41,9 @@ def stream_ordered_adamw_8bit(paged: bool) -> type:
     import bitsandbytes as bnb
 
     base = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
-    return type(f"StreamOrdered{base.__name__}", (StreamOrderedSteps, base), {})
+    cls = type(f"StreamOrdered{base.__name__}", (StreamOrderedSteps, base), {"__module__": __name__})
+    globals()[cls.__name__] = cls  # so that pickle finds the class by its name
+    return cls
 
 
 class StreamOrderedSteps:
@@ -92,17 +94,20 @@ class StepUndo:
         self.scalars: list[tuple[dict, str, object]] = []
 
     def ready(self) -> bool:
+        # bitsandbytes moves its state to the GPU inside its first step after a load (`initialized`):
+        # copies taken before would miss the moved tensors.
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
         live = self._live_tensors()
-        if live is None or any(getattr(t, "is_paged", False) for t in live):
+        if not getattr(inner, "initialized", True) or live is None or any(getattr(t, "is_paged", False) for t in live):
             return False
-        return all(t.device.type == "cpu" or (t.device.type == "cuda" and
-                                              torch.cuda.current_stream(t.device) == torch.cuda.default_stream(t.device))
-                   for t in live)
+        devices = {t.device for t in live}
+        return all(d.type == "cpu" or (d.type == "cuda" and torch.cuda.current_stream(d) == torch.cuda.default_stream(d))
+                   for d in devices)
 
     @torch.no_grad()
     def save(self) -> None:
         live = self._live_tensors()
-        if [t.shape for t in self.copies] != [t.shape for t in live]:
+        if [(c.shape, c.dtype, c.device) for c in self.copies] != [(t.shape, t.dtype, t.device) for t in live]:
             self.copies = [torch.empty_like(t) for t in live]
         torch._foreach_copy_(self.copies, live)
         self.scalars = [(state, key, value) for state in self._states() for key, value in state.items()

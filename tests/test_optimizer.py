@@ -112,13 +112,16 @@ def test_on_a_gpu_updates_follow_the_gradients_queued_before_them(sync_calls):
         busy = torch.randn(4096, 4096, device=cuda)
         sync_calls.clear()
         for step in range(3):
-            torch.cuda.synchronize()
             set_grads(params, step)
+            final = [p.grad.clone() for p in params]
+            torch.cuda.synchronize()
+            for p in params:
+                p.grad.zero_()  # an update that ran before the queued work would see zero gradients
             for _ in range(30):  # tens of milliseconds of queued work before the gradients are final
                 busy = busy @ busy
                 busy = busy / busy.norm()
-            for p in params:
-                p.grad.mul_(1 + 0 * busy.norm())
+            for p, g in zip(params, final):
+                p.grad.add_(g * busy.norm().pow(0))  # x**0 == 1: the gradient, written after the queued work
             optimizer.step()
         torch.cuda.synchronize()
         assert not any(getattr(optimizer.state[p]["state1"], "is_paged", False) for p in params)

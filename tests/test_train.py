@@ -344,12 +344,23 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         return loss
 
     # One bad micro-batch (on a CPU a step is one micro-batch): its step is skipped, counted, and the run goes on.
-    # The step was queued before its loss was read back, so it is undone.
+    # The step was queued before its loss was read back, so it is undone: the adapter and optimizer
+    # state end as they do when the step is checked before it runs (StepUndo never ready).
     monkeypatch.setattr(tr, "forward_summed_loss", poisoned_on({2}))
     undone = []
     monkeypatch.setattr(tr.StepUndo, "restore", lambda self, real=tr.StepUndo.restore: (undone.append(1), real(self)))
-    result = train(tiny_config(tmp_path / "one", eval={"at_end": False}, log={"log_every": 3}))
+    # bitsandbytes' optimizer: part of its state is a Python int
+    bnb_8bit = {"save_every": 3, "optimizer": "adamw_8bit"}
+    result = train(tiny_config(tmp_path / "one", eval={"at_end": False}, log={"log_every": 3}, train=bnb_8bit))
     assert result.metrics["skipped_steps"] == 1 and result.steps == 3 and undone == [1]
+    calls["n"] = 0
+    with monkeypatch.context() as checked_first:
+        checked_first.setattr(tr.StepUndo, "ready", lambda self: False)
+        train(tiny_config(tmp_path / "checked", eval={"at_end": False}, log={"log_every": 3}, train=bnb_8bit))
+    assert undone == [1]
+    for name in ("adapter/adapter_model.safetensors", "optimizer.pt"):
+        undone_run, checked_run = (tmp_path / run / "checkpoints" / "step-0000003" / name for run in ("one", "checked"))
+        assert undone_run.read_bytes() == checked_run.read_bytes(), name
     assert math.isnan(result.train_losses[1]) and all(math.isfinite(x) for x in result.train_losses[::2])
     lines = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     logged = {x["step"]: x for x in lines if "train/loss" in x}
