@@ -11,6 +11,7 @@ bitsandbytes launches on the default stream, are ordered after the backward pass
 
 from __future__ import annotations
 
+import inspect
 from functools import cache
 
 import torch
@@ -54,7 +55,9 @@ class StreamOrderedSteps:
     @torch.no_grad()
     def step(self, closure=None):
         if not self._stream_ordered():
-            return super().step(closure)
+            # torch wraps each optimizer class's `step` with the step hooks once the class is used;
+            # calling bitsandbytes' wrapped step from this (wrapped) one would run them twice.
+            return inspect.unwrap(super().step.__func__)(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():

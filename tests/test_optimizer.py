@@ -5,6 +5,7 @@ import bitsandbytes as bnb
 import bitsandbytes.optim.optimizer as bnb_optimizer
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from summ.config import TrainConfig
 from summ.optimizer import StepUndo, make_optimizer, stream_ordered_adamw_8bit
@@ -173,3 +174,19 @@ def test_step_undo_takes_a_non_finite_step_back_bit_for_bit(name):
         assert sorted(mine) == sorted(twin)
         for key in mine:
             assert torch.equal(mine[key], twin[key]) if torch.is_tensor(mine[key]) else mine[key] == twin[key], key
+
+
+def test_step_hooks_run_once_per_step_even_when_bitsandbytes_class_is_hooked_too():
+    # torch hooks a class's step when the class is first used: here both bitsandbytes' and ours.
+    bnb.optim.AdamW8bit(lora_like_params(1), lr=1e-3)
+    params = lora_like_params(0)
+    optimizer = stream_ordered_adamw_8bit(False)(params, lr=1e-3)
+    calls = []
+    handle = register_optimizer_step_post_hook(lambda *_: calls.append(1))
+    try:
+        for step in (0, 1):  # bitsandbytes' own step (states created), then ours
+            set_grads(params, step)
+            optimizer.step()
+    finally:
+        handle.remove()
+    assert calls == [1, 1]
