@@ -75,11 +75,17 @@ class StreamOrderedSteps:
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if any(len(self.state[p]) == 0 for p in params):
             return False  # a parameter's first step: bitsandbytes creates (and maybe pages) its state
-        if any(getattr(self.state[p]["state1"], "is_paged", False) for p in params):
-            return False
-        devices = {p.device for p in params}
-        return all(d.type == "cpu" or (d.type == "cuda" and torch.cuda.current_stream(d) == torch.cuda.default_stream(d))
-                   for d in devices)
+        return ordered_by_stream(params + [self.state[p]["state1"] for p in params])
+
+
+def ordered_by_stream(tensors: list[torch.Tensor]) -> bool:
+    """Whether work on `tensors` is ordered by the stream alone: none is paged (managed memory that
+    bitsandbytes prefetches apart from the stream), and each lives on a CPU or on a GPU whose current
+    stream is its default one, where bitsandbytes launches its kernels."""
+    if any(getattr(t, "is_paged", False) for t in tensors):
+        return False
+    return all(d.type == "cpu" or (d.type == "cuda" and torch.cuda.current_stream(d) == torch.cuda.default_stream(d))
+               for d in {t.device for t in tensors})
 
 
 class StepUndo:
@@ -93,6 +99,7 @@ class StepUndo:
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
+        self.live: list[torch.Tensor] = []  # what the last `save` copied
         self.copies: list[torch.Tensor] = []
         self.scalars: list[tuple[dict, str, object]] = []
 
@@ -101,24 +108,21 @@ class StepUndo:
         # copies taken before would miss the moved tensors.
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
         live = self._live_tensors()
-        if not getattr(inner, "initialized", True) or live is None or any(getattr(t, "is_paged", False) for t in live):
-            return False
-        devices = {t.device for t in live}
-        return all(d.type == "cpu" or (d.type == "cuda" and torch.cuda.current_stream(d) == torch.cuda.default_stream(d))
-                   for d in devices)
+        return getattr(inner, "initialized", True) and live is not None and ordered_by_stream(live)
 
     @torch.no_grad()
     def save(self) -> None:
-        live = self._live_tensors()
-        if [(c.shape, c.dtype, c.device) for c in self.copies] != [(t.shape, t.dtype, t.device) for t in live]:
-            self.copies = [torch.empty_like(t) for t in live]
-        torch._foreach_copy_(self.copies, live)
+        self.live = self._live_tensors()
+        if [(c.shape, c.dtype, c.device) for c in self.copies] != [(t.shape, t.dtype, t.device) for t in self.live]:
+            self.copies = [torch.empty_like(t) for t in self.live]
+        torch._foreach_copy_(self.copies, self.live)
         self.scalars = [(state, key, value) for state in self._states() for key, value in state.items()
                         if not torch.is_tensor(value)]  # bitsandbytes counts steps in a Python int
 
     @torch.no_grad()
     def restore(self) -> None:
-        torch._foreach_copy_(self._live_tensors(), self.copies)
+        """Puts back what the last `save` copied."""
+        torch._foreach_copy_(self.live, self.copies)
         for state, key, value in self.scalars:
             state[key] = value
 

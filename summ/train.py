@@ -293,9 +293,10 @@ def optimizer_step(accelerator, optimizer, undo: StepUndo, loss_sum: torch.Tenso
     Without a loss scaler the update is queued before the loss and norm are read back, so Python
     launches the optimizer's kernels while the GPU still runs the backward pass; a non-finite
     window's update is then undone from the copies `undo` took. Its kernels do see the non-finite
-    gradients, but all they write is the parameters and `optimizer.state`, which the copies restore. With fp16 the loss scaler must see
-    every step, skipped or not: clipping has already unscaled the gradients, and without `update()`
-    the next window's unscale raises.
+    gradients, but all they write is the parameters and `optimizer.state`, which the copies restore.
+
+    With fp16 the loss scaler must see every step, skipped or not: clipping has already unscaled the
+    gradients, and without `update()` the next window's unscale raises.
     """
     if accelerator.scaler is None and undo.ready():
         undo.save()
