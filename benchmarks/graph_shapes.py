@@ -1,13 +1,15 @@
 """How much of a CUDA-graphed training step is padding, and how many graphs a run records. Host only:
 no model loads and no GPU is needed, so the shapes of a graphed run can be weighed before renting one.
 
-    python benchmarks/graph_shapes.py --model phi2 --data-xsum DIR --rows 2331 --steps-of recipe 32 --graph-rows 8 4 2
+    python benchmarks/graph_shapes.py --model phi2 --data-xsum DIR --rows 2331 --steps-of recipe 32 --graph-rows 8 4 2 \
+        --length-multiple 64 16
 
 For each way to fill an optimizer step (`recipe`: the config's micro_batch_size x grad_accum_steps
 rows, as shipped; N: N rows per step in one planned micro-batch, as `bench_train.py`'s `ours` plans
 them) and each graph size (rows per graph, i.e. a token budget of rows x data.max_length), it plans
 one epoch as the loop does (`summ.train.setup_data`), groups each step's rows into graphs as
-`train.cuda_graphs` does (`step_batches`, `GraphedMicroSteps.inputs_for`) and prints the share of the
+`train.cuda_graphs` does (`step_batches`, `GraphedMicroSteps.inputs_for`, at each
+`train.graph_length_multiple` given) and prints the share of the
 graphs' tokens that are real (not padding) and how many graphs the epoch records (lengths x head
 position counts). The GPU time of a graphed step follows its tokens: RESULTS.md measures it.
 """
@@ -26,24 +28,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_train import MODELS, REPO, add_data_arguments  # noqa: E402
 
 
-def shape_config(args, steps_of: str):
+def shape_config(args, steps_of: str, length_multiple: int):
     from summ.config import load_config
 
     spec = MODELS[args.model]
     sets = [f"model.name_or_path={REPO / spec['fixture']}", f"data.dataset={args.data[spec['data']]}",
             "data.train_split=train", "data.eval_split=validation", f"data.max_train_rows={args.rows}",
-            "data.max_eval_rows=1", "model.init=random", "train.warmup_steps=0"]  # no schedule runs
+            "data.max_eval_rows=1", "model.init=random", "train.warmup_steps=0",  # no schedule runs
+            f"train.graph_length_multiple={length_multiple}"]
     if steps_of != "recipe":
         sets += [f"train.micro_batch_size={int(steps_of)}", "train.grad_accum_steps=1"]
     return load_config(REPO / spec["config"], sets)
 
 
-def measure(args, steps_of: str, graph_rows: int) -> dict:
+def measure(args, steps_of: str, graph_rows: int, length_multiple: int) -> dict:
     from summ.data import padded_length
     from summ.micro_batch import MicroBatching
     from summ.train import setup_data, setup_graphed_steps, step_batches
 
-    cfg = shape_config(args, steps_of)
+    cfg = shape_config(args, steps_of, length_multiple)
     host = SimpleNamespace(num_processes=1, process_index=0, print=lambda *a, **k: None,
                            device=torch.device("cpu"))
     data = setup_data(cfg, host)
@@ -63,6 +66,7 @@ def measure(args, steps_of: str, graph_rows: int) -> dict:
             replays += 1
     rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     return {"steps_of": steps_of, "rows_per_step": rows_per_step, "graph_rows": graphed.rows,
+            "length_multiple": graphed.length_multiple,
             "graph_length": graphed.length, "steps": len(windows), "replays_per_step": replays / len(windows),
             "real_tokens": real, "graph_tokens": graph_tokens, "real_share": real / graph_tokens,
             "graphs": len(keys), "graph_lengths": sorted({length for length, _ in keys})}
@@ -76,6 +80,8 @@ def main() -> int:
                         help="'recipe' (the config's rows per step, as shipped) or N (N rows per step, "
                              "length-grouped as `ours` plans them)")
     parser.add_argument("--graph-rows", nargs="+", type=int, default=[8, 4, 2], help="rows per graph")
+    parser.add_argument("--length-multiple", nargs="+", type=int, default=[64],
+                        help="train.graph_length_multiple values to count")
     parser.add_argument("--out", type=Path, help="folder for graph_shapes.json")
     args = parser.parse_args()
     for value in args.steps_of:
@@ -83,13 +89,14 @@ def main() -> int:
             parser.error(f"--steps-of: 'recipe' or a number of rows, got {value!r}")
     args.data = {"xsum": args.data_xsum, "cnn": args.data_cnn}
 
-    results = [measure(args, steps_of, rows) for steps_of in args.steps_of for rows in args.graph_rows]
+    results = [measure(args, steps_of, rows, multiple) for steps_of in args.steps_of for rows in args.graph_rows
+               for multiple in args.length_multiple]
     print(f"\n{args.model}, {args.rows} rows read, one epoch\n")
-    print("| rows per step | rows per graph | graph replays per step | real tokens / graph tokens | graphs "
-          "| graph lengths |\n|---|---|---|---|---|---|")
+    print("| rows per step | rows per graph | length multiple | graph replays per step | real tokens / graph tokens "
+          "| graphs | graph lengths |\n|---|---|---|---|---|---|---|")
     for r in results:
         name = f"{r['rows_per_step']} (recipe)" if r["steps_of"] == "recipe" else f"{r['rows_per_step']}"
-        print(f"| {name} | {r['graph_rows']} | {r['replays_per_step']:.2f} | {r['real_share']:.3f} "
+        print(f"| {name} | {r['graph_rows']} | {r['length_multiple']} | {r['replays_per_step']:.2f} | {r['real_share']:.3f} "
               f"({r['real_tokens']:,} / {r['graph_tokens']:,}) | {r['graphs']} | "
               f"{', '.join(map(str, r['graph_lengths']))} |")
     if args.out:

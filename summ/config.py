@@ -52,6 +52,11 @@ class ModelConfig:
     # torch.compile each decoder layer (inductor, dynamic shapes): fused kernels and fewer launches
     # where a step is bound by kernel launches; the first steps wait for the compiler.
     compile_layers: bool = False
+    # Inductor options for the compiled layers (torch.compile's `options`). {"fallback_random": true}
+    # draws dropout masks with torch's own dropout kernel instead of inductor's Triton random numbers:
+    # the masks an eager layer would draw from the same seed, and cheaper on a GPU where the Triton
+    # generator's arithmetic, not memory, bounds the dropout kernels.
+    compile_options: dict = field(default_factory=dict)
     # Keep the input embedding table in host memory and look rows up there (Phi-2: 0.24 GiB of GPU
     # memory). The same numbers, a few MB copied per micro-batch; for the smallest GPUs.
     embeddings_on_cpu: bool = False
@@ -142,6 +147,9 @@ class TrainConfig:
     # kernels. Micro-batches then run at a fixed rows x data.max_length (padding never reaches a
     # labelled token); the loss and gradients are those of the same rows without graphs.
     cuda_graphs: bool = False
+    # A graph's length is its micro-batch's longest row rounded up to a multiple of this (a multiple
+    # of 8): smaller, less padding per row and more graphs to record (one per length).
+    graph_length_multiple: int = 64
     length_grouping: bool = True
     # false: rows in file order (with length_grouping false too), e.g. to compare step by step
     # with another trainer fed the same rows.
@@ -498,6 +506,13 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
              "weight in fp32)")
     if t.cuda_graphs and t.packing:
         fail("train.cuda_graphs", "false with train.packing (a graph runs fixed-shape padded micro-batches)")
+    if t.graph_length_multiple <= 0 or t.graph_length_multiple % 8:
+        # Rows are padded to a multiple of 8 tokens already (summ.data.PAD_TO_MULTIPLE_OF).
+        fail("train.graph_length_multiple", "a positive multiple of 8")
+    for name, value in m.compile_options.items():
+        if not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(f"{origins.get('model.compile_options', source)}: 'model.compile_options' values "
+                              f"must be true/false, numbers or strings; '{name}' is {value!r}")
     if t.cuda_graphs and m.embeddings_on_cpu:
         fail("train.cuda_graphs", "false with model.embeddings_on_cpu (a graph cannot look rows up on the host)")
     if m.gguf_file is not None and m.init == "random":

@@ -8,8 +8,9 @@ kernels with one launch, so the step costs only its GPU time.
 A graph has fixed shapes and must not read GPU values on the host while it is recorded, so:
 - every micro-batch runs as `rows` x `length` tokens, short rows and missing rows padded (padding
   carries no label and, under a causal mask, is never seen by a real token); `length` is the
-  micro-batch's longest row rounded up to a multiple of LENGTH_BUCKET, so length-grouped
-  micro-batches of short rows run short graphs instead of padding to `data.max_length`;
+  micro-batch's longest row rounded up to a multiple of `length_multiple`
+  (train.graph_length_multiple), so length-grouped micro-batches of short rows run short graphs
+  instead of padding to `data.max_length`;
 - attention is SDPA's causal kernel with no mask (`graph_attention`): right padding needs none, and
   it is the flash kernel where one exists (a model whose sliding window is shorter than the rows
   keeps its masked attention);
@@ -48,9 +49,6 @@ log = logging.getLogger(__name__)
 # Label positions per graph are rounded up to a multiple of this: a few graphs per run instead of one
 # per distinct count, at most this many extra head positions per micro-batch.
 POSITION_BUCKET = 64
-# A micro-batch's length is its longest row rounded up to a multiple of this (at most the graph's
-# length): a few graph lengths per run, at most this many padded positions per row beyond dynamic padding.
-LENGTH_BUCKET = 64
 # Runs of the first micro-batch before it is recorded: the first loads kernels and compiles, the
 # second runs what the recording will see. A later new length runs once.
 WARMUP_RUNS = 2
@@ -145,9 +143,10 @@ class GraphedMicroSteps:
     trainable parameters' `.grad` and returns the summed loss (a GPU scalar the caller owns).
     """
 
-    def __init__(self, model, accelerator, rows: int, length: int, pad_id: int):
+    def __init__(self, model, accelerator, rows: int, length: int, pad_id: int, length_multiple: int = 64):
         self.model, self.accelerator = model, accelerator
         self.rows, self.length, self.pad_id = rows, length, pad_id
+        self.length_multiple = length_multiple
         self.device = accelerator.device
         self.params = [p for p in model.parameters() if p.requires_grad]
         # Per graph length: rows x length, read by its graphs; a length has one once it has been run.
@@ -159,8 +158,8 @@ class GraphedMicroSteps:
         self.record_seconds = 0.0  # spent recording the graphs, warm-up runs included
 
     def length_for(self, batch: dict[str, torch.Tensor]) -> int:
-        """The graph length a micro-batch runs at: its width rounded up to LENGTH_BUCKET, at most `length`."""
-        return min(padded_length(batch["input_ids"].shape[1], LENGTH_BUCKET), self.length)
+        """The graph length a micro-batch runs at: its width rounded up to `length_multiple`, at most `length`."""
+        return min(padded_length(batch["input_ids"].shape[1], self.length_multiple), self.length)
 
     def inputs_for(self, batch: dict[str, torch.Tensor]) -> tuple[tuple[int, int], StaticInputs]:
         """A micro-batch at its graph's shapes, and the graph's key: (length, head positions)."""

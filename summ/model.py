@@ -115,7 +115,7 @@ def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype
     torch.manual_seed(cfg.train.seed)
     model = get_peft_model(model, peft_lora_config(cfg, model.config.model_type))
     if cfg.model.compile_layers:
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, cfg.model.compile_options)
     trainable, total = count_parameters(model)
     log.info("parameters: %s total, %s trainable (%.3f%%)", f"{total:,}", f"{trainable:,}", 100 * trainable / total)
     return model
@@ -128,12 +128,13 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model, options: dict | None = None) -> int:
     """Compile every decoder layer in place (LoRA included), with dynamic shapes so micro-batches of
-    new lengths reuse the compiled code. Returns how many were compiled."""
+    new lengths reuse the compiled code, and inductor `options` (model.compile_options). Returns how
+    many were compiled."""
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, options=dict(options or {}))
     log.info("compiled %d decoder layers", len(layers))
     return len(layers)
 
@@ -353,6 +354,19 @@ def lora_on_meta(cfg: RunConfig):
     return get_peft_model(model, peft_lora_config(cfg, model.config.model_type))
 
 
+def check_compile_options(options: dict) -> None:
+    """torch.compile refuses an unknown inductor option only at the first forward, after the load."""
+    if not options:
+        return
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    for name in options:
+        if name not in known:
+            raise ConfigError(f"model.compile_options: '{name}' is not an inductor option of torch "
+                              f"{torch.__version__} (torch._inductor.config lists them)")
+
+
 # Architectures whose modules Liger-Kernel patches as model.liger_kernel uses it (RoPE, SwiGLU, RMSNorm).
 LIGER_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -369,6 +383,7 @@ def check_model_settings(cfg: RunConfig) -> None:
     if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("model.attn_implementation: 'flash_attention_2' needs the flash-attn package "
                           "(pip install flash-attn); 'sdpa' needs nothing")
+    check_compile_options(cfg.model.compile_options)
     if cfg.model.compile_layers and torch.cuda.is_available() and importlib.util.find_spec("triton") is None:
         # inductor writes Triton kernels for a GPU; without it the first forward fails after the load.
         raise ConfigError("model.compile_layers: compiling on a GPU needs the triton package (pip install triton); "

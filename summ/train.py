@@ -25,7 +25,7 @@ from summ.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from summ.config import ConfigError, RunConfig, TrainConfig
 from summ.data import (Encoder, Example, RowStats, collate, collate_packed, encode_rows, load_rows, padded_length,
                        plan_batches, split_by_tokens)
-from summ.graphed_step import LENGTH_BUCKET, GraphedMicroSteps, check_graph_launch
+from summ.graphed_step import GraphedMicroSteps, check_graph_launch
 from summ.loss import count_label_tokens, evaluate_loss, forward_summed_loss
 from summ.micro_batch import MicroBatching, choose_micro_batching
 from summ.model import build_model, check_model_settings, count_parameters, load_tokenizer
@@ -351,8 +351,8 @@ def setup_graphed_steps(model, cfg: RunConfig, accelerator, micro_batching: Micr
     rows = t.micro_batch_size if micro_batching.tokens is None else micro_batching.tokens // length
     rows = max(1, min(rows, rows_per_step))
     accelerator.print(f"CUDA graphs: micro-batches run as {rows} rows x their longest row's length rounded up to "
-                      f"{LENGTH_BUCKET} tokens (at most {length})")
-    return GraphedMicroSteps(model, accelerator, rows, length, data.tokenizer.pad_token_id)
+                      f"{t.graph_length_multiple} tokens (at most {length})")
+    return GraphedMicroSteps(model, accelerator, rows, length, data.tokenizer.pad_token_id, t.graph_length_multiple)
 
 
 def remaining_windows(data: TrainData, epochs: int, epoch: int, window: int, steps_left: int):

@@ -251,9 +251,10 @@ def test_graph_shapes_counts_the_padding_of_graphed_steps(tmp_path):
     # 40 rows, 8 per step: every combination trains the same rows; graphs of fewer rows, each as long
     # as its longest row (rounded up to 64 tokens, at most max_length), pad less.
     run_script("graph_shapes", "--rows", "40", "--steps-of", "recipe", "8", "--graph-rows", "8", "2",
-               "--out", tmp_path)
-    results = {(r["steps_of"], r["graph_rows"]): r
-               for r in json.loads((tmp_path / "graph_shapes.json").read_text())["results"]}
+               "--length-multiple", "64", "16", "--out", tmp_path)
+    counted = json.loads((tmp_path / "graph_shapes.json").read_text())["results"]
+    results = {(r["steps_of"], r["graph_rows"]): r for r in counted if r["length_multiple"] == 64}
+    finer = {(r["steps_of"], r["graph_rows"]): r for r in counted if r["length_multiple"] == 16}
     assert sorted(results) == [("8", 2), ("8", 8), ("recipe", 2), ("recipe", 8)]
     assert len({r["real_tokens"] for r in results.values()}) == 1
     assert {key: (r["steps"], r["replays_per_step"]) for key, r in results.items()} == \
@@ -263,6 +264,13 @@ def test_graph_shapes_counts_the_padding_of_graphed_steps(tmp_path):
     for r in results.values():
         assert r["real_tokens"] < r["graph_tokens"] and r["graph_length"] == 512
         assert all(length % 64 == 0 and length <= 512 for length in r["graph_lengths"])
+    # Lengths rounded up to 16 tokens instead of 64: the same rows, less padding, more graph lengths.
+    assert sorted(finer) == sorted(results)
+    for key, r in finer.items():
+        assert r["real_tokens"] == results[key]["real_tokens"] and all(n % 16 == 0 for n in r["graph_lengths"])
+    # The recipe's random 8-row steps each hold a row of 505+ tokens: one graph of 512 at either multiple.
+    assert {key: r["graph_tokens"] < results[key]["graph_tokens"] for key, r in finer.items()} == \
+        {("8", 2): True, ("8", 8): True, ("recipe", 2): True, ("recipe", 8): False}
 
 
 def test_bench_optimizer_steps_the_recipes_lora_tensors(tmp_path):

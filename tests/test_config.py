@@ -77,6 +77,10 @@ def test_reference_recipe_values():
     (minimal(eval={"engine": "vllm"}), "'eval.engine' must be one of ['fast', 'hf'], got 'vllm'"),
     (minimal(eval={"compile": True}), "'eval.compile' must be a string, got True"),
     (minimal(eval={"generate_batch_size": 0}), "'eval.generate_batch_size' must be > 0 or null, got 0"),
+    (minimal(train={"graph_length_multiple": 20}), "'train.graph_length_multiple' must be a positive multiple of 8, "
+                                                   "got 20"),
+    (minimal(model={"compile_options": {"fallback_random": [True]}}),
+     "'model.compile_options' values must be true/false, numbers or strings; 'fallback_random' is [True]"),
 ])
 def test_config_errors_name_file_and_key(tmp_path, raw, message):
     path = write(tmp_path, raw)

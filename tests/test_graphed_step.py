@@ -50,11 +50,26 @@ def test_graph_attention_switches_sdpa_alone_and_restores_it():
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_a_micro_batch_runs_at_its_width_rounded_up_to_the_length_bucket():
+def test_a_micro_batch_runs_at_its_width_rounded_up_to_the_length_multiple():
     graphed = GraphedMicroSteps(torch.nn.Linear(1, 1), SimpleNamespace(device=torch.device("cpu")), rows=4,
                                 length=200, pad_id=0)
     widths = {w: graphed.length_for({"input_ids": torch.zeros((2, w))}) for w in (8, 64, 65, 128, 136, 200)}
     assert widths == {8: 64, 64: 64, 65: 128, 128: 128, 136: 192, 200: 200}
+    graphed = GraphedMicroSteps(torch.nn.Linear(1, 1), SimpleNamespace(device=torch.device("cpu")), rows=4,
+                                length=200, pad_id=0, length_multiple=16)
+    widths = {w: graphed.length_for({"input_ids": torch.zeros((2, w))}) for w in (8, 64, 72, 136, 192, 200)}
+    assert widths == {8: 16, 64: 64, 72: 80, 136: 144, 192: 192, 200: 200}
+
+
+def test_the_loop_builds_graphs_at_the_configured_length_multiple(tmp_path):
+    from summ.micro_batch import MicroBatching
+    from summ.train import setup_data, setup_graphed_steps
+
+    cfg = tiny_config(tmp_path, train={"graph_length_multiple": 24})
+    host = SimpleNamespace(num_processes=1, process_index=0, print=lambda *a, **k: None, device=torch.device("cpu"))
+    graphed = setup_graphed_steps(torch.nn.Linear(1, 1), cfg, host, MicroBatching(512, 0, 0, "config"),
+                                  setup_data(cfg, host))
+    assert (graphed.length_multiple, graphed.length_for({"input_ids": torch.zeros((1, 30))})) == (24, 48)
 
 
 def test_a_micro_batch_larger_than_the_graph_is_refused():
@@ -230,8 +245,9 @@ def graphed_and_eager(tmp_path, **model_settings):
 
 
 @gpu
-@pytest.mark.parametrize("settings", [{}, {"compile_layers": True}, {"gradient_checkpointing": True}],
-                         ids=["4bit", "compiled", "recompute"])
+@pytest.mark.parametrize("settings", [{}, {"compile_layers": True}, {"gradient_checkpointing": True},
+                                      {"compile_layers": True, "compile_options": {"fallback_random": True}}],
+                         ids=["4bit", "compiled", "recompute", "compiled-eager-random"])
 def test_graphs_give_the_eager_loss_and_gradient(tmp_path, monkeypatch, settings):
     # A compiled layer that could not run its compiled code while recording fails here instead of
     # being recorded eagerly.
