@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_train import MODELS, REPO, add_data_arguments  # noqa: E402
+from summ.config import TrainConfig  # noqa: E402
 
 
 def shape_config(args, steps_of: str, length_multiple: int):
@@ -80,8 +81,8 @@ def main() -> int:
                         help="'recipe' (the config's rows per step, as shipped) or N (N rows per step, "
                              "length-grouped as `ours` plans them)")
     parser.add_argument("--graph-rows", nargs="+", type=int, default=[8, 4, 2], help="rows per graph")
-    parser.add_argument("--length-multiple", nargs="+", type=int, default=[64],
-                        help="train.graph_length_multiple values to count")
+    parser.add_argument("--length-multiple", nargs="+", type=int, default=[TrainConfig.graph_length_multiple],
+                        help="train.graph_length_multiple values to count (default: the config's default)")
     parser.add_argument("--out", type=Path, help="folder for graph_shapes.json")
     args = parser.parse_args()
     for value in args.steps_of:

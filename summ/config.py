@@ -148,8 +148,9 @@ class TrainConfig:
     # labelled token); the loss and gradients are those of the same rows without graphs.
     cuda_graphs: bool = False
     # A graph's length is its micro-batch's longest row rounded up to a multiple of this (a multiple
-    # of 8): smaller, less padding per row and more graphs to record (one per length).
-    graph_length_multiple: int = 64
+    # of 8): smaller, less padding per row and more graphs to record (one per length). Phi-2 at 32
+    # length-grouped rows per step: 1.6% padding at 16 (23 graphs), 4.9% at 64 (8 graphs).
+    graph_length_multiple: int = 16
     length_grouping: bool = True
     # false: rows in file order (with length_grouping false too), e.g. to compare step by step
     # with another trainer fed the same rows.

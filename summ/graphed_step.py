@@ -143,7 +143,7 @@ class GraphedMicroSteps:
     trainable parameters' `.grad` and returns the summed loss (a GPU scalar the caller owns).
     """
 
-    def __init__(self, model, accelerator, rows: int, length: int, pad_id: int, length_multiple: int = 64):
+    def __init__(self, model, accelerator, rows: int, length: int, pad_id: int, length_multiple: int):
         self.model, self.accelerator = model, accelerator
         self.rows, self.length, self.pad_id = rows, length, pad_id
         self.length_multiple = length_multiple

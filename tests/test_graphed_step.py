@@ -52,7 +52,7 @@ def test_graph_attention_switches_sdpa_alone_and_restores_it():
 
 def test_a_micro_batch_runs_at_its_width_rounded_up_to_the_length_multiple():
     graphed = GraphedMicroSteps(torch.nn.Linear(1, 1), SimpleNamespace(device=torch.device("cpu")), rows=4,
-                                length=200, pad_id=0)
+                                length=200, pad_id=0, length_multiple=64)
     widths = {w: graphed.length_for({"input_ids": torch.zeros((2, w))}) for w in (8, 64, 65, 128, 136, 200)}
     assert widths == {8: 64, 64: 64, 65: 128, 128: 128, 136: 192, 200: 200}
     graphed = GraphedMicroSteps(torch.nn.Linear(1, 1), SimpleNamespace(device=torch.device("cpu")), rows=4,
@@ -235,7 +235,7 @@ def graphed_and_eager(tmp_path, **model_settings):
     eager_loss, _ = accumulate_gradients(model, batches, accelerator)
     eager = lora_grads(model)
     model.zero_grad(set_to_none=True)
-    graphed = GraphedMicroSteps(model, accelerator, rows=3, length=128, pad_id=tok.pad_token_id)
+    graphed = GraphedMicroSteps(model, accelerator, rows=3, length=128, pad_id=tok.pad_token_id, length_multiple=64)
     assert graphed.record_ahead(batches[:2]) == 2
     results = []
     for window in (batches, batches[::-1]):
