@@ -40,6 +40,12 @@ _HARMLESS_KEYS = {
     # How a step's rows are split into micro-batches: the same rows, the same gradient.
     "train.micro_batch_tokens", "train.auto_micro_batch", "train.packing",
 }
+# Keys that act only when another is on: graph lengths only under CUDA graphs, inductor options only on
+# compiled layers. A change is harmless when that key is off before and after.
+_ONLY_WITH = {"train.graph_length_multiple": "train.cuda_graphs", "model.compile_options": "model.compile_layers"}
+# Keys whose behaviour an older summ had without recording them: a record that lacks one compares as
+# what that version did, not as today's default.
+_UNRECORDED_BEHAVIOUR = {"train.graph_length_multiple": 64}
 _PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "safetensors", "summ")
 
 
@@ -53,7 +59,9 @@ def flat_config(cfg: RunConfig) -> dict:
             for key, value in values.items()}
 
 
-def is_harmless(key: str) -> bool:
+def is_harmless(key: str, old: dict, new: dict) -> bool:
+    if key in _ONLY_WITH and not old.get(_ONLY_WITH[key]) and not new.get(_ONLY_WITH[key]):
+        return True
     return key.split(".")[0] in _HARMLESS_SECTIONS or key in _HARMLESS_KEYS
 
 
@@ -76,9 +84,9 @@ def check_resume(cfg: RunConfig, checkpoint: Path | None, world_size: int, data_
     old = {f"{s}.{k}": v for s, values in record["config"].items() for k, v in values.items()}
     new = flat_config(cfg)
     # A key that the checkpoint's summ did not have yet compares as its default: what that version did.
-    old = {**flat_config(RunConfig()), **old}
+    old = {**flat_config(RunConfig()), **_UNRECORDED_BEHAVIOUR, **old}
     changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
-    refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if not is_harmless(k)]
+    refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if not is_harmless(k, old, new)]
     if "auto_micro_batch" not in record["config"].get("train", {}) and \
             record["config"].get("train", {}).get("micro_batch_tokens") is not None:
         refused.append("train.micro_batch_tokens: when this checkpoint was written it grouped the data plan by tokens; "
@@ -92,7 +100,7 @@ def check_resume(cfg: RunConfig, checkpoint: Path | None, world_size: int, data_
         raise ResumeMismatch(f"{checkpoint}: cannot resume exactly, changed since the checkpoint: "
                              f"{'; '.join(refused)}. Restore them, or pass --resume-changed to continue with the "
                              f"new values (recorded in resumes.jsonl)")
-    allowed = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if is_harmless(k)]
+    allowed = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if is_harmless(k, old, new)]
     if allowed:
         log.warning("resume: changed since the checkpoint (allowed): %s", "; ".join(allowed))
     if refused:

@@ -1,6 +1,7 @@
 """Bad input and faults: a one-line error before anything is created, nothing lost, resumes that
 refuse what they cannot honour, and a run that survives a non-finite fp16 step or a full disk."""
 
+import dataclasses
 import errno
 import json
 import math
@@ -480,7 +481,8 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_unless_its_plan_changed_
     train(cfg)
     record_file = latest_checkpoint(tmp_path / "run") / RESUME_RECORD
     record = _json.loads(record_file.read_text())
-    for section, key in (("train", "auto_micro_batch"), ("train", "packing"), ("model", "compile_layers")):
+    for section, key in (("train", "auto_micro_batch"), ("train", "packing"), ("model", "compile_layers"),
+                         ("train", "graph_length_multiple"), ("model", "compile_options")):
         del record["config"][section][key]
     record_file.write_text(_json.dumps(record))
     assert train(cfg, resume=True).steps == 1  # nothing reads as changed
@@ -490,6 +492,20 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_unless_its_plan_changed_
     # Only what really changed is named: the step budget, not the keys the record lacks.
     assert "train.max_steps: 1 -> 2" in str(refused.value)
     assert "auto_micro_batch" not in str(refused.value) and "compile_layers" not in str(refused.value)
+
+    # Graphs recorded at lengths in multiples of 64 before the multiple was a key: under graphs a
+    # resume at today's 16 would draw other dropout masks, so it is refused; without graphs the
+    # multiple does nothing and a change of it is harmless.
+    from summ.run_record import check_resume
+
+    graphed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cuda_graphs=True))
+    record["config"]["train"]["cuda_graphs"] = True
+    record_file.write_text(_json.dumps(record))
+    with pytest.raises(ResumeMismatch, match=r"train\.graph_length_multiple: 64 -> 16"):
+        check_resume(graphed, record_file.parent, record["world_size"], record["data_fingerprint"], False)
+    kept = dataclasses.replace(graphed, train=dataclasses.replace(graphed.train, graph_length_multiple=64))
+    assert check_resume(kept, record_file.parent, record["world_size"], record["data_fingerprint"], False)["changed"] == {}
+    del record["config"]["train"]["cuda_graphs"]
 
     record["config"]["train"]["micro_batch_tokens"] = 256
     record_file.write_text(_json.dumps(record))
