@@ -52,7 +52,8 @@ class ModelConfig:
     # torch.compile each decoder layer (inductor, dynamic shapes): fused kernels and fewer launches
     # where a step is bound by kernel launches; the first steps wait for the compiler.
     compile_layers: bool = False
-    # Inductor options for the compiled layers (torch.compile's `options`). {"fallback_random": true}
+    # Inductor options for the compiled layers (torch.compile's `options`; needs compile_layers, each
+    # name and type checked against this torch when the config loads). {"fallback_random": true}
     # draws dropout masks with torch's own dropout kernel instead of inductor's Triton random numbers:
     # the masks an eager layer would draw from the same seed, and cheaper on a GPU where the Triton
     # generator's arithmetic, not memory, bounds the dropout kernels.
@@ -149,7 +150,7 @@ class TrainConfig:
     cuda_graphs: bool = False
     # A graph's length is its micro-batch's longest row rounded up to a multiple of this (a multiple
     # of 8): smaller, less padding per row and more graphs to record (one per length). Phi-2 at 32
-    # length-grouped rows per step: 1.6% padding at 16 (23 graphs), 4.9% at 64 (8 graphs).
+    # length-grouped rows per step: 1.6% padding at 16 (27 graphs an epoch), 4.9% at 64 (8 graphs).
     graph_length_multiple: int = 16
     length_grouping: bool = True
     # false: rows in file order (with length_grouping false too), e.g. to compare step by step
@@ -423,6 +424,31 @@ def _check_type(value: Any, hint, key: str, source: str):
     return value
 
 
+def check_compile_options(options: dict, source: str) -> None:
+    """Each inductor option exists in this torch and has its type: torch.compile would refuse them only
+    once the model has loaded."""
+    if not options:
+        return
+    import torch
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    names = {"bool": "true/false", "int": "an integer", "float": "a number", "str": "a string"}
+    for name, value in options.items():
+        where = f"{source}: 'model.compile_options.{name}'"
+        if name.replace("-", "_") not in known:
+            raise ConfigError(f"{where} is not an inductor option of torch {torch.__version__} "
+                              f"(torch._inductor.config lists them)")
+        default = known[name.replace("-", "_")]
+        expected = type(default).__name__
+        ok = {"bool": lambda v: isinstance(v, bool),
+              "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "str": lambda v: isinstance(v, str)}.get(expected, lambda v: True)
+        if not ok(value):
+            raise ConfigError(f"{where} must be {names[expected]}, got {value!r}")
+
+
 def looks_like_local_path(name: str) -> bool:
     """A hub id is `name` or `owner/name`; anything else that names a place is a local path, and a
     missing one must say "not found" rather than fall through to a hub download."""
@@ -510,10 +536,9 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
     if t.graph_length_multiple <= 0 or t.graph_length_multiple % 8:
         # Rows are padded to a multiple of 8 tokens already (summ.data.PAD_TO_MULTIPLE_OF).
         fail("train.graph_length_multiple", "a positive multiple of 8")
-    for name, value in m.compile_options.items():
-        if not isinstance(value, (bool, int, float, str)):
-            raise ConfigError(f"{origins.get('model.compile_options', source)}: 'model.compile_options' values "
-                              f"must be true/false, numbers or strings; '{name}' is {value!r}")
+    if m.compile_options and not m.compile_layers:
+        fail("model.compile_options", "empty when model.compile_layers is false (they apply to compiled layers)")
+    check_compile_options(m.compile_options, origins.get("model.compile_options", source))
     if t.cuda_graphs and m.embeddings_on_cpu:
         fail("train.cuda_graphs", "false with model.embeddings_on_cpu (a graph cannot look rows up on the host)")
     if m.gguf_file is not None and m.init == "random":

@@ -354,19 +354,6 @@ def lora_on_meta(cfg: RunConfig):
     return get_peft_model(model, peft_lora_config(cfg, model.config.model_type))
 
 
-def check_compile_options(options: dict) -> None:
-    """torch.compile refuses an unknown inductor option only at the first forward, after the load."""
-    if not options:
-        return
-    import torch._inductor.config as inductor_config
-
-    known = inductor_config.get_config_copy()
-    for name in options:
-        if name not in known:
-            raise ConfigError(f"model.compile_options: '{name}' is not an inductor option of torch "
-                              f"{torch.__version__} (torch._inductor.config lists them)")
-
-
 # Architectures whose modules Liger-Kernel patches as model.liger_kernel uses it (RoPE, SwiGLU, RMSNorm).
 LIGER_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -383,7 +370,6 @@ def check_model_settings(cfg: RunConfig) -> None:
     if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("model.attn_implementation: 'flash_attention_2' needs the flash-attn package "
                           "(pip install flash-attn); 'sdpa' needs nothing")
-    check_compile_options(cfg.model.compile_options)
     if cfg.model.compile_layers and torch.cuda.is_available() and importlib.util.find_spec("triton") is None:
         # inductor writes Triton kernels for a GPU; without it the first forward fails after the load.
         raise ConfigError("model.compile_layers: compiling on a GPU needs the triton package (pip install triton); "

@@ -79,8 +79,15 @@ def test_reference_recipe_values():
     (minimal(eval={"generate_batch_size": 0}), "'eval.generate_batch_size' must be > 0 or null, got 0"),
     (minimal(train={"graph_length_multiple": 20}), "'train.graph_length_multiple' must be a positive multiple of 8, "
                                                    "got 20"),
-    (minimal(model={"compile_options": {"fallback_random": [True]}}),
-     "'model.compile_options' values must be true/false, numbers or strings; 'fallback_random' is [True]"),
+    (minimal(train={"graph_length_multiple": 0}), "'train.graph_length_multiple' must be a positive multiple of 8, "
+                                                  "got 0"),
+    (minimal(model={"compile_layers": True, "compile_options": {"fallback_random": 1}}),
+     "'model.compile_options.fallback_random' must be true/false, got 1"),
+    (minimal(model={"compile_layers": True, "compile_options": {"fallback_randon": True}}),
+     "'model.compile_options.fallback_randon' is not an inductor option of torch "),
+    (minimal(model={"compile_options": {"fallback_random": True}}),
+     "'model.compile_options' must be empty when model.compile_layers is false (they apply to compiled layers), "
+     "got {'fallback_random': True}"),
 ])
 def test_config_errors_name_file_and_key(tmp_path, raw, message):
     path = write(tmp_path, raw)
@@ -159,3 +166,9 @@ def test_config_is_frozen_and_round_trips(tmp_path):
     assert loaded == cfg
     assert (loaded.train.lr, loaded.lora.target_modules, loaded.model.name_or_path) == (3e-4, ("q_proj",), "m")
     assert loaded != config_from_dict(minimal(train={"lr": 2e-4}, lora={"target_modules": ["q_proj"]}))
+
+
+def test_inductor_options_load_by_either_spelling(tmp_path):
+    for name in ("fallback_random", "fallback-random"):
+        cfg = load_config(write(tmp_path, minimal(model={"compile_layers": True, "compile_options": {name: True}})))
+        assert cfg.model.compile_options == {name: True}

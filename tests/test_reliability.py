@@ -485,13 +485,15 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_unless_its_plan_changed_
                          ("train", "graph_length_multiple"), ("model", "compile_options")):
         del record["config"][section][key]
     record_file.write_text(_json.dumps(record))
-    assert train(cfg, resume=True).steps == 1  # nothing reads as changed
+    # Only graph_length_multiple reads as changed (64 -> 16), harmless without graphs.
+    assert train(cfg, resume=True).steps == 1
     longer = tiny_config(tmp_path / "run", train={"save_every": 1, "max_steps": 2}, eval={"at_end": False})
     with pytest.raises(ResumeMismatch) as refused:
         train(longer, resume=True)
     # Only what really changed is named: the step budget, not the keys the record lacks.
     assert "train.max_steps: 1 -> 2" in str(refused.value)
     assert "auto_micro_batch" not in str(refused.value) and "compile_layers" not in str(refused.value)
+    assert "graph_length_multiple" not in str(refused.value)
 
     # Graphs recorded at lengths in multiples of 64 before the multiple was a key: under graphs a
     # resume at today's 16 would draw other dropout masks, so it is refused; without graphs the
@@ -506,6 +508,19 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_unless_its_plan_changed_
     kept = dataclasses.replace(graphed, train=dataclasses.replace(graphed.train, graph_length_multiple=64))
     assert check_resume(kept, record_file.parent, record["world_size"], record["data_fingerprint"], False)["changed"] == {}
     del record["config"]["train"]["cuda_graphs"]
+    # Inductor options change the compiled layers' dropout masks: refused only when layers compile.
+    record["config"]["model"]["compile_options"] = {"fallback_random": True}
+    record_file.write_text(_json.dumps(record))
+    assert "model.compile_options" in check_resume(cfg, record_file.parent, record["world_size"],
+                                                   record["data_fingerprint"], False)["changed"]
+    record["config"]["model"]["compile_layers"] = True
+    record_file.write_text(_json.dumps(record))
+    with pytest.raises(ResumeMismatch, match=r"model\.compile_layers: True -> False; model\.compile_options: "):
+        check_resume(cfg, record_file.parent, record["world_size"], record["data_fingerprint"], False)
+    compiled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile_layers=True))
+    with pytest.raises(ResumeMismatch, match=r"model\.compile_options: \{'fallback_random': True\} -> \{\}"):
+        check_resume(compiled, record_file.parent, record["world_size"], record["data_fingerprint"], False)
+    del record["config"]["model"]["compile_options"], record["config"]["model"]["compile_layers"]
 
     record["config"]["train"]["micro_batch_tokens"] = 256
     record_file.write_text(_json.dumps(record))

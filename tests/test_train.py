@@ -122,17 +122,17 @@ def test_compiled_decoder_layers_give_the_same_loss_and_gradient(tmp_path):
 @pytest.mark.slow
 def test_compiled_layers_with_eager_random_numbers_draw_the_eager_dropout_masks(tmp_path):
     """model.compile_options {"fallback_random": true}: with dropout on (LoRA 0.3, Phi-2's residual
-    0.1), a compiled step from the same seed gives the eager step's loss and gradients."""
+    0.1), a compiled step from the same seed gives the eager step's loss and gradients; with inductor's
+    own random numbers it gives another loss."""
     overrides = {**TINY["phi"]["overrides"], "resid_pdrop": 0.1}
     cfg = tiny_config(tmp_path, "phi", lora={"r": 4, "alpha": 8, "dropout": 0.3},
-                      model={"attn_implementation": "sdpa", "config_overrides": overrides,
-                             "compile_options": {"fallback_random": True}})
+                      model={"attn_implementation": "sdpa", "config_overrides": overrides})
     tok, ex = examples_for(cfg, 2)
     accelerator = Accelerator(cpu=True)
     results = []
-    for compiled in (False, True):
-        model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile_layers=compiled)),
-                            accelerator.device, torch.float32)
+    for compiled, options in ((False, {}), (True, {"fallback_random": True}), (True, {})):
+        model_cfg = dataclasses.replace(cfg.model, compile_layers=compiled, compile_options=options)
+        model = build_model(dataclasses.replace(cfg, model=model_cfg), accelerator.device, torch.float32)
         model.train()
         torch.manual_seed(123)
         loss, _ = accumulate_gradients(model, [collate(ex, tok.pad_token_id)], accelerator)
@@ -140,6 +140,7 @@ def test_compiled_layers_with_eager_random_numbers_draw_the_eager_dropout_masks(
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
     for name, grad in results[1][1].items():
         torch.testing.assert_close(grad, results[0][1][name], rtol=1e-4, atol=1e-6)
+    assert abs(results[2][0] - results[0][0]) > 1e-4 * abs(results[0][0])
 
 
 @pytest.mark.parametrize("arch", ["phi", "llama"])

@@ -33,6 +33,10 @@ def base_raw(out_dir) -> dict:
      "'search.space.train.lrr': the value 1 gives an invalid config (unknown key 'train.lrr'; expected one of"),
     ({"train.max_steps": {"grid": [1, 2]}},
      "'search.space.train.max_steps': set by the search itself (max_steps, eval_every), not searchable"),
+    ({"model.compile_options": {"choice": [{}, {"fallback_randon": True}]}},
+     "'search.space.model.compile_options': the value {\"fallback_randon\": true} gives an invalid config "
+     "('model.compile_options' must be empty when model.compile_layers is false (they apply to compiled layers), "
+     "got {'fallback_randon': True})"),
 ])
 def test_a_bad_search_space_fails_before_ray_starts(tmp_path, space, message):
     import ray
