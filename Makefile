@@ -1,5 +1,5 @@
 # `make demo`: install into .venv and fine-tune SmolLM2-135M-Instruct on the bundled XSum sample (2-core CPU, ~14 min).
-# `make test`: the test suite (CPU, offline); `make test-slow`: its multi-process tests (CI runs both);
+# `make test`: the test suite (CPU, offline); `make test-slow`: its multi-process and longer tests (CI runs both);
 # `make test-gpu`: the tests that need a CUDA GPU.
 PYTHON ?= python3
 VENV ?= .venv
@@ -41,8 +41,8 @@ search-demo: install
 test: install
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
 
-# The multi-process tests (data parallel on two CPU processes, refused launches, a two-process scaling
-# benchmark, a search trial killed and resumed).
+# The multi-process and longer tests (data parallel on two CPU processes, refused launches, a two-process
+# scaling benchmark, the Ray Tune searches, compiled layers drawing eager dropout masks).
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow tests
 

@@ -73,6 +73,7 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.slow  # Ray and four short trainings: ~25 s; CI runs it with make test-slow
 def test_two_trials_asha_stops_the_trailing_one_and_best_trains(tmp_path, ray_local):
     from summ.config import config_from_dict
     from summ.train import train
