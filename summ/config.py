@@ -151,6 +151,7 @@ class TrainConfig:
     # A graph's length is its micro-batch's longest row rounded up to a multiple of this (a multiple
     # of 8): smaller, less padding per row and more graphs to record (one per length). Phi-2 at 32
     # length-grouped rows per step: 1.6% padding at 16 (27 graphs an epoch), 4.9% at 64 (8 graphs).
+    # A long data.max_length records up to max_length / multiple lengths: raise it to record fewer.
     graph_length_multiple: int = 16
     length_grouping: bool = True
     # false: rows in file order (with length_grouping false too), e.g. to compare step by step
