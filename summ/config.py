@@ -434,20 +434,14 @@ def check_compile_options(options: dict, source: str) -> None:
     import torch._inductor.config as inductor_config
 
     known = inductor_config.get_config_copy()
-    names = {"bool": "true/false", "int": "an integer", "float": "a number", "str": "a string"}
     for name, value in options.items():
-        where = f"{source}: 'model.compile_options.{name}'"
-        if name.replace("-", "_") not in known:
-            raise ConfigError(f"{where} is not an inductor option of torch {torch.__version__} "
+        key = f"model.compile_options.{name}"
+        default = known.get(name.replace("-", "_"), KeyError)  # torch reads either spelling
+        if default is KeyError:
+            raise ConfigError(f"{source}: '{key}' is not an inductor option of torch {torch.__version__} "
                               f"(torch._inductor.config lists them)")
-        default = known[name.replace("-", "_")]
-        expected = type(default).__name__
-        ok = {"bool": lambda v: isinstance(v, bool),
-              "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-              "str": lambda v: isinstance(v, str)}.get(expected, lambda v: True)
-        if not ok(value):
-            raise ConfigError(f"{where} must be {names[expected]}, got {value!r}")
+        if type(default) in (bool, int, float, str):
+            _check_type(value, type(default), key, source)
 
 
 def looks_like_local_path(name: str) -> bool:

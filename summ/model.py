@@ -128,13 +128,13 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def compile_decoder_layers(model, options: dict | None = None) -> int:
+def compile_decoder_layers(model, options: dict) -> int:
     """Compile every decoder layer in place (LoRA included), with dynamic shapes so micro-batches of
     new lengths reuse the compiled code, and inductor `options` (model.compile_options). Returns how
     many were compiled."""
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(dynamic=True, options=dict(options or {}))
+        layer.compile(dynamic=True, options=dict(options))  # its own copy, apart from the config's
     log.info("compiled %d decoder layers", len(layers))
     return len(layers)
 

@@ -313,4 +313,3 @@ def test_compiled_layers_on_a_gpu_without_triton_are_refused_before_loading(tmp_
         check_model_settings(cfg)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     check_model_settings(cfg)  # a CPU compiles with its C++ compiler, no Triton
-
