@@ -31,10 +31,17 @@ def wall_time(log: Path) -> str:
     return f"{int(minutes) * 60 + float(seconds):.0f} s"
 
 
+def flag_share(records: list[dict], flag: str) -> str:
+    # Records saved before the flag existed (errors.jsonl of older runs) have no value to show.
+    if not records or flag not in records[0]:
+        return "-"
+    return f"{100 * sum(bool(e[flag]) for e in records) / len(records):.1f}%"
+
+
 def row(label: str, folder: Path, log: Path, train_dir: Path | None = None) -> str:
     metrics_file = folder / "eval_metrics.json"
     if not metrics_file.is_file():
-        return f"| {label} | missing: {metrics_file} |" + " |" * 8
+        return f"| {label} | missing: {metrics_file} |" + " |" * 9
     m = json.loads(metrics_file.read_text())
     r = m["rouge"]
     rouge = [f"{r['rouge1']['mean']:.2f} [{r['rouge1']['low']:.2f}, {r['rouge1']['high']:.2f}]"] + \
@@ -42,15 +49,13 @@ def row(label: str, folder: Path, log: Path, train_dir: Path | None = None) -> s
     val_loss = f"{m['val_loss']:.4f}" if "val_loss" in m else "-"
     stopped = f"{100 * m['stopped_by_itself_share']:.1f}%" if "stopped_by_itself_share" in m else "-"
     errors = folder / "errors.jsonl"
-    if errors.is_file():
-        records = json_records(errors)
-        repeating = f"{100 * sum(e['repeated_trigram_share'] > 0 for e in records) / len(records):.1f}%"
-    else:
-        repeating = "-"
+    records = json_records(errors) if errors.is_file() else []
+    repeating, looping = flag_share(records, "repeats_trigram"), flag_share(records, "degenerate_repetition")
     generation = m.get("generation", {})
     seconds = f"{generation['seconds']:.0f} s" if "seconds" in generation else "-"
     train = wall_time(log) if train_dir else "-"
-    return f"| {label} | {val_loss} | " + " | ".join(rouge) + f" | {stopped} | {repeating} | {seconds} | {train} |"
+    return (f"| {label} | {val_loss} | " + " | ".join(rouge)
+            + f" | {stopped} | {repeating} | {looping} | {seconds} | {train} |")
 
 
 def main() -> None:
@@ -64,8 +69,9 @@ def main() -> None:
     lead = json.loads((recipe / "lead" / "eval_metrics.json").read_text())["baseline"] \
         if (recipe / "lead" / "eval_metrics.json").is_file() else "lead"
     print("| run | val loss | ROUGE-1 [95% CI] | ROUGE-2 | ROUGE-L | ROUGE-Lsum | stopped by itself | "
-          "summaries repeating a trigram | generation | train + greedy eval |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "summaries repeating a trigram | summaries looping (a trigram 3+ times) | generation | "
+          "train + greedy eval |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(row(lead.upper(), recipe / "lead", out / "lead.log"))
     print(row("zero-shot (chat template)", recipe / "zero_shot", out / "zero-shot.log"))
     print(row("recipe, greedy", recipe / "eval", out / f"{a.recipe}.log", recipe))

@@ -190,8 +190,8 @@ class EvalConfig:
     # Rows to summarize (None: all of data.eval_split after data.max_eval_rows).
     generate_rows: Optional[int] = None
     # "fast": summ.generate's batched greedy decoder (the decode step captured once as a CUDA graph
-    # on a GPU; the same greedy text as "hf"). Beam search, sampling, no_repeat_ngram_size and
-    # repetition_penalty always run on transformers' `generate`. "hf": `generate` for everything.
+    # on a GPU; the same greedy text as "hf"), no_repeat_ngram_size and repetition_penalty included.
+    # Beam search and sampling always run on transformers' `generate`. "hf": `generate` for everything.
     engine: str = "fast"
     # How the fast engine turns its decode step into one CUDA graph replay (CUDA only; a CPU runs it
     # eagerly): "inductor" (torch.compile mode="reduce-overhead": fused kernels; the first batch
@@ -231,9 +231,14 @@ class EvalConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     # Guards against the loops a small model falls into ("I'm not sure I'm ready to talk about it. I'm not...").
-    # 0 and 1.0 switch them off.
+    # 0 and 1.0 switch them off. Both look at the generated summary only (summ.repetition): an
+    # n-gram of the article may be copied once, an n-gram of the summary may not come back.
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
+    # "summary": the rules above see the generated tokens only. "sequence": transformers' own rule
+    # over prompt and summary (every n-gram of the article banned from the summary; on `generate`
+    # only), kept to reproduce what `generate(no_repeat_ngram_size=...)` gives a decoder-only model.
+    repetition_scope: str = "summary"
     # Generation also stops at these strings (the summary's end, or the next template marker); EOS always stops it.
     stop_strings: tuple = ("###",)
     bootstrap_resamples: int = 1000
@@ -282,6 +287,7 @@ CHOICES = {
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "eval.cache_implementation": ("dynamic", "static"),
     "eval.engine": ("fast", "hf"),
+    "eval.repetition_scope": ("summary", "sequence"),
     "data.prompt_format": ("raw", "chat"),
     "eval.compile": ("inductor", "cudagraphs", "none"),
 }

@@ -20,10 +20,13 @@ from collections import Counter
 LENGTH_BUCKETS = ("empty", "too_short", "ok", "too_long")
 
 # Flags counted by aggregate_errors; each gets a count and a `<flag>_share`.
-_FLAGS = ("empty", "repetitive", "template_leak", "run_on", "hallucination_flag")
+_FLAGS = ("empty", "repeats_trigram", "degenerate_repetition", "template_leak", "run_on", "hallucination_flag")
 
-# A prediction where more than this share of trigrams are repeats is visibly looping.
-_REPETITIVE_SHARE = 0.2
+# A trigram twice can be ordinary prose (a name said again: "the council approved ... the council
+# approved"); three times in a summary of a sentence or three is the model going round in a loop
+# ("UNICEF-UNCCP, UNICEF-UNCCP, UNICEF-UNCCP, ..."). The count is not scaled by length, so a
+# 100-token ramble that says "the event was" three times is flagged too.
+_LOOP_TRIGRAM_COUNT = 3
 
 # Capitalised function words are capitalised for grammar, not because they name anything;
 # without this list every "The" and "He" opening a clause would read as a hallucinated name.
@@ -183,6 +186,9 @@ def analyze_example(article: str, reference: str, prediction: str, *, stop_reaso
     Length buckets are relative to the reference: a missing reference gives ratio 0.0, so a
     non-empty prediction against it lands in "too_short" rather than raising mid-evaluation.
     Shares that need tokens (repeats, novelty, copying) are 0.0 when there is nothing to count.
+    Repetition is over lowercased, punctuation-free tokens: `repeats_trigram` is any trigram twice,
+    `degenerate_repetition` one trigram 3 or more times (a loop), and `max_trigram_count` the count
+    of the most frequent trigram (0 with fewer than 3 tokens).
     """
     pred_words = len(prediction.split())
     ref_words = len(reference.split())
@@ -200,6 +206,7 @@ def analyze_example(article: str, reference: str, prediction: str, *, stop_reaso
     pred_tokens = _tokens(prediction)
     art_tokens = _tokens(article)
     repeated = _repeated_share(pred_tokens)
+    max_trigram_count = max(Counter(_ngrams(pred_tokens, 3)).values(), default=0)
 
     lowered = prediction.lower()
     # Empty markers are skipped: "" is in every string and would flag everything.
@@ -217,7 +224,9 @@ def analyze_example(article: str, reference: str, prediction: str, *, stop_reaso
         "length_bucket": bucket,
         "empty": empty,
         "repeated_trigram_share": repeated,
-        "repetitive": repeated > _REPETITIVE_SHARE,
+        "max_trigram_count": max_trigram_count,
+        "repeats_trigram": max_trigram_count >= 2,
+        "degenerate_repetition": max_trigram_count >= _LOOP_TRIGRAM_COUNT,
         "template_leak": template_leak,
         "run_on": stop_reason == "max_new_tokens" or template_leak,
         "novel_unigram_share": _novel_share(pred_tokens, art_tokens, 1),

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessorList
 
 from summ.config import EvalConfig, RunConfig
 from summ.data import Encoder, encode_rows, load_rows
@@ -24,6 +25,7 @@ from summ.generate import GreedyDecoder, left_padded, longest_first
 from summ.loss import evaluate_loss
 from summ.model import load_for_inference, load_tokenizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
+from summ.repetition import SummaryOnlyRepetition
 from summ.rouge import ROUGE_KEYS, aggregate, score_pairs
 
 log = logging.getLogger(__name__)
@@ -41,9 +43,10 @@ class Generation:
 
 
 def uses_fast_engine(ev: EvalConfig) -> bool:
-    """Whether summ.generate's greedy decoder can run `ev`: greedy decoding with no logits processors."""
-    return (ev.engine == "fast" and ev.num_beams == 1 and not ev.do_sample and ev.no_repeat_ngram_size == 0
-            and ev.repetition_penalty == 1.0)
+    """Whether summ.generate's greedy decoder can run `ev`: greedy decoding, its repetition rules over
+    the summary only."""
+    sequence_rules = ev.repetition_scope == "sequence" and (ev.no_repeat_ngram_size > 0 or ev.repetition_penalty != 1.0)
+    return ev.engine == "fast" and ev.num_beams == 1 and not ev.do_sample and not sequence_rules
 
 
 def compiled(ev: EvalConfig, device: torch.device, articles: int) -> str | None:
@@ -95,7 +98,8 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
     started = time.perf_counter()
     fast, capture = uses_fast_engine(ev), compiled(ev, device, len(articles))
     if fast:
-        decoder = GreedyDecoder(model, tokenizer, ev.stop_strings, device, compile=capture)
+        decoder = GreedyDecoder(model, tokenizer, ev.stop_strings, device, compile=capture,
+                                no_repeat_ngram_size=ev.no_repeat_ngram_size, repetition_penalty=ev.repetition_penalty)
         new_ids = decoder.generate(prompts, ev.max_new_tokens, batch_size, min_new_tokens=min_new_tokens)
     else:
         new_ids = _generate_with_transformers(model, tokenizer, prompts, ev, device, batch_size, min_new_tokens)
@@ -117,8 +121,10 @@ def _generate_with_transformers(model, tokenizer, prompts: list[list[int]], ev: 
     pad = tokenizer.pad_token_id
     kwargs = dict(max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, do_sample=ev.do_sample,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=True, min_new_tokens=min_new_tokens,
-                  no_repeat_ngram_size=ev.no_repeat_ngram_size, repetition_penalty=ev.repetition_penalty,
                   length_penalty=ev.length_penalty)
+    summary_rules = ev.repetition_scope == "summary" and (ev.no_repeat_ngram_size > 0 or ev.repetition_penalty != 1.0)
+    if ev.repetition_scope == "sequence":
+        kwargs.update(no_repeat_ngram_size=ev.no_repeat_ngram_size, repetition_penalty=ev.repetition_penalty)
     if ev.cache_implementation == "static":
         kwargs["cache_implementation"] = "static"
     if ev.do_sample:
@@ -132,6 +138,10 @@ def _generate_with_transformers(model, tokenizer, prompts: list[list[int]], ev: 
         rows = order[s:s + batch_size]
         input_ids, attention_mask = left_padded([prompts[i] for i in rows], pad)
         width = input_ids.shape[1]
+        if summary_rules:
+            # Every row (and beam) of a left-padded batch starts its summary at column `width`.
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [SummaryOnlyRepetition(width, ev.no_repeat_ngram_size, ev.repetition_penalty)])
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
         for r, i in enumerate(rows):
             new_ids[i] = out[r, width:].tolist()
@@ -255,6 +265,7 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
                        "max_new_tokens": ev.max_new_tokens, "min_new_tokens": ev.min_new_tokens,
                        "num_beams": ev.num_beams, "length_penalty": ev.length_penalty, "do_sample": ev.do_sample,
                        "no_repeat_ngram_size": ev.no_repeat_ngram_size, "repetition_penalty": ev.repetition_penalty,
+                       "repetition_scope": ev.repetition_scope,
                        "stop_strings": list(ev.stop_strings), **speed},
         "errors": aggregate_errors(analyses),
     }

@@ -7,6 +7,8 @@ CUDA graph by `torch.compile(mode="reduce-overhead")` over a static KV cache, th
 at the tokens only every few steps, and stop strings are found from a per-tokenizer table of
 the tokens that can complete one. The result is the same greedy text as `model.generate`:
 rows are independent, and text is cut at EOS and at the first stop string exactly as before.
+No repeated n-grams and the repetition penalty (summ.repetition: over the summary only) run inside
+the captured step.
 
 Beam search and sampling stay on `model.generate` (see summ.evaluate).
 """
@@ -17,6 +19,8 @@ import inspect
 import logging
 
 import torch
+
+from summ.repetition import apply_repetition_rules
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +94,7 @@ class GreedyDecoder:
     """
 
     def __init__(self, model, tokenizer, stop_strings, device: torch.device, compile: str | None = None,
-                 static: bool = False):
+                 static: bool = False, no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0):
         from transformers import DynamicCache, StaticCache
 
         self.model, self.tokenizer, self.device = model, tokenizer, device
@@ -100,6 +104,7 @@ class GreedyDecoder:
         self.eos = torch.tensor(eos_token_ids(model, tokenizer), device=device)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(self.eos[0])
         self.cache_keyword = _cache_keyword(model)
+        self.no_repeat_ngram_size, self.repetition_penalty = no_repeat_ngram_size, repetition_penalty
         # Added to the logits: nothing, or EOS ruled out (before min_new_tokens).
         self.no_bias = torch.zeros(self.vocab_size, device=device)
         self.no_eos = self.no_bias.clone().index_fill_(0, self.eos, float("-inf"))
@@ -117,8 +122,11 @@ class GreedyDecoder:
         return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                           use_cache=True, logits_to_keep=1, **{self.cache_keyword: cache}).logits[:, -1]
 
-    def _decode(self, input_ids, position_ids, attention_mask, cache, logit_bias):
-        return (self._forward(input_ids, position_ids, attention_mask, cache) + logit_bias).argmax(-1)
+    def _decode(self, input_ids, position_ids, attention_mask, cache, logit_bias, generated, length):
+        # logit_bias is fp32: the rules see fp32 scores, as in `generate`.
+        scores = self._forward(input_ids, position_ids, attention_mask, cache) + logit_bias
+        scores = apply_repetition_rules(scores, generated, length, self.no_repeat_ngram_size, self.repetition_penalty)
+        return scores.argmax(-1)
 
     def _new_cache(self, batch: int, length: int):
         config = self.model.config.get_text_config(decoder=True)
@@ -166,6 +174,8 @@ class GreedyDecoder:
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         host_done = [False] * batch
         host_tokens: list[list[int]] = [[] for _ in range(batch)]
+        # Tokens written before each step, as tensors: the captured step takes its length as an input.
+        lengths = torch.arange(1, max_new_tokens + 1, device=device)
         for step in range(max_new_tokens):
             token = torch.where(done, self.pad, token)
             out[:, step] = token
@@ -178,7 +188,7 @@ class GreedyDecoder:
             step_mask = mask if self.static else mask[:, :length]
             # The graph's output is overwritten by its next replay: clone it before that.
             bias = no_eos if step + 1 < min_new_tokens else no_bias
-            token = self._step(token[:, None], position, step_mask, cache, bias).clone()
+            token = self._step(token[:, None], position, step_mask, cache, bias, out, lengths[step]).clone()
             position = position + 1
         return out.tolist()
 

@@ -18,15 +18,19 @@ def rouge_cell(r: dict) -> str:
 
 def error_summary_lines(e: dict) -> list[str]:
     """The aggregate error analysis (`summ.errors.aggregate_errors` of at least one example) as a
-    markdown table and a line of means, ending with a blank line."""
+    markdown table and a line of means, ending with a blank line.
+
+    A signal that the analysis lacks (one saved by an older version of summ) reads "n/a"."""
     lines = ["| signal | examples | share |", "|---|---|---|"]
     lines += [f"| length: {b.replace('_', ' ')} | {e['length_buckets'].get(b, 0)} | "
               f"{e['length_buckets'].get(b, 0) / e['n']:.1%} |" for b in LENGTH_BUCKETS]
-    for key, label in (("repetitive", "repeated trigrams (> 20% of trigrams)"),
+    for key, label in (("repeats_trigram", "repeats a trigram"),
+                       ("degenerate_repetition", "degenerate repetition (one trigram 3+ times)"),
                        ("template_leak", "template leakage (prompt markers in the output)"),
                        ("run_on", "run-on (never stopped, or leaked the template)"),
                        ("hallucination_flag", "numbers or names absent from the article")):
-        lines.append(f"| {label} | {e[key]} | {e[key + '_share']:.1%} |")
+        cells = f"{e[key]} | {e[key + '_share']:.1%}" if key in e else "n/a | n/a"
+        lines.append(f"| {label} | {cells} |")
     return lines + [
         "",
         f"Mean length ratio (prediction / reference words): {e['mean_length_ratio']:.2f} "
@@ -94,7 +98,8 @@ def write_report(path: Path, metrics: dict, rows: list[dict], generations: list[
                   f"## The {min(worst_k, len(rows))} worst examples by ROUGE-Lsum", ""]
         for i in worst_examples(analyses, [s["rougeLsum"] for s in scores], k=worst_k):
             a = analyses[i]
-            flags = [k for k in ("empty", "repetitive", "template_leak", "run_on", "hallucination_flag") if a[k]]
+            flags = [k for k in ("empty", "repeats_trigram", "degenerate_repetition", "template_leak", "run_on",
+                                 "hallucination_flag") if a[k]]
             lines += [
                 f"### {rows[i]['id']}: ROUGE-Lsum {scores[i]['rougeLsum']:.1f}, stop: {generations[i]['stop_reason']}"
                 + (f", flags: {', '.join(flags)}" if flags else ""),

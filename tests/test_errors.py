@@ -12,7 +12,8 @@ COUNCIL = "The council approves the plan."
 
 KEYS = {
     "pred_words", "ref_words", "length_ratio", "length_bucket", "empty", "repeated_trigram_share",
-    "repetitive", "template_leak", "run_on", "novel_unigram_share", "novel_bigram_share",
+    "max_trigram_count", "repeats_trigram", "degenerate_repetition", "template_leak", "run_on",
+    "novel_unigram_share", "novel_bigram_share",
     "copied_bigram_share", "unsupported_numbers", "unsupported_names", "hallucination_flag",
 }
 
@@ -27,7 +28,8 @@ def analyze(prediction, article=COUNCIL, reference=REF4, stop_reason="eos", **kw
 def test_empty_prediction_record_is_exact():
     assert analyze("  \n\t") == {
         "pred_words": 0, "ref_words": 4, "length_ratio": 0.0, "length_bucket": "empty", "empty": True,
-        "repeated_trigram_share": 0.0, "repetitive": False, "template_leak": False, "run_on": False,
+        "repeated_trigram_share": 0.0, "max_trigram_count": 0, "repeats_trigram": False,
+        "degenerate_repetition": False, "template_leak": False, "run_on": False,
         "novel_unigram_share": 0.0, "novel_bigram_share": 0.0, "copied_bigram_share": 0.0,
         "unsupported_numbers": [], "unsupported_names": [], "hallucination_flag": False,
     }
@@ -45,7 +47,8 @@ def test_record_is_flat_and_json_round_trips():
     # "Council" and "Article" open sentences and are exempt.
     assert rec == {
         "pred_words": 11, "ref_words": 4, "length_ratio": 2.75, "length_bucket": "too_long", "empty": False,
-        "repeated_trigram_share": 0.0, "repetitive": False, "template_leak": True, "run_on": True,
+        "repeated_trigram_share": 0.0, "max_trigram_count": 1, "repeats_trigram": False,
+        "degenerate_repetition": False, "template_leak": True, "run_on": True,
         "novel_unigram_share": pytest.approx(7 / 10), "novel_bigram_share": pytest.approx(8 / 9),
         "copied_bigram_share": pytest.approx(1 / 9), "unsupported_numbers": ["3.5", "1,200"],
         "unsupported_names": ["Paris"], "hallucination_flag": True,
@@ -92,32 +95,66 @@ def test_empty_reference_gives_zero_ratio():
 # ----------------------------------------------------------------------------- repetition
 
 
-def test_looping_prediction_is_repetitive():
-    # 9 tokens -> 7 trigrams: (the cat sat) (cat sat the) (sat the cat) are new, the next 4 repeat.
+def repetition(rec):
+    return (rec["max_trigram_count"], rec["repeats_trigram"], rec["degenerate_repetition"])
+
+
+def test_looping_prediction_is_degenerate():
+    # 9 tokens -> 7 trigrams: (the cat sat) (cat sat the) (sat the cat) are new, the next 4 repeat;
+    # (the cat sat) occurs 3 times.
     rec = analyze("the cat sat the cat sat the cat sat")
     assert rec["repeated_trigram_share"] == pytest.approx(4 / 7)
-    assert rec["repetitive"] is True
+    assert repetition(rec) == (3, True, True)
+
+
+def test_one_repeated_trigram_is_not_degenerate():
+    # the council approved the plan and the council approved it: 10 tokens, 8 trigrams;
+    # (the council approved) occurs twice, every other trigram once -> 1 repeat in 8.
+    rec = analyze("The council approved the plan, and the council approved it.")
+    assert rec["repeated_trigram_share"] == 1 / 8
+    assert repetition(rec) == (2, True, False)
+
+
+def test_unicef_loop_is_degenerate():
+    # Commas and hyphens are deleted: unicef unicef then unicefunccp 6 times, 8 tokens, 6 trigrams:
+    # (unicef unicef unicefunccp) (unicef unicefunccp unicefunccp) once, (unicefunccp x3) 4 times.
+    rec = analyze("UNICEF, UNICEF, UNICEF-UNCCP, UNICEF-UNCCP, UNICEF-UNCCP, UNICEF-UNCCP, UNICEF-UNCCP, "
+                  "UNICEF-UNCCP")
+    assert rec["repeated_trigram_share"] == pytest.approx(3 / 6)
+    assert repetition(rec) == (4, True, True)
+
+
+def test_four_copies_of_one_token_repeat_a_trigram_only_twice():
+    # unicef unicef unicefunccp x4: (unicefunccp x3) occurs twice, a repeat but not yet a loop.
+    rec = analyze("UNICEF, UNICEF, UNICEF-UNCCP, UNICEF-UNCCP, UNICEF-UNCCP, UNICEF-UNCCP")
+    assert rec["repeated_trigram_share"] == pytest.approx(1 / 4)
+    assert repetition(rec) == (2, True, False)
 
 
 def test_repetition_ignores_case_and_punctuation():
     # the cat sat the cat sat -> 4 trigrams, only the last (the cat sat) repeats: 1/4.
     rec = analyze("The cat sat. the CAT sat!")
     assert rec["repeated_trigram_share"] == 0.25
-    assert rec["repetitive"] is True
+    assert repetition(rec) == (2, True, False)
 
 
-def test_repetition_threshold_is_strict():
-    # a b c a b c d -> abc bca cab abc* bcd: 1 repeat in 5 = 0.2, which is not > 0.2.
-    rec = analyze("a b c a b c d")
-    assert rec["repeated_trigram_share"] == 0.2
-    assert rec["repetitive"] is False
+def test_no_repeats():
+    rec = analyze("the cat sat on the mat")
+    assert rec["repeated_trigram_share"] == 0.0
+    assert repetition(rec) == (1, False, False)
 
 
-@pytest.mark.parametrize("prediction", ["the cat sat on the mat", "the cat", "cat cat"])
-def test_no_repeats_or_too_short_for_trigrams(prediction):
+@pytest.mark.parametrize("prediction", ["the cat", "cat cat", "cat", ""])
+def test_too_short_for_trigrams(prediction):
     rec = analyze(prediction)
     assert rec["repeated_trigram_share"] == 0.0
-    assert rec["repetitive"] is False
+    assert repetition(rec) == (0, False, False)
+
+
+def test_three_tokens_once_each_is_count_one():
+    # Punctuation-only words leave no token: "cat - cat ! cat" is cat cat cat, one trigram once.
+    rec = analyze("cat - cat ! cat")
+    assert repetition(rec) == (1, False, False)
 
 
 # ----------------------------------------------------------------------------- run-on
@@ -300,7 +337,8 @@ def test_aggregate_counts_and_shares():
     assert agg["n"] == 5
     assert agg["length_buckets"] == {"empty": 1, "too_short": 1, "ok": 2, "too_long": 1}
     assert list(agg["length_buckets"]) == ["empty", "too_short", "ok", "too_long"]  # dict == ignores order
-    counts = {"empty": 1, "repetitive": 1, "template_leak": 1, "run_on": 2, "hallucination_flag": 1}
+    counts = {"empty": 1, "repeats_trigram": 1, "degenerate_repetition": 1, "template_leak": 1, "run_on": 2,
+              "hallucination_flag": 1}
     for flag, count in counts.items():
         assert agg[flag] == count
         assert agg[f"{flag}_share"] == count / 5

@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import json
 
@@ -183,6 +184,53 @@ def test_beam_search_without_repeated_trigrams_batches_match_one_by_one(base):
     assert batched == alone
     free = greedy(model, tok, encoder, articles, max_new_tokens=48, stop_strings=(), num_beams=3)
     assert [g.text for g in batched] != [g.text for g in free]  # the ban changed something
+
+
+@contextlib.contextmanager
+def copying(model, token_ids, boost: float = 30.0):
+    """The model made to prefer `token_ids` (its prompts' tokens) at every step, as a summarizer
+    prefers its article's words: a bias on the output layer's logits, seen by both engines."""
+    bias = torch.zeros(model.get_output_embeddings().weight.shape[0])
+    bias[sorted(token_ids)] = boost
+    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bias)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_engines_agree_on_the_repetition_rules_batched_and_alone(base):
+    """Greedy with no repeated bigrams and a repetition penalty: the fast engine (the rules inside its
+    decode step) gives `generate`'s text (the rules as a logits processor), batched as alone."""
+    _, tok, encoder, model = base
+    articles = three_articles()
+    settings = dict(max_new_tokens=24, stop_strings=(), no_repeat_ngram_size=2, repetition_penalty=1.2)
+    with copying(model, {t for a in articles for t in encoder.encode_prompt(a)}):
+        hf = greedy(model, tok, encoder, articles, **settings)
+        assert hf == greedy(model, tok, encoder, articles, engine="fast", **settings)
+        assert hf == [greedy(model, tok, encoder, [a], engine="fast", **settings)[0] for a in articles]
+        assert hf != greedy(model, tok, encoder, articles, max_new_tokens=24, stop_strings=())
+
+
+def test_the_summary_may_copy_the_article_but_not_itself(base):
+    """No repeated unigrams over the summary: a copying model still copies its article's tokens, each
+    once. transformers' rule over prompt + summary (repetition_scope "sequence") bans them all."""
+    _, tok, encoder, model = base
+    article = ARTICLES[0]
+    prompt = set(encoder.encode_prompt(article))
+    with copying(model, prompt):
+        _, [free] = with_ids(model, tok, encoder, [article], max_new_tokens=16, stop_strings=())
+        assert set(free) <= prompt and len(set(free)) < len(free)  # copies, and repeats itself
+
+        texts, [summary] = with_ids(model, tok, encoder, [article], max_new_tokens=16, stop_strings=(),
+                                    no_repeat_ngram_size=1)
+        assert set(summary) <= prompt and len(set(summary)) == len(summary) == 16
+        assert texts == greedy(model, tok, encoder, [article], max_new_tokens=16, stop_strings=(),
+                               no_repeat_ngram_size=1, engine="fast")
+
+        _, [sequence] = with_ids(model, tok, encoder, [article], max_new_tokens=16, stop_strings=(),
+                                 no_repeat_ngram_size=1, repetition_scope="sequence", engine="fast")
+        assert not set(sequence) & prompt
 
 
 def test_no_repeat_ngram_size_reaches_generation(base):

@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
+from transformers import LogitsProcessorList
 
 from summ.data import Encoder
 from summ.evaluate import finish_generation
 from summ.generate import CHECK_EVERY, GreedyDecoder, stop_candidates
 from summ.model import load_base_model, load_tokenizer, peft_lora_config
+from summ.repetition import SummaryOnlyRepetition
 from tests.conftest import FIXTURES, tiny_config
 
 CPU = torch.device("cpu")
@@ -43,12 +45,17 @@ def lora_model(request, tmp_path_factory):
     return model, tok, prompts
 
 
-def reference_ids(model, tok, prompts, stop_strings=(), min_new_tokens=0, eos=None) -> list[list[int]]:
-    """`model.generate` on each prompt alone (no padding at all): new ids, padded to NEW."""
+def reference_ids(model, tok, prompts, stop_strings=(), min_new_tokens=0, eos=None, no_repeat_ngram_size=0,
+                  repetition_penalty=1.0) -> list[list[int]]:
+    """`model.generate` on each prompt alone (no padding at all): new ids, padded to NEW. The
+    repetition rules run as summ.evaluate hands them to `generate`: over the summary only."""
     rows = []
     for p in prompts:
         ids = torch.tensor([p])
         kwargs = dict(stop_strings=list(stop_strings), tokenizer=tok) if stop_strings else {}
+        if no_repeat_ngram_size or repetition_penalty != 1.0:
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [SummaryOnlyRepetition(len(p), no_repeat_ngram_size, repetition_penalty)])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
                              min_new_tokens=min_new_tokens, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id if eos is None else eos, temperature=None, top_p=None,
@@ -81,6 +88,22 @@ def test_fast_decoder_gives_generates_ids(lora_model, static):
             reference_ids(model, tok, prompts, min_new_tokens=4, eos=eos)
     finally:
         tok.eos_token = tok.convert_ids_to_tokens(tok_eos)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic-cache", "static-cache"])
+def test_repetition_rules_over_the_summary_give_generates_ids(lora_model, static):
+    """No repeated n-grams and the repetition penalty inside the decode step: the ids `generate`
+    gives with the same rules over the summary, batched and on the static cache."""
+    model, tok, prompts = lora_model
+    free = reference_ids(model, tok, prompts)
+    for n, penalty in ((1, 1.0), (2, 1.0), (3, 1.0), (0, 1.5), (2, 1.3)):
+        expected = reference_ids(model, tok, prompts, no_repeat_ngram_size=n, repetition_penalty=penalty)
+        assert expected != free  # each rule changes some row
+        decoder = GreedyDecoder(model, tok, (), CPU, static=static, no_repeat_ngram_size=n,
+                                repetition_penalty=penalty)
+        assert decoder.generate(prompts, NEW, batch_size=2) == expected
+        if n == 1:
+            assert all(len(set(row)) == len(row) for row in expected)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic-cache", "static-cache"])
