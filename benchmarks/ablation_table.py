@@ -1,10 +1,11 @@
-"""The table of benchmarks/quality_figures.sh: LEAD-k, the zero-shot base model, the recipe (greedy and
-beam search) and one row per lever switched off, on the same validation rows.
+"""The table of benchmarks/quality_figures.sh: LEAD-k, the zero-shot base model, the recipe under each
+decoding scored and one row per lever (with each decoding scored for it), on the same validation rows.
 
     python benchmarks/ablation_table.py OUT recipe raw-prompt attention-only ...
 
-OUT holds one folder per run (its eval/, and for the recipe beams/, zero_shot/ and lead/) and one
-`<name>.log` per command (the wall time is read from `time`'s `real` line).
+OUT holds one folder per run (its eval/, zero_shot/ and lead/, and one folder per further decoding,
+each with eval_metrics.json) and one `<name>.log` per command (the wall time is read from `time`'s
+`real` line). A decoding's row is labelled from the settings its eval_metrics.json records.
 """
 import argparse
 import json
@@ -18,7 +19,8 @@ from summ.rouge import ROUGE_KEYS  # noqa: E402
 
 LEVERS = {"raw-prompt": "the dataset's raw prompt instead of the chat template",
           "attention-only": "LoRA on attention only (q, k, v, o)", "one-epoch": "1 epoch instead of 3",
-          "max-length-256": "256 tokens instead of 512", "five-epochs": "5 epochs instead of 3",
+          "max-length-256": "256 tokens instead of 512", "max-length-768": "768 tokens instead of 512",
+          "max-length-1024": "1024 tokens instead of 512", "five-epochs": "5 epochs instead of 3",
           "lr-1e-3": "learning rate 1e-3 instead of 5e-4", "rank-32": "LoRA rank 32 (alpha 64) instead of 16",
           "all-three": "5 epochs, learning rate 1e-3, LoRA rank 32"}
 
@@ -58,6 +60,32 @@ def row(label: str, folder: Path, log: Path, train_dir: Path | None = None) -> s
             + f" | {stopped} | {repeating} | {looping} | {seconds} | {train} |")
 
 
+def decodings(run: Path) -> list[Path]:
+    """The run's evaluations besides its own (eval/) and the baselines, by folder name."""
+    return sorted(f for f in run.iterdir() if f.name not in ("eval", "zero_shot", "lead")
+                  and (f / "eval_metrics.json").is_file()) if run.is_dir() else []
+
+
+def decoding_label(folder: Path) -> str:
+    """How the summaries of `folder` were decoded, from its eval_metrics.json."""
+    if not (folder / "eval_metrics.json").is_file():
+        return folder.name
+    g = json.loads((folder / "eval_metrics.json").read_text()).get("generation", {})
+    beams = g.get("num_beams", 1)
+    parts = ["greedy" if beams == 1 else f"{beams} beams"]
+    if beams > 1 and g.get("length_penalty", 1.0) != 1.0:
+        parts.append(f"length penalty {g['length_penalty']}")
+    if g.get("no_repeat_ngram_size"):
+        scope = g.get("repetition_scope", "sequence")
+        parts.append(f"no repeated {g['no_repeat_ngram_size']}-gram "
+                     + ("in the summary" if scope == "summary" else "(article included, as transformers)"))
+    if g.get("repetition_penalty", 1.0) != 1.0:
+        parts.append(f"repetition penalty {g['repetition_penalty']}")
+    low = g.get("min_new_tokens", 0)
+    parts.append(f"{low}-{g.get('max_new_tokens')} tokens" if low else f"<= {g.get('max_new_tokens')} tokens")
+    return ", ".join(parts)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
@@ -74,13 +102,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(row(lead.upper(), recipe / "lead", out / "lead.log"))
     print(row("zero-shot (chat template)", recipe / "zero_shot", out / "zero-shot.log"))
-    print(row("recipe, greedy", recipe / "eval", out / f"{a.recipe}.log", recipe))
-    print(row("recipe, beam search (BART's settings)", recipe / "beams", out / "beams.log"))
-    print(row("recipe, 4 beams, no repeated trigrams", recipe / "beams-short", out / "beams-short.log"))
-    print(row("recipe, greedy, no repeated trigrams", recipe / "no-repeat", out / "no-repeat.log"))
-    for name in a.levers:
-        print(row(f"recipe, {LEVERS.get(name, name)}", out / name / "eval", out / f"{name}.log", out / name))
-
+    for name in [a.recipe, *a.levers]:
+        run = out / name
+        label = "recipe" if name == a.recipe else f"recipe, {LEVERS.get(name, name)}"
+        print(row(f"{label}, {decoding_label(run / 'eval')}", run / "eval", out / f"{name}.log", run))
+        for folder in decodings(run):
+            print(row(f"{label}, {decoding_label(folder)}", folder, out / f"{name}-{folder.name}.log"))
 
 if __name__ == "__main__":
     main()

