@@ -45,6 +45,7 @@ METRIC_COLUMNS = (
     *((key, ROUGE_HEADERS[key], ("run", "zero-shot", "lead")) for key in ROUGE_KEYS),
     ("eval_rows", "eval rows", ("run", "zero-shot", "lead")),
     ("stopped_by_itself_share", "stopped by itself", ("run", "zero-shot")),
+    ("repeats_trigram_share", "repeats a trigram", ("run", "zero-shot")),
     ("train_seconds", "train time", ("run",)),
     ("tokens_per_s", "tokens/s", ("run",)),
     ("peak_gib", "peak GPU GiB", ("run",)),
@@ -237,7 +238,8 @@ def _values(entry: Entry) -> dict:
     """The table's numbers for one row; None where the run did not record them."""
     m, run = entry.metrics or {}, entry.run
     train = run.train or {}
-    values = {"eval_rows": m.get("generated_rows"), "stopped_by_itself_share": m.get("stopped_by_itself_share")}
+    values = {"eval_rows": m.get("generated_rows"), "stopped_by_itself_share": m.get("stopped_by_itself_share"),
+              "repeats_trigram_share": m.get("errors", {}).get("repeats_trigram_share")}
     for key in ROUGE_KEYS:
         values[key] = m["rouge"][key] if "rouge" in m else None
     if entry.kind == "run":
@@ -361,7 +363,7 @@ def _duration(seconds: float) -> str:
 
 
 _FORMATS = {"train_loss": "{:.4f}", "val_loss": "{:.4f}", "perplexity": "{:.2f}", "eval_rows": "{}",
-            "stopped_by_itself_share": "{:.1%}", "tokens_per_s": "{:,.0f}", "peak_gib": "{:.2f}"}
+            "stopped_by_itself_share": "{:.1%}", "repeats_trigram_share": "{:.1%}", "tokens_per_s": "{:,.0f}", "peak_gib": "{:.2f}"}
 
 
 def _md_cell(column: str, kinds: tuple, entry: Entry) -> str:

@@ -21,11 +21,12 @@ from tests.conftest import FIXTURES
 
 SMOL = Path(__file__).parent.parent / "benchmarks" / "measured" / "2026-12-02-h200" / "smol"
 HEADER = ("| run | role | train.lr | train loss | val loss | perplexity | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum "
-          "| eval rows | stopped by itself | train time | tokens/s | peak GPU GiB |")
+          "| eval rows | stopped by itself | repeats a trigram | train time | tokens/s | peak GPU GiB |")
 CSV_HEADER = ["name", "role", "kind", "folder", "train.lr", "train_loss", "val_loss", "perplexity",
               "rouge1", "rouge1_low", "rouge1_high", "rouge2", "rouge2_low", "rouge2_high",
               "rougeL", "rougeL_low", "rougeL_high", "rougeLsum", "rougeLsum_low", "rougeLsum_high",
-              "eval_rows", "stopped_by_itself_share", "train_seconds", "tokens_per_s", "peak_gib"]
+              "eval_rows", "stopped_by_itself_share", "repeats_trigram_share", "train_seconds", "tokens_per_s",
+              "peak_gib"]
 EXPECTED = ("a run folder (config.json and metrics.json, log.jsonl or an eval/, zero_shot/ or lead/ "
             "eval_metrics.json) or a search folder (trials.csv and search.json)")
 
@@ -138,12 +139,12 @@ def test_report_of_runs_baselines_and_a_search(inputs, tmp_path):
     lines = report.splitlines()
     assert HEADER in lines
     assert ("| smol | best | 0.0005 | 2.5470 | 2.5455 | 12.75 | 27.17 [26.14, 28.20] | 6.53 [5.89, 7.24] | "
-            "20.23 [19.45, 21.11] | 20.23 [19.45, 21.11] | 500 | 98.8% | 35.6 s | 26,300 | 5.66 |") in lines
+            "20.23 [19.45, 21.11] | 20.23 [19.45, 21.11] | 500 | 98.8% | n/a | 35.6 s | 26,300 | 5.66 |") in lines
     assert ("| zero-shot smol | baseline | – | – | 3.2778 | 26.52 | 7.01 [6.07, 8.00] | 1.00 [0.74, 1.27] | "
-            "5.11 [4.40, 5.80] | 5.11 [4.42, 5.81] | 500 | 98.2% | – | – | – |") in lines
+            "5.11 [4.40, 5.80] | 5.11 [4.42, 5.81] | 500 | 98.2% | n/a | – | – | – |") in lines
     lead_cells = " | ".join(rouge_cell(lead["rouge"][k]) for k in ("rouge1", "rouge2", "rougeL", "rougeLsum"))
-    assert f"| LEAD-1 |  | – | – | – | – | {lead_cells} | 6 | – | – | – | – |" in lines
-    assert "| lr-sweep/0 |  | 0.0001 | 2.8000 | 2.9000 | 18.17 | n/a | n/a | n/a | n/a | n/a | n/a | 15.0 s | 1,000 | n/a |" \
+    assert f"| LEAD-1 |  | – | – | – | – | {lead_cells} | 6 | – | – | – | – | – |" in lines
+    assert "| lr-sweep/0 |  | 0.0001 | 2.8000 | 2.9000 | 18.17 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 15.0 s | 1,000 | n/a |" \
         in lines
 
     # Published XSum figures, labelled as such.
