@@ -5,6 +5,7 @@ import dataclasses
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,12 +13,27 @@ from summ.config import ConfigError, load_config
 from summ.tune import MissingExtra, SearchConfig, load_search, run_search
 from tests.conftest import tiny_config
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def base_raw(out_dir) -> dict:
     raw = tiny_config(out_dir).to_dict()
     raw["data"].update(max_train_rows=16, max_eval_rows=4)
     raw["eval"]["generate"] = False
     return raw
+
+
+@pytest.mark.parametrize("search, base", [("search_demo", "demo"), ("search_xsum_smollm2", "demo"),
+                                          ("search_cnn_smollm2", "smollm2_cnn_dailymail")])
+def test_shipped_searches_fit_their_configs(search, base):
+    """Each shipped search file loads, and every value of its space gives a valid config of the base
+    its command line uses (a search that would fail a trial fails here first)."""
+    from summ.tune import check_space
+
+    path = REPO / "configs" / f"{search}.json"
+    loaded = load_search(json.loads(path.read_text()), str(path))
+    assert loaded.metric in ("val_loss", "rougeLsum")
+    check_space(json.loads((REPO / "configs" / f"{base}.json").read_text()), loaded, str(path))
 
 
 @pytest.mark.parametrize("space, message", [
