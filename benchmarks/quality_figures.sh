@@ -42,7 +42,7 @@ case $SET in
         LEVERS=(${LEVERS:-raw-prompt attention-only one-epoch max-length-256}) ;;
   *) echo "usage: $0 DATA OUT xsum|cnn" >&2; exit 2 ;;
 esac
-DECODINGS=(${DECODINGS:-no-repeat-sequence no-repeat no-repeat-shorter no-repeat-longer beams-2 beams-4 beams-4-lp2 bart})
+DECODINGS=(${DECODINGS:-greedy no-repeat-sequence no-repeat-shorter no-repeat-longer beams-2 beams-4 beams-4-lp2 bart})
 LEVER_DECODINGS=(${LEVER_DECODINGS:-})
 # All training rows (2,331 XSum / 1,219 CNN/DailyMail here), the first 500 validation rows.
 BASE=(--set data.dataset="$DATA/$FOLDER" --set data.train_split=train --set data.eval_split=validation --set data.max_eval_rows=500)
