@@ -54,9 +54,7 @@ def pretrained_folder(cfg: ModelConfig) -> str:
     gguf = Path(folder) / cfg.gguf_file
     if not gguf.is_file():
         raise ConfigError(f"model.gguf_file: {gguf} does not exist")
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{GGUF_REBUILD}".encode()).hexdigest()[:12]
-    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    target = cache_root() / "gguf" / f"{gguf.stem}-{gguf_content_key(gguf)}"
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target.parent / f"{target.name}.lock", "w") as lock:
@@ -67,6 +65,20 @@ def pretrained_folder(cfg: ModelConfig) -> str:
                 with atomic_folder(target, shared_cache=True) as tmp:
                     _rebuild_gguf(folder, cfg.gguf_file, tmp)
     return str(target)
+
+
+# Bytes of a GGUF file hashed for its cache key: the header (metadata and tensor layout) and the
+# first tensors. With the file's size that tells files apart without reading gigabytes each run.
+GGUF_KEY_BYTES = 16 * 2**20
+
+
+def gguf_content_key(path: Path) -> str:
+    """The rebuilt folder's cache key: the file's size and the hash of its first bytes, so the same
+    file in another clone, virtual environment or folder reuses the rebuild."""
+    digest = hashlib.sha256(f"{path.stat().st_size}:{GGUF_REBUILD}:".encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(GGUF_KEY_BYTES))
+    return digest.hexdigest()[:12]
 
 
 def gguf_special_token_ids(path: Path) -> dict[str, int]:

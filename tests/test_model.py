@@ -228,6 +228,33 @@ def test_concurrent_runs_rebuild_a_gguf_model_once(tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "gguf").is_dir() and (sources.Path(folders[0]) / "config.json").is_file()
 
 
+def test_a_gguf_file_moved_or_copied_reuses_its_rebuild(tmp_path, monkeypatch):
+    """The cache is keyed by the file's content: the same file in another clone or environment finds
+    the folder already rebuilt; a file with other content gets its own."""
+    from summ import sources
+    from summ.config import ModelConfig
+
+    monkeypatch.setenv("SUMM_CACHE", str(tmp_path / "cache"))
+    rebuilds = []
+
+    def rebuild(folder, gguf_file, out):
+        rebuilds.append(folder)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(sources, "_rebuild_gguf", rebuild)
+    content = b"GGUF" + bytes(range(256)) * 8
+    for name in ("clone-a", "clone-b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "m.gguf").write_bytes(content)
+    first = sources.pretrained_folder(ModelConfig(name_or_path=str(tmp_path / "clone-a"), gguf_file="m.gguf"))
+    second = sources.pretrained_folder(ModelConfig(name_or_path=str(tmp_path / "clone-b"), gguf_file="m.gguf"))
+    assert first == second and rebuilds == [str(tmp_path / "clone-a")]
+
+    (tmp_path / "clone-b" / "m.gguf").write_bytes(content[:-1] + b"x")
+    third = sources.pretrained_folder(ModelConfig(name_or_path=str(tmp_path / "clone-b"), gguf_file="m.gguf"))
+    assert third != first and rebuilds == [str(tmp_path / "clone-a"), str(tmp_path / "clone-b")]
+
+
 def test_gguf_rebuild_takes_special_tokens_from_the_file():
     """The demo model's GGUF states EOS 2 (`<|im_end|>`); a rebuilt folder must say so whatever the
     installed transformers read (5.17 gives `<|im_start|>`, which breaks chat-format training)."""
