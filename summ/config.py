@@ -119,6 +119,9 @@ class DataConfig:
     # Above this share of unusable rows a split is refused: that is a wrong file or field name,
     # not a few bad rows.
     max_bad_row_share: float = 0.1
+    # Rows whose id (data.id_field) a split already holds: kept as separate rows with a warning, or
+    # dropped (the first copy stays) when true.
+    drop_duplicate_ids: bool = False
 
 
 @dataclass(frozen=True)

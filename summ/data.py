@@ -41,6 +41,9 @@ class RowStats:
     skipped: dict = field(default_factory=dict)  # reason -> count
     # Where the first skipped rows are (file:line), so a user can open them.
     examples: list = field(default_factory=list)
+    # Rows repeating an id already read, and where the first few are.
+    duplicate_ids: int = 0
+    first_duplicates: list = field(default_factory=list)
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -53,7 +56,7 @@ class RowStats:
 
     def summary(self) -> dict:
         return {"read": self.read, "used": self.kept, "skipped": self.n_skipped, "skipped_by_reason": self.skipped,
-                "first_skipped": self.examples}
+                "first_skipped": self.examples, "duplicate_ids": self.duplicate_ids}
 
 
 @dataclass
@@ -75,6 +78,7 @@ def load_rows(cfg: DataConfig, split: str, max_rows: int | None = None) -> tuple
     raw_rows, source = _read_split(cfg, split)
     stats = RowStats()
     rows = []
+    seen_ids: set[str] = set()
     for raw in raw_rows:
         stats.read += 1
         problem = raw.problem or _row_problem(raw.value, cfg)
@@ -86,14 +90,26 @@ def load_rows(cfg: DataConfig, split: str, max_rows: int | None = None) -> tuple
             log.warning("%s: %s; row skipped", label, problem)
             stats.skip(problem, raw.where)
             continue
-        rows.append({"id": str(row_id) if row_id is not None else str(raw.number),
-                     "article": raw.value[cfg.article_field].strip(),
+        row_id = str(row_id) if row_id is not None else str(raw.number)
+        if row_id in seen_ids:
+            stats.duplicate_ids += 1
+            if len(stats.first_duplicates) < 3:
+                stats.first_duplicates.append(f"id {row_id} at {raw.where}")
+            if cfg.drop_duplicate_ids:
+                continue
+        seen_ids.add(row_id)
+        rows.append({"id": row_id, "article": raw.value[cfg.article_field].strip(),
                      "summary": raw.value[cfg.summary_field].strip()})
         if max_rows is not None and len(rows) >= max_rows:
             break
     stats.kept = len(rows)
     if stats.skipped:
         log.warning("%s: skipped %d of %d rows: %s", source, stats.n_skipped, stats.read, stats.skipped)
+    if stats.duplicate_ids:
+        log.warning("%s: %d rows repeat an id read before (first: %s); %s", source, stats.duplicate_ids,
+                    ", ".join(stats.first_duplicates),
+                    "dropped (data.drop_duplicate_ids)" if cfg.drop_duplicate_ids
+                    else "each copy is used as a row of its own; data.drop_duplicate_ids=true keeps the first only")
     if not rows:
         raise DataError(f"{source}: no usable rows (read {stats.read}, skipped {stats.skipped})")
     if stats.n_skipped > cfg.max_bad_row_share * stats.read:
@@ -101,6 +117,18 @@ def load_rows(cfg: DataConfig, split: str, max_rows: int | None = None) -> tuple
                         f"{stats.examples[0]}), more than data.max_bad_row_share={cfg.max_bad_row_share}; "
                         f"check data.article_field / data.summary_field and the file")
     return rows, stats
+
+
+def warn_shared_ids(train_rows: list[dict], eval_rows: list[dict], cfg: DataConfig) -> int:
+    """Warn, loudly, when validation rows share ids with training rows: the validation figures would
+    score articles the model trained on. Returns how many validation rows do."""
+    train_ids = {r["id"] for r in train_rows}
+    shared = [r["id"] for r in eval_rows if r["id"] in train_ids]
+    if shared:
+        log.warning("LEAKAGE: %d of %d %s rows have an id that %s also holds (first: %s); validation loss and "
+                    "ROUGE score articles the model trained on", len(shared), len(eval_rows), cfg.eval_split,
+                    cfg.train_split, ", ".join(shared[:3]))
+    return len(shared)
 
 
 def _row_problem(row, cfg: DataConfig) -> str | None:

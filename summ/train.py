@@ -24,7 +24,7 @@ import torch
 from summ.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from summ.config import ConfigError, RunConfig, TrainConfig
 from summ.data import (Encoder, Example, RowStats, collate, collate_packed, encode_rows, load_rows, padded_length,
-                       plan_batches, split_by_tokens)
+                       plan_batches, split_by_tokens, warn_shared_ids)
 from summ.graphed_step import GraphedMicroSteps, check_graph_launch
 from summ.loss import count_label_tokens, evaluate_loss, forward_summed_loss
 from summ.micro_batch import MicroBatching, choose_micro_batching
@@ -424,6 +424,7 @@ def setup_data(cfg: RunConfig, accelerator) -> TrainData:
     encoder = Encoder(tokenizer, d)
     train_rows, train_stats = load_rows(d, d.train_split, d.max_train_rows)
     eval_rows, eval_stats = load_rows(d, d.eval_split, d.max_eval_rows)
+    warn_shared_ids(train_rows, eval_rows, d)
     train_examples = encode_rows(encoder, train_rows, d.train_split)
     eval_examples = encode_rows(encoder, eval_rows, d.eval_split)
     lengths = [len(e.input_ids) for e in train_examples]

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 
@@ -6,7 +7,7 @@ from transformers import AutoTokenizer
 
 from summ.config import ConfigError, DataConfig
 from summ.data import (IGNORE_INDEX, DataError, Encoder, PromptTemplate, collate, load_rows, plan_batches,
-                       split_by_tokens)
+                       split_by_tokens, warn_shared_ids)
 from tests.conftest import FIXTURES, TINY
 
 XSUM_TEMPLATE = TINY["phi"]["template"]
@@ -355,3 +356,32 @@ def test_decoding_options_round_trip(tmp_path):
     assert again == cfg and (again.eval.length_penalty, again.eval.min_new_tokens) == (2.0, 55)
     with pytest.raises(ConfigError, match=re.escape("'eval.min_new_tokens' must be <= eval.max_new_tokens (64), got 65")):
         config_from_dict({"model": {"name_or_path": "m"}, "data": {"dataset": "d"}, "eval": {"min_new_tokens": 65}})
+
+
+def test_duplicate_ids_are_counted_and_warned_or_dropped(tmp_path, caplog):
+    rows = [json.dumps({"id": i, "document": f"text {n}", "summary": "s"})
+            for n, i in enumerate(["a", "b", "a", "c", "b", "a"])]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = DataConfig(dataset=str(tmp_path), article_field="document", summary_field="summary")
+    kept, stats = load_rows(cfg, "train")
+    path = tmp_path / "train.jsonl"
+    assert [r["id"] for r in kept] == ["a", "b", "a", "c", "b", "a"]
+    assert (stats.duplicate_ids, stats.first_duplicates) == (3, [f"id a at {path}:3", f"id b at {path}:5",
+                                                                 f"id a at {path}:6"])
+    assert stats.summary()["duplicate_ids"] == 3
+    assert (f"{path}: 3 rows repeat an id read before (first: id a at {path}:3, id b at {path}:5, id a at {path}:6); "
+            "each copy is used as a row of its own; data.drop_duplicate_ids=true keeps the first only") in caplog.text
+
+    dropped, stats = load_rows(dataclasses.replace(cfg, drop_duplicate_ids=True), "train")
+    assert [(r["id"], r["article"]) for r in dropped] == [("a", "text 0"), ("b", "text 1"), ("c", "text 3")]
+    assert stats.duplicate_ids == 3 and stats.kept == 3 and stats.n_skipped == 0
+
+
+def test_validation_ids_shared_with_training_are_a_loud_warning(caplog):
+    cfg = DataConfig(dataset="x", train_split="train", eval_split="validation")
+    train = [{"id": i} for i in ("a", "b", "c")]
+    assert warn_shared_ids(train, [{"id": "x"}, {"id": "y"}], cfg) == 0
+    assert "LEAKAGE" not in caplog.text
+    assert warn_shared_ids(train, [{"id": "b"}, {"id": "y"}, {"id": "c"}], cfg) == 2
+    assert ("LEAKAGE: 2 of 3 validation rows have an id that train also holds (first: b, c); validation loss "
+            "and ROUGE score articles the model trained on") in caplog.text
