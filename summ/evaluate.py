@@ -26,6 +26,7 @@ from summ.loss import evaluate_loss
 from summ.model import load_for_inference, load_tokenizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
 from summ.repetition import SummaryOnlyRepetition
+from summ.run_lock import hold_run_folder
 from summ.rouge import ROUGE_KEYS, aggregate, score_pairs
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,8 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
     examples = encode_rows(encoder, rows, cfg.data.eval_split)
     gen_rows = rows[:ev.generate_rows] if ev.generate_rows else rows
 
+    if accelerator.is_main_process:
+        hold_run_folder(run_dir, "evaluation")
     dtype = resolve_compute_dtype(cfg.quant.compute_dtype, accelerator.device)
     if torch.cuda.is_available():
         # Right after training, the allocator still holds the training step's blocks (as large as

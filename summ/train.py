@@ -31,6 +31,7 @@ from summ.micro_batch import MicroBatching, choose_micro_batching
 from summ.model import build_model, check_model_settings, count_parameters, load_tokenizer
 from summ.optimizer import StepUndo, make_optimizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
+from summ.run_lock import hold_run_folder
 from summ.run_record import (RunLog, check_resume, record_resume, save_adapter, write_metrics,
                               write_run_record)
 
@@ -102,6 +103,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
     data = setup_data(cfg, accelerator)
     check_model_settings(cfg)
     changes = check_resume(cfg, resume_from, accelerator.num_processes, data.fingerprint, accept_changes)
+    if accelerator.is_main_process:
+        hold_run_folder(run_dir, "training")
     write_run_record(cfg, run_dir, accelerator, data.tokenizer, resuming=resume_from is not None)
 
     model, optimizer, scheduler = setup_model(cfg, accelerator, data.total_steps)

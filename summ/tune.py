@@ -33,6 +33,7 @@ from typing import Optional
 from summ.config import (SEARCH_SECTION, ConfigError, RunConfig, build_section, config_from_dict,
                          looks_like_local_path)
 from summ.files import write_atomic, write_json
+from summ.run_lock import hold_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ def run_search(cfg_raw: dict, search: SearchConfig, source: str, *, address: str
     if resume and not tune.Tuner.can_restore(str(experiment)):
         raise FileNotFoundError(f"--resume: no search to restore at {experiment}")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    hold_run_folder(out_dir, "search")
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")

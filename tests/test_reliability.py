@@ -528,3 +528,35 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_unless_its_plan_changed_
                                              r"the data plan by tokens; now it only splits each step's rows"):
         train(tiny_config(tmp_path / "run", train={"save_every": 1, "max_steps": 1, "micro_batch_tokens": 256},
                           eval={"at_end": False}), resume=True)
+
+
+HOLD = ("import sys, time\nfrom summ.run_lock import hold_run_folder\nhold_run_folder(sys.argv[1], 'training')\n"
+        "print('held', flush=True)\ntime.sleep(120)")
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_until_the_first_ends(tmp_path):
+    """One run per folder: while another process trains into log.output_dir, training, evaluating or
+    scoring LEAD there is refused in one line naming it; once it dies the OS frees the folder."""
+    import subprocess
+
+    from summ.lead import evaluate_lead
+    from summ.run_lock import RunFolderBusy
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    cfg = tiny_config(folder)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        busy = (rf"^{re.escape(str(folder.resolve()))}: in use by training pid {holder.pid} started [0-9-]+ [0-9:]+ "
+                rf".* \(`-c {re.escape(str(folder))}`\); wait for it to end or write elsewhere "
+                r"\(--set log.output_dir=\.\.\.\); {} refused$")
+        with pytest.raises(RunFolderBusy, match=busy.format("training")):
+            train(cfg)
+        with pytest.raises(RunFolderBusy, match=busy.format("LEAD baseline")):
+            evaluate_lead(cfg, folder)
+        assert [p.name for p in folder.iterdir()] == [".summ.lock"]  # nothing of either was written
+    finally:
+        holder.kill()
+        holder.wait()
+    train(cfg)
+    assert (folder / "adapter").is_dir() and (folder / "metrics.json").is_file()
