@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from summ.data import DataError
     from summ.checkpoint import CheckpointError
     from summ.files import WriteError
-    from summ.train import TrainingError
+    from summ.train import Preempted, TrainingError
 
     try:
         config = run_config(args)
@@ -243,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        # A scheduler's SIGTERM or a Ctrl-C: the run is whole up to its checkpoint.
+        resume = " ".join(a for a in (sys.argv if argv is None else ["run.py", *argv]) if a != "--resume")
+        print(f"stopped: {e}; continue with: python {resume} --resume", file=sys.stderr)
+        return e.exit_code
     except (TrainingError, CheckpointError, WriteError) as e:
         # The run started and stopped: its folder and last complete checkpoint are kept.
         print(f"error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import os
+import signal
 import time
 from array import array
 from contextlib import contextmanager, nullcontext
@@ -31,6 +32,7 @@ from summ.micro_batch import MicroBatching, choose_micro_batching
 from summ.model import build_model, check_model_settings, count_parameters, load_tokenizer
 from summ.optimizer import StepUndo, make_optimizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
+from summ.preemption import StopSignals
 from summ.run_lock import hold_run_folder
 from summ.run_record import (RunLog, check_resume, record_resume, save_adapter, write_metrics,
                               write_run_record)
@@ -44,6 +46,14 @@ class TrainingError(RuntimeError):
 
 class TrainingDiverged(TrainingError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class Preempted(TrainingError):
+    """SIGTERM or SIGINT arrived: the run finished its step, saved a checkpoint and stopped."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        self.exit_code = 128 + signum  # what a shell reports for a process the signal ended
+        super().__init__(f"{signal.Signals(signum).name}: stopped after step {step}; checkpoint {checkpoint}")
 
 
 @dataclass
@@ -148,64 +158,73 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
     steps = ((epoch, w, windows, step_batches(windows[w], data, cfg, micro_batching, graphed))
              for epoch, w, windows in remaining_windows(data, t.epochs, state.epoch, state.window,
                                                         data.total_steps - state.step))
-    upcoming = next(steps, None)
-    while upcoming is not None:
-        epoch, w, windows, batches = upcoming
+    with StopSignals() as stop:
+        upcoming = next(steps, None)
+        while upcoming is not None:
+            epoch, w, windows, batches = upcoming
 
-        # forward and backward over the window, the loss normalised by its label tokens (queued, not waited for)
-        model.train()
-        with out_of_memory_hint(running_shapes(batches, graphed), cfg, micro_batching):
-            loss_sum, n_labels, tokens = queue_gradients(model, batches, accelerator, graphed)
-        tokens_since_log += tokens
-        upcoming = next(steps, None)  # the next step's micro-batches, built while the GPU runs this one
+            # forward and backward over the window, the loss normalised by its label tokens (queued, not waited for)
+            model.train()
+            with out_of_memory_hint(running_shapes(batches, graphed), cfg, micro_batching):
+                loss_sum, n_labels, tokens = queue_gradients(model, batches, accelerator, graphed)
+            tokens_since_log += tokens
+            upcoming = next(steps, None)  # the next step's micro-batches, built while the GPU runs this one
 
-        # clip (this also unscales fp16 gradients), step unless anything is non-finite, schedule
-        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-        applied, window_loss, grad_norm = optimizer_step(accelerator, optimizer, undo, loss_sum, n_labels, grad_norm)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=graphed is None)  # a graph adds into the .grad tensors it recorded
+            # clip (this also unscales fp16 gradients), step unless anything is non-finite, schedule
+            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+            applied, window_loss, grad_norm = optimizer_step(accelerator, optimizer, undo, loss_sum, n_labels, grad_norm)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=graphed is None)  # a graph adds into the .grad tensors it recorded
 
-        state.step += 1
-        state.epoch, state.window = (epoch, w + 1) if w + 1 < len(windows) else (epoch + 1, 0)
-        state.train_losses.append(window_loss)
-        step = state.step
-        progress.update(1)
+            state.step += 1
+            state.epoch, state.window = (epoch, w + 1) if w + 1 < len(windows) else (epoch + 1, 0)
+            state.train_losses.append(window_loss)
+            step = state.step
+            progress.update(1)
 
-        if applied:
-            bad_in_row = 0
-        else:
-            bad_in_row += 1
-            state.skipped_steps += 1
-            state.overflow_steps += math.isfinite(window_loss) and accelerator.scaler is not None
-            run_log.write(step, {"train/skipped_step": 1, "train/loss_this_step": window_loss,
-                                 "train/grad_norm_this_step": grad_norm})
-            accelerator.print(f"step {step}: non-finite loss {window_loss} or grad norm {grad_norm}; "
-                              f"update skipped ({bad_in_row} in a row)")
-            if bad_in_row >= t.max_consecutive_bad_steps:
-                raise TrainingDiverged(
-                    f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient (step {step}); "
-                    f"stopping. Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. "
-                    f"Try a lower train.lr or train.max_grad_norm (train.max_consecutive_bad_steps="
-                    f"{t.max_consecutive_bad_steps} sets the limit)")
+            if applied:
+                bad_in_row = 0
+            else:
+                bad_in_row += 1
+                state.skipped_steps += 1
+                state.overflow_steps += math.isfinite(window_loss) and accelerator.scaler is not None
+                run_log.write(step, {"train/skipped_step": 1, "train/loss_this_step": window_loss,
+                                     "train/grad_norm_this_step": grad_norm})
+                accelerator.print(f"step {step}: non-finite loss {window_loss} or grad norm {grad_norm}; "
+                                  f"update skipped ({bad_in_row} in a row)")
+                if bad_in_row >= t.max_consecutive_bad_steps:
+                    raise TrainingDiverged(
+                        f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient (step {step}); "
+                        f"stopping. Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. "
+                        f"Try a lower train.lr or train.max_grad_norm (train.max_consecutive_bad_steps="
+                        f"{t.max_consecutive_bad_steps} sets the limit)")
 
-        if step % cfg.log.log_every == 0 or step == data.total_steps:
-            tokens = accelerator.reduce(torch.tensor(tokens_since_log, device=accelerator.device), "sum").item()
-            elapsed = time.perf_counter() - log_clock
-            state.tokens_seen += tokens
-            logged = train_log_record(state, cfg.log.log_every, scheduler.get_last_lr()[0], grad_norm,
-                                      tokens, elapsed)
-            run_log.write(step, logged)
-            progress.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['train/tokens_per_s']:.0f}")
-            tokens_since_log, log_clock = 0, time.perf_counter()
+            if step % cfg.log.log_every == 0 or step == data.total_steps:
+                tokens = accelerator.reduce(torch.tensor(tokens_since_log, device=accelerator.device), "sum").item()
+                elapsed = time.perf_counter() - log_clock
+                state.tokens_seen += tokens
+                logged = train_log_record(state, cfg.log.log_every, scheduler.get_last_lr()[0], grad_norm,
+                                          tokens, elapsed)
+                run_log.write(step, logged)
+                progress.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['train/tokens_per_s']:.0f}")
+                tokens_since_log, log_clock = 0, time.perf_counter()
 
-        if (cfg.eval.eval_every and step % cfg.eval.eval_every == 0) or (step == data.total_steps
-                                                                         and cfg.eval.at_end):
-            validate(step)
-            log_clock = time.perf_counter()  # evaluation time is not training throughput
+            if (cfg.eval.eval_every and step % cfg.eval.eval_every == 0) or (step == data.total_steps
+                                                                             and cfg.eval.at_end):
+                validate(step)
+                log_clock = time.perf_counter()  # evaluation time is not training throughput
 
-        if step % t.save_every == 0 or step == data.total_steps:
-            save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, asdict(state),
-                            resume_record, t.keep_last)
+            if step % t.save_every == 0 or step == data.total_steps:
+                save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, asdict(state),
+                                resume_record, t.keep_last)
+
+            # a stop signal: this step is done; make sure it is checkpointed, then stop
+            received = stop.agreed(accelerator)
+            if received:
+                if not (step % t.save_every == 0 or step == data.total_steps):
+                    save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, asdict(state),
+                                    resume_record, t.keep_last)
+                raise Preempted(received, step, latest_checkpoint(run_dir))
     progress.close()
 
     metrics = {**final_metrics(state, data, count_parameters(model)),

@@ -354,6 +354,49 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
     assert not (killed / "checkpoints" / ".tmp-step-0000004").exists()
 
 
+SIGNAL_SCRIPT = r"""
+import os, signal, sys
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+os.environ["SUMM_CACHE"] = {cache!r}
+import conftest, run, summ.train as tr
+real_queue, calls = tr.queue_gradients, []
+def queue_gradients(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:  # a scheduler's SIGTERM arrives during step 3's forward and backward
+        os.kill(os.getpid(), signal.{signal})
+    return real_queue(*args, **kwargs)
+tr.queue_gradients = queue_gradients
+conftest.tiny_config({out!r}, **{sections!r}).save({config!r})
+sys.exit(run.main(["--config", {config!r}]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_stop_signal_checkpoints_the_step_and_the_resume_is_exact(tmp_path, name, code):
+    """Preemption loses nothing: the step in progress ends, is checkpointed (save_every is not due),
+    the run exits 128 + the signal with the command that continues it, and the resumed run's losses
+    are an uninterrupted run's."""
+    sections = {"lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+                "train": {"epochs": 2, "save_every": 100, "keep_last": 2, "optimizer": "adamw_8bit",
+                          "lr_scheduler": "cosine", "warmup_steps": 2}}
+    full = train(tiny_config(tmp_path / "full", **sections))
+
+    stopped, config = tmp_path / "stopped", tmp_path / "stopped.json"
+    script = SIGNAL_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"), cache=os.environ["SUMM_CACHE"],
+                                  out=str(stopped), sections=sections, config=str(config), signal=name)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert f"{name}: finishing this optimizer step, then saving a checkpoint and stopping" in proc.stderr
+    assert (f"stopped: {name}: stopped after step 3; checkpoint {stopped / 'checkpoints' / 'step-0000003'}; "
+            f"continue with: python run.py --config {config} --resume") in proc.stderr
+    assert [c.name for c in (stopped / "checkpoints").iterdir()] == ["step-0000003"]
+
+    resumed = train(tiny_config(stopped, **sections), resume=True)
+    assert resumed.steps == full.steps == 6
+    torch.testing.assert_close(resumed.train_losses, full.train_losses, rtol=1e-6, atol=0)
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     import summ.train as tr
 
