@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from summ.config import ConfigError, RunConfig
 from summ.sources import pretrained_folder, random_folder, resolve_folder
@@ -263,8 +265,27 @@ def move_input_embeddings_to_host(model) -> None:
 def require_adapter(adapter_dir, hint: str = "train first") -> None:
     """Fail unless `adapter_dir` holds a trained adapter. `hint` says what to do instead; it comes
     from the caller because only the caller knows which command (and options) the user ran."""
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir}: no trained adapter ({hint})")
+    # Checked whole before a model loads: peft reads a missing weights file as a hub repo id and fails
+    # with an unrelated error after the base model has loaded.
+    try:
+        adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FileNotFoundError(f"{folder / 'adapter_config.json'}: not valid JSON ({e}); the adapter folder "
+                                f"is damaged, use a checkpoint's adapter or retrain") from None
+    if not isinstance(adapter_config, dict) or "peft_type" not in adapter_config:
+        raise FileNotFoundError(f"{folder / 'adapter_config.json'}: not a PEFT adapter config (no peft_type)")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing; the adapter folder holds no weights (copy them back, "
+                                f"use a checkpoint's adapter, or retrain)")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise FileNotFoundError(f"{weights}: not a readable safetensors file ({e})") from None
 
 
 def load_for_inference(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype, adapter_dir=None,

@@ -302,3 +302,24 @@ def test_dequantized_merged_4bit_model_computes_what_the_4bit_model_with_its_ada
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, four_bit(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_damaged_adapter_folder_is_a_one_line_error_before_any_model_loads(quant_run, tmp_path, capsys,
+                                                                            no_model_loads):
+    _, run = quant_run
+    no_weights = run_with_config(tmp_path, run, "no_weights")
+    (no_weights / "adapter" / "adapter_model.safetensors").unlink()
+    bad_json = run_with_config(tmp_path, run, "bad_json")
+    (bad_json / "adapter" / "adapter_config.json").write_text("{")
+    truncated = run_with_config(tmp_path, run, "truncated")
+    weights = truncated / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])
+
+    for command in (["eval", "--run"], ["predict", "--text-file", "-", "--run"]):
+        assert error_of([*command, str(no_weights)], capsys) == (
+            f"{no_weights / 'adapter' / 'adapter_model.safetensors'}: missing; the adapter folder holds no weights "
+            f"(copy them back, use a checkpoint's adapter, or retrain)")
+    assert error_of(["eval", "--run", str(bad_json)], capsys).startswith(
+        f"{bad_json / 'adapter' / 'adapter_config.json'}: not valid JSON (")
+    assert error_of(["eval", "--run", str(truncated)], capsys).startswith(
+        f"{weights}: not a readable safetensors file (")
