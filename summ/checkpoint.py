@@ -8,6 +8,7 @@ back with `torch.load(weights_only=True)`: no pickled code runs on resume.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import pickle
@@ -82,9 +83,22 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
                          train_state, resume_record)
     except WriteError as e:
         raise CheckpointError(f"checkpoint at step {step} not written: {e}. The last complete checkpoint, "
-                              f"{previous or 'none yet'}, is intact; free space and continue with --resume") from e
+                              f"{previous or 'none yet'}, is intact; {_what_to_fix(e)} and continue with "
+                              f"--resume") from e
     accelerator.wait_for_everyone()
     return final
+
+
+def _what_to_fix(e: WriteError) -> str:
+    """Advice that fits the failure: free space only for a full disk."""
+    code = getattr(e.__cause__, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free space"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the run folder writable"
+    if code is None:  # torch's zip writer reports a disk filling under it without an errno
+        return "check the free space and that the run folder is writable"
+    return "fix the cause above"
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:

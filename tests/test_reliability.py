@@ -312,13 +312,16 @@ def test_fp16_overflow_steps_are_skipped_counted_and_the_scaler_updated(tmp_path
     assert len(weights) == 16 and all(torch.isfinite(w).all() for w in weights.values())
 
 
-@pytest.mark.parametrize("failure, reason", [
-    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+@pytest.mark.parametrize("failure, reason, advice", [
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device", "free space"),
+    (OSError(errno.EACCES, "Permission denied"), "Permission denied", "make the run folder writable"),
+    (OSError(errno.EIO, "Input/output error"), "Input/output error", "fix the cause above"),
     # What torch.save raises when the disk fills under its zip writer.
     (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
-     "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+     "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0",
+     "check the free space and that the run folder is writable"),
 ])
-def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure, reason):
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure, reason, advice):
     import summ.checkpoint as ck
 
     real_save = torch.save
@@ -333,7 +336,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     with pytest.raises(CheckpointError, match=re.escape(
             f"checkpoint at step 2 not written: could not write {tmp_path}/run/checkpoints/step-0000002: {reason}; "
             f"nothing was written there. The last complete checkpoint, {tmp_path}/run/checkpoints/"
-            f"step-0000001, is intact")):
+            f"step-0000001, is intact; {advice} and continue with --resume") + "$"):
         train(cfg)
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000001"]
 
