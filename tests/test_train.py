@@ -283,7 +283,7 @@ def test_run_writes_adapter_config_metrics_and_tensorboard(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert (metrics["steps"], metrics["trainable_params"]) == (3, 4096)  # 2 layers x 4 modules x r4 x (64+64)
     assert metrics["data"]["train"] == {"read": 12, "used": 12, "skipped": 0, "skipped_by_reason": {},
-                                        "first_skipped": []}
+                                        "first_skipped": [], "duplicate_ids": 0}
     assert [e["step"] for e in metrics["eval_history"]] == [0, 3]
     assert math.isclose(metrics["final_val_perplexity"], math.exp(metrics["final_val_loss"]), rel_tol=1e-9)
     assert len(list(run.glob("tensorboard/events.out.tfevents.*"))) == 1
