@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import (MODELS, REPO, TINY_OVERRIDES, add_data_arguments, cap_memory, describe,  # noqa: E402
                          environment, header, ours_settings, run_config, summarize_steps, write_results)
-from summ.files import write_atomic  # noqa: E402  (bench_train puts the repository on the path)
+from summ.files import json_records, write_atomic  # noqa: E402  (bench_train puts the repository on the path)
 
 
 
@@ -64,8 +64,7 @@ def run_child(args, model: str, processes: int) -> dict:
     record = {"rank": rank, "peak_allocated_gib": result.metrics.get("memory/peak_allocated_gib"),
               "peak_reserved_gib": result.metrics.get("memory/peak_reserved_gib")}
     if rank == 0:
-        steps = [x for x in (json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines())
-                 if "train/tokens" in x]
+        steps = [x for x in json_records(out_dir / "log.jsonl") if "train/tokens" in x]
         record.update(summarize_steps([x["train/seconds"] for x in steps], [x["train/tokens"] for x in steps],
                                       args.warmup),
                       losses=result.train_losses, micro_batch=describe(cfg, result.metrics))

@@ -311,6 +311,7 @@ def describe(cfg, metrics: dict) -> str:
 def run_ours(args, model: str, runner: str) -> dict:
     import torch
 
+    from summ.files import json_records
     from summ.precision import mixed_precision_mode
     from summ.train import train
 
@@ -319,8 +320,7 @@ def run_ours(args, model: str, runner: str) -> dict:
             torch.backends.cuda.enable_flash_sdp(False)  # a T4 (sm75) has no flash-attention kernels
         cfg = run_config(args, model, Path(tmp), tuple(ours_settings(args, model, runner)))
         result = train(cfg)
-        logs = [json.loads(x) for x in (Path(tmp) / "log.jsonl").read_text().splitlines()]
-        steps = [x for x in logs if "train/tokens" in x]
+        steps = [x for x in json_records(Path(tmp) / "log.jsonl") if "train/tokens" in x]
         return {**summarize_steps([x["train/seconds"] for x in steps], [x["train/tokens"] for x in steps],
                                   args.warmup),
                 "peak_allocated_gib": result.metrics.get("memory/peak_allocated_gib"),

@@ -28,7 +28,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from summ.config import load_config
     from summ.data import load_rows
-    from summ.rouge import aggregate, score_pairs
+    from summ.rouge import PAPER_KEYS, aggregate, score_pairs
 
     for r in json.loads(Path(args.results).read_text())["runs"]:
         if "error" in r:
@@ -42,7 +42,7 @@ def main() -> int:
         rows, _ = load_rows(cfg.data, "validation", r["articles"])
         agg = aggregate(score_pairs(r["texts"], [x["summary"] for x in rows]), n_resamples=200, seed=0)
         print(r["model"], r["dataset"], r["variant"], " ".join(
-            f"{k} {agg[k]['mean']:.2f} [{agg[k]['low']:.2f},{agg[k]['high']:.2f}]" for k in ("rouge1", "rouge2", "rougeLsum")))
+            f"{k} {agg[k]['mean']:.2f} [{agg[k]['low']:.2f},{agg[k]['high']:.2f}]" for k in PAPER_KEYS))
     return 0
 
 

@@ -272,6 +272,14 @@ class RunConfig:
         write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+def flat_config(config: dict) -> dict:
+    """`section.key -> value` of a config as a dict (`RunConfig.to_dict()` or a run's config.json),
+    with lists as JSON gives them back, so a saved config and a live one compare equal. A top-level
+    entry that is not a section (not a dict) is left out."""
+    return {f"{section}.{key}": value for section, values in json.loads(json.dumps(config)).items()
+            if isinstance(values, dict) for key, value in values.items()}
+
+
 # A config file may carry a "search" section for `run.py tune`; it is not part of a run's config.
 SEARCH_SECTION = "search"
 

@@ -218,7 +218,7 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
     run_dir/zero_shot, or run_dir/`name`: a second decoding kept beside the first)."""
     from accelerate import Accelerator
 
-    from summ.report import write_report
+    from summ.eval_report import write_report
 
     run_dir = Path(run_dir)
     out_dir = run_dir / (name or (ZERO_SHOT_DIR if zero_shot else EVAL_DIR))

@@ -13,6 +13,12 @@ import re
 import numpy as np
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+# The three figures summarization papers report (their "ROUGE-L" on CNN/DailyMail is rougeLsum).
+PAPER_KEYS = ("rouge1", "rouge2", "rougeLsum")
+# How each key is written in tables and plots: the one place for these names.
+ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
+# A table that shows both ROUGE-L variants to a reader who may not know them apart says which is which.
+ROUGE_LONG_NAMES = {**ROUGE_NAMES, "rougeL": "ROUGE-L (sentence)", "rougeLsum": "ROUGE-Lsum (summary-level)"}
 
 # ----------------------------------------------------------------------------- sentence splitting
 
@@ -147,3 +153,8 @@ def aggregate(per_example: list[dict[str, float]], n_resamples: int = 1000,
         mean, low, high = bootstrap_ci([row[key] for row in per_example], n_resamples=n_resamples, seed=seed)
         result[key] = {"mean": mean, "low": low, "high": high}
     return result
+
+
+def rouge_cell(r: dict) -> str:
+    """One key of `aggregate` as a table cell: mean [low, high]."""
+    return f"{r['mean']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"

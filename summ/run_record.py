@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from summ.checkpoint import read_resume_record
-from summ.config import ConfigError, RunConfig
+from summ.config import ConfigError, RunConfig, flat_config
 from summ.data import prompt_template
 from summ.files import WriteError, atomic_folder, write_atomic, write_json
 
@@ -53,12 +53,6 @@ class ResumeMismatch(ConfigError):
     """A resume would not continue the checkpoint's run exactly."""
 
 
-def flat_config(cfg: RunConfig) -> dict:
-    """`section.key -> value`, with lists as JSON gives them back (so a saved config compares equal)."""
-    return {f"{section}.{key}": value for section, values in json.loads(json.dumps(cfg.to_dict())).items()
-            for key, value in values.items()}
-
-
 def is_harmless(key: str, old: dict, new: dict) -> bool:
     if key in _ONLY_WITH and not old.get(_ONLY_WITH[key]) and not new.get(_ONLY_WITH[key]):
         return True
@@ -81,10 +75,10 @@ def check_resume(cfg: RunConfig, checkpoint: Path | None, world_size: int, data_
             raise ResumeMismatch(f"{checkpoint}: this checkpoint does not record its run's config and data, so "
                                  f"an exact resume cannot be checked; pass --resume-changed to continue anyway")
         return {"changed": {}, "unchecked": True, "forced": True}
-    old = {f"{s}.{k}": v for s, values in record["config"].items() for k, v in values.items()}
-    new = flat_config(cfg)
+    old = flat_config(record["config"])
+    new = flat_config(cfg.to_dict())
     # A key that the checkpoint's summ did not have yet compares as its default: what that version did.
-    old = {**flat_config(RunConfig()), **_UNRECORDED_BEHAVIOUR, **old}
+    old = {**flat_config(RunConfig().to_dict()), **_UNRECORDED_BEHAVIOUR, **old}
     changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
     refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if not is_harmless(k, old, new)]
     if "auto_micro_batch" not in record["config"].get("train", {}) and \
@@ -214,7 +208,8 @@ def _step_of(line: str) -> int | None:
 
 
 def _hparams(cfg: RunConfig) -> dict:
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config(cfg).items()}
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in flat_config(cfg.to_dict()).items()}
 
 
 def save_adapter(model, tokenizer, cfg: RunConfig, run_dir: Path) -> Path:

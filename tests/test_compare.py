@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from summ.compare import ReportError, read_input, write_comparison
+from summ.compare import write_comparison
 from summ.config import load_config
 from summ.errors import excerpt
 from summ.lead import evaluate_lead
-from summ.report import rouge_cell
+from summ.rouge import rouge_cell
+from summ.runs import ReportError, read_input
 from tests.conftest import FIXTURES
 
 SMOL = Path(__file__).parent.parent / "benchmarks" / "measured" / "2026-12-02-h200" / "smol"

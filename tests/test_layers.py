@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).parents[1]
-EVALUATION_SIDE = ["summ.evaluate", "summ.generate", "summ.lead", "summ.predict", "summ.report", "summ.compare",
-                   "summ.rouge", "summ.errors", "summ.published"]
+EVALUATION_SIDE = ["summ.evaluate", "summ.generate", "summ.lead", "summ.predict", "summ.eval_report", "summ.compare",
+                   "summ.runs", "summ.comparison_rows", "summ.comparison_table", "summ.comparison_report",
+                   "summ.comparison_plots", "summ.rouge", "summ.errors", "summ.published"]
 
 
 def test_evaluation_side_never_imports_training():

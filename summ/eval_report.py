@@ -1,19 +1,13 @@
-"""The human-readable evaluation report (eval_report.md)."""
+"""The human-readable report of one evaluation (eval_report.md), and the error-analysis table that
+`run.py report` shows for its best run too."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from summ.files import write_atomic
 from summ.errors import LENGTH_BUCKETS, excerpt, worst_examples
-from summ.rouge import ROUGE_KEYS
-
-ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L (sentence)",
-               "rougeLsum": "ROUGE-Lsum (summary-level)"}
-
-
-def rouge_cell(r: dict) -> str:
-    return f"{r['mean']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+from summ.files import write_atomic
+from summ.rouge import ROUGE_KEYS, ROUGE_LONG_NAMES, rouge_cell
 
 
 def error_summary_lines(e: dict) -> list[str]:
@@ -55,7 +49,8 @@ def write_report(path: Path, metrics: dict, rows: list[dict], generations: list[
         f"| validation loss (summary + EOS tokens) | {m['val_loss']:.4f} |",
         f"| perplexity | {m['val_perplexity']:.2f} |",
     ]
-    lines += [f"| {ROUGE_NAMES[k]} F1, mean [95% bootstrap CI] | {rouge_cell(m['rouge'][k])} |" for k in ROUGE_KEYS]
+    lines += [f"| {ROUGE_LONG_NAMES[k]} F1, mean [95% bootstrap CI] | {rouge_cell(m['rouge'][k])} |"
+              for k in ROUGE_KEYS]
     lines += [
         "",
         "ROUGE with `rouge-score`, Porter stemming on. ROUGE-Lsum splits prediction and reference into one "
@@ -71,7 +66,7 @@ def write_report(path: Path, metrics: dict, rows: list[dict], generations: list[
                   f"{tuned['val_loss'] - base['val_loss']:+.4f} |"]
         for k in ROUGE_KEYS:
             b, t = base["rouge"][k]["mean"], tuned["rouge"][k]["mean"]
-            lines.append(f"| {ROUGE_NAMES[k]} | {b:.2f} | {t:.2f} | {t - b:+.2f} |")
+            lines.append(f"| {ROUGE_LONG_NAMES[k]} | {b:.2f} | {t:.2f} | {t - b:+.2f} |")
         lines.append(f"| stopped by itself | {base['stopped_by_itself_share']:.1%} | "
                      f"{tuned['stopped_by_itself_share']:.1%} | |")
         lines.append("")
