@@ -4,13 +4,22 @@ Papers report CNN/DailyMail "ROUGE-L" as the summary-level LCS (rougeLsum), whic
 per line. nltk's punkt is the usual splitter, but it needs a separate data download at run time;
 `split_sentences` is a rule-based splitter tuned for news text, so scoring works offline with nothing
 beyond rouge-score installed (its cases are tested in tests/test_rouge.py).
+
+rouge-score's tokenizer keeps ASCII letters and digits only: Arabic, Hebrew, Chinese, Japanese or
+Cyrillic text has no tokens and a perfect summary scores 0. Text that is mostly outside ASCII is scored
+with a Unicode tokenizer instead (words of any script, one token per character of a script written
+without spaces, emoji; no stemming); English keeps the tokenizer and stemmer of published figures.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import unicodedata
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 # The three figures summarization papers report (their "ROUGE-L" on CNN/DailyMail is rougeLsum).
@@ -80,17 +89,47 @@ def split_sentences(text: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- scoring
 
-_SCORER = None
 
 
-def _scorer():
-    global _SCORER
-    if _SCORER is None:
+# Scripts written without spaces between words: each character is a token (as multilingual ROUGE
+# scores Chinese and Japanese without a word segmenter). Thai, kana, CJK ideographs.
+_CHARACTER_SCRIPTS = "\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_UNICODE_TOKEN = re.compile(rf"[{_CHARACTER_SCRIPTS}]|[^\W_{_CHARACTER_SCRIPTS}]+|[^\w\s]")
+
+
+def unicode_tokens(text: str) -> list[str]:
+    """Tokens of any script: runs of letters and digits, one token per character of a script without
+    spaces, and each symbol such as an emoji; lowercased (casefold), no stemming."""
+    return [t for t in _UNICODE_TOKEN.findall(text.casefold())
+            if t[0].isalnum() or unicodedata.category(t[0]) == "So"]
+
+
+class _UnicodeTokenizer:
+    def tokenize(self, text: str) -> list[str]:
+        return unicode_tokens(text)
+
+
+def uses_unicode_tokens(text: str) -> bool:
+    """Whether `text` is scored with the Unicode tokenizer: most of its letters are outside ASCII, or
+    it has content that rouge-score's English tokenizer (ASCII letters and digits only) would drop
+    entirely. English text keeps the tokenizer and Porter stemmer that published ROUGE figures use."""
+    letters = [c for c in text if c.isalpha()]
+    if 2 * sum(not c.isascii() for c in letters) > len(letters):
+        return True
+    return bool(unicode_tokens(text)) and not re.search(r"[A-Za-z0-9]", text)
+
+
+_SCORERS: dict = {}
+
+
+def _scorer(unicode: bool = False):
+    if unicode not in _SCORERS:
         # Imported here: generation alone (benchmarks/bench_generate.py on a bare GPU image) needs no scorer.
         from rouge_score import rouge_scorer
 
-        _SCORER = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
-    return _SCORER
+        _SCORERS[unicode] = rouge_scorer.RougeScorer(list(ROUGE_KEYS), tokenizer=_UnicodeTokenizer()) if unicode \
+            else rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    return _SCORERS[unicode]
 
 
 def score_pairs(predictions: list[str], references: list[str]) -> list[dict[str, float]]:
@@ -105,11 +144,17 @@ def score_pairs(predictions: list[str], references: list[str]) -> list[dict[str,
     if len(predictions) != len(references):
         raise ValueError(f"predictions and references differ in length: "
                          f"{len(predictions)} predictions vs {len(references)} references")
-    scorer = _scorer()
-    results = []
-    for prediction, reference in zip(predictions, references):
+    results, empty = [], []
+    for i, (prediction, reference) in enumerate(zip(predictions, references)):
+        unicode = uses_unicode_tokens(reference) or uses_unicode_tokens(prediction)
+        scorer = _scorer(unicode)
+        if not scorer._tokenizer.tokenize(reference):
+            empty.append(i)
         scores = scorer.score("\n".join(split_sentences(reference)), "\n".join(split_sentences(prediction)))
         results.append({key: 100.0 * scores[key].fmeasure for key in ROUGE_KEYS})
+    if empty:
+        log.warning("ROUGE: %d of %d references have no tokens to score (rows %s); they score 0 whatever the "
+                    "prediction", len(empty), len(references), ", ".join(str(i + 1) for i in empty[:5]))
     return results
 
 

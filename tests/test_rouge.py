@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
-from summ.rouge import ROUGE_KEYS, aggregate, bootstrap_ci, score_pairs, split_sentences
+from summ.rouge import (ROUGE_KEYS, aggregate, bootstrap_ci, score_pairs, split_sentences, unicode_tokens,
+                        uses_unicode_tokens)
 
 
 # ----------------------------------------------------------------------------- ROUGE by hand
@@ -286,3 +287,37 @@ def test_aggregate_reports_mean_and_interval_per_key():
     assert aggregate(per_example, n_resamples=500, seed=0) == out
     with pytest.raises(ValueError, match="^aggregate needs at least one scored example$"):
         aggregate([])
+
+
+@pytest.mark.parametrize("text", [
+    "مرحبا بالعالم، هذا اختبار للتلخيص.",            # Arabic
+    "שלום עולם, זה מבחן של סיכום.",                 # Hebrew
+    "東京は今日晴れです。明日は雨でしょう。",          # Japanese: kanji and kana, no spaces
+    "北京今天下雨了，气温很低。",                      # Chinese
+    "Привет, мир! Это тест резюме.",                  # Cyrillic
+    "🎉🔥 👍",                                         # emoji only
+])
+def test_a_prediction_equal_to_its_reference_scores_100_in_any_script(text):
+    assert score_pairs([text], [text]) == [{key: 100.0 for key in ROUGE_KEYS}]
+
+
+def test_scripts_without_spaces_are_scored_by_character():
+    # 東京は雨 / 東京は晴れ: 3 of 4 predicted and of 5 reference characters shared; bigrams 2 of 3 and of 4.
+    scores = score_pairs(["東京は雨"], ["東京は晴れ"])[0]
+    assert scores["rouge1"] == pytest.approx(100 * 2 * (3 / 4) * (3 / 5) / (3 / 4 + 3 / 5))
+    assert scores["rouge2"] == pytest.approx(100 * 4 / 7)
+    assert unicode_tokens("Москва, 2024: ГОРОД!") == ["москва", "2024", "город"]
+
+
+def test_english_keeps_the_published_tokenizer_and_stemmer():
+    # Porter stemming makes "approves" and "approved" one token; an accented name does not switch scripts.
+    assert not uses_unicode_tokens("Zoë Smith approved the plan")
+    assert score_pairs(["The council approves plans"], ["The council approved the plan"])[0]["rouge1"] == \
+        pytest.approx(100 * 2 * (4 / 4) * (4 / 5) / (4 / 4 + 4 / 5))
+
+
+def test_a_reference_without_tokens_is_warned(caplog):
+    assert score_pairs(["a summary", "plan approved"], ["...", "plan approved"]) == [{key: 0.0 for key in ROUGE_KEYS},
+                                                                                 {key: 100.0 for key in ROUGE_KEYS}]
+    assert "ROUGE: 1 of 2 references have no tokens to score (rows 1); they score 0 whatever the prediction" \
+        in caplog.text
