@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from summ.data import DataError
     from summ.checkpoint import CheckpointError
     from summ.files import WriteError
+    from summ.runs import ReportError
     from summ.train import Preempted, TrainingError
 
     try:
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for x in lines:
                     print(x["summary"] if len(lines) == 1 else json.dumps(x, ensure_ascii=False))
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, ReportError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:

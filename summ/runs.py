@@ -2,22 +2,31 @@
 
 A run folder holds config.json and its results (metrics.json, log.jsonl, eval/, zero_shot/, lead/); a
 search folder holds trials.csv, search.json and each trial's own run folder. They are only read, and
-every file is checked here, so a wrong path is refused before the report writes anything.
+every file is checked here, so a wrong path is refused before the report writes anything. A run
+folder whose result files are damaged is skipped with a warning, so one broken run does not cost the
+report of the others; a report with nothing left is refused.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from summ.files import json_records
 
+log = logging.getLogger(__name__)
+
 
 class ReportError(ValueError):
     """An input folder is not a run or search folder, or a file in it cannot be read."""
+
+
+class BrokenRun(ReportError):
+    """A run folder whose result files cannot be read: the report skips it and shows the rest."""
 
 
 # Row kind -> the subfolder of a run folder holding that evaluation.
@@ -88,11 +97,14 @@ def _read_run(path: Path, name: str) -> RunFolder:
     if not _has_results(path):
         raise ReportError(f"{path}: has config.json but no results; a run folder needs metrics.json, log.jsonl "
                           f"or an eval/, zero_shot/ or lead/ eval_metrics.json")
-    evals = {kind: _read_json(path / sub / "eval_metrics.json") for kind, sub in EVAL_SUBDIRS.items()
-             if (path / sub / "eval_metrics.json").is_file()}
-    return RunFolder(path=path, name=name, config=_read_json(path / "config.json"),
-                     train=_read_json(path / "metrics.json") if (path / "metrics.json").is_file() else None,
-                     log=_read_log(path / "log.jsonl"), evals=evals)
+    try:
+        evals = {kind: _read_json(path / sub / "eval_metrics.json") for kind, sub in EVAL_SUBDIRS.items()
+                 if (path / sub / "eval_metrics.json").is_file()}
+        return RunFolder(path=path, name=name, config=_read_json(path / "config.json"),
+                         train=_read_json(path / "metrics.json") if (path / "metrics.json").is_file() else None,
+                         log=_read_log(path / "log.jsonl"), evals=evals)
+    except ReportError as e:
+        raise BrokenRun(str(e)) from None
 
 
 def _read_trials(path: Path) -> tuple[list[dict], list[str]]:
@@ -126,7 +138,10 @@ def _read_search(path: Path) -> Search:
             continue
         folder = folders[trial["trial_id"]] = _under(path, trial["run_dir"])
         if (folder / "config.json").is_file() and _has_results(folder):
-            runs[trial["trial_id"]] = _read_run(folder, f"{path.name}/{trial['trial_id']}")
+            try:
+                runs[trial["trial_id"]] = _read_run(folder, f"{path.name}/{trial['trial_id']}")
+            except BrokenRun as e:
+                log.warning("report: trial %s skipped: %s", trial["trial_id"], e)
     if "best_trial" in spec:  # the search's own choice, by its run folder
         chosen = _under(path, spec["best_trial"]) if spec["best_trial"] else None
         best = next((t for t, folder in folders.items() if folder == chosen), None)
@@ -159,11 +174,17 @@ def read_input(path: str | Path) -> RunFolder | Search:
 def read_inputs(paths: list[str | Path]) -> tuple[list[tuple[str | Path, RunFolder | Search]], list[RunFolder]]:
     """Each input once, as (path as given, what it is), and every run folder they hold once, in order:
     a run given itself, or each trial of a search that has its own run folder."""
-    inputs, seen = [], set()
+    inputs, seen, skipped = [], set(), []
     for p in paths:
         if Path(p).resolve() not in seen:  # the same folder given twice is one input
             seen.add(Path(p).resolve())
-            inputs.append((p, read_input(p)))
+            try:
+                inputs.append((p, read_input(p)))
+            except BrokenRun as e:  # one damaged run does not cost the report of the others
+                log.warning("report: skipped: %s", e)
+                skipped.append(str(e))
+    if not inputs:
+        raise ReportError(f"nothing to report: every input was skipped ({'; '.join(skipped)})")
     runs, seen = [], set()
     for _, x in inputs:
         for run in x.runs.values() if isinstance(x, Search) else [x]:

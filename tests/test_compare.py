@@ -304,3 +304,29 @@ def test_compare_imports_no_torch_or_matplotlib():
             " 'summ.data') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_damaged_run_is_skipped_and_the_rest_reported(inputs, tmp_path, caplog, capsys):
+    smol = inputs[0]
+    broken = smol_copy(tmp_path / "broken", 1e-3)
+    (broken / "eval" / "eval_metrics.json").write_text("{not json")
+    result = write_comparison([smol, broken], tmp_path / "out")
+    assert [r["name"] for r in result["rows"]] == ["smol", "zero-shot smol", "LEAD-1"]
+    assert f"report: skipped: {broken / 'eval' / 'eval_metrics.json'}: cannot read it as JSON (" in caplog.text
+
+    with pytest.raises(ReportError) as error:
+        write_comparison([broken], tmp_path / "never")
+    assert str(error.value).startswith(f"nothing to report: every input was skipped "
+                                       f"({broken / 'eval' / 'eval_metrics.json'}: cannot read it as JSON (")
+    assert not (tmp_path / "never").exists()
+
+    # From the command line: one line and exit status 2, for a damaged run as for an empty folder.
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import run as cli
+
+    (tmp_path / "empty").mkdir()
+    for path, start in ((broken, "nothing to report: every input was skipped"),
+                        (tmp_path / "empty", f"{tmp_path / 'empty'}: neither a run folder nor a search folder")):
+        assert cli.main(["report", str(path), "--out", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {start}") and err.count("\n") == 1
