@@ -40,6 +40,10 @@ _HARMLESS_KEYS = {
     # How a step's rows are split into micro-batches: the same rows, the same gradient.
     "train.micro_batch_tokens", "train.auto_micro_batch", "train.packing",
 }
+# Keys that change the tensors a checkpoint holds (the adapter's matrices, the base model they attach
+# to, the optimizer's state): no resume can load them, forced or not.
+_SHAPE_KEYS = {"lora.r", "lora.target_modules", "model.name_or_path", "model.gguf_file", "model.config_overrides",
+               "train.optimizer"}
 # Keys that act only when another is on: graph lengths only under CUDA graphs, inductor options only on
 # compiled layers. A change is harmless when that key is off before and after.
 _ONLY_WITH = {"train.graph_length_multiple": "train.cuda_graphs", "model.compile_options": "model.compile_layers"}
@@ -80,6 +84,11 @@ def check_resume(cfg: RunConfig, checkpoint: Path | None, world_size: int, data_
     # A key that the checkpoint's summ did not have yet compares as its default: what that version did.
     old = {**flat_config(RunConfig().to_dict()), **_UNRECORDED_BEHAVIOUR, **old}
     changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    reshaped = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k in _SHAPE_KEYS]
+    if reshaped:
+        raise ResumeMismatch(f"{checkpoint}: cannot resume, even with --resume-changed: {'; '.join(reshaped)} "
+                             f"changes the shapes of the saved weights or optimizer state. Restore the value, or "
+                             f"start a new run in another log.output_dir")
     refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if not is_harmless(k, old, new)]
     if "auto_micro_batch" not in record["config"].get("train", {}) and \
             record["config"].get("train", {}).get("micro_batch_tokens") is not None:

@@ -195,6 +195,25 @@ def test_resume_that_changes_the_math_is_refused_with_each_difference(finished_r
     assert (run_dir / "config.json").read_text() == before
 
 
+def test_resume_that_changes_tensor_shapes_is_refused_even_when_forced(finished_run, tmp_path, monkeypatch):
+    """LoRA rank 4 -> 8: the checkpoint's matrices cannot load; refused in one line naming the key,
+    before any model loads, with --resume-changed too."""
+    import summ.train as tr
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(tr, "setup_model", refuse)
+    run_dir = copy_run(finished_run, tmp_path)
+    for forced in (False, True):
+        with pytest.raises(ResumeMismatch) as caught:
+            resume_from_step_1(run_dir, accept_changes=forced, lora={"r": 8, "alpha": 16})
+        assert str(caught.value) == (
+            f"{run_dir / 'checkpoints' / 'step-0000001'}: cannot resume, even with --resume-changed: lora.r: 4 -> 8 "
+            f"changes the shapes of the saved weights or optimizer state. Restore the value, or start a new run "
+            f"in another log.output_dir")
+
+
 def test_resume_with_other_training_data_is_refused(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     rows = (FIXTURES / "xsum_tiny" / "train.jsonl").read_text().splitlines()
