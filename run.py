@@ -253,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         # The run started and stopped: its folder and last complete checkpoint are kept.
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (which checkpoints and stops by itself): files are written
+        # atomically, so nothing half-written is left.
+        print("interrupted; files already written are complete", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -582,3 +582,15 @@ def test_a_second_writer_of_a_run_folder_is_refused_until_the_first_ends(tmp_pat
         holder.wait()
     train(cfg)
     assert (folder / "adapter").is_dir() and (folder / "metrics.json").is_file()
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(finished_run, tmp_path, monkeypatch, capsys):
+    import summ.lead
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(summ.lead, "evaluate_lead", interrupted)
+    run_dir = copy_run(finished_run, tmp_path)
+    assert run.main(["eval", "--run", str(run_dir), "--baseline", "lead"]) == 130
+    assert capsys.readouterr().err == "interrupted; files already written are complete\n"
