@@ -42,7 +42,8 @@ test: install
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
 
 # The multi-process and longer tests (data parallel on two CPU processes, refused launches, a two-process
-# scaling benchmark, the Ray Tune searches, compiled layers drawing eager dropout masks).
+# scaling benchmark, the Ray Tune searches, compiled layers drawing eager dropout masks, a run stopped by a
+# real SIGTERM / SIGINT and resumed).
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow tests
 
