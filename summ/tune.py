@@ -78,6 +78,10 @@ class SearchConfig:
     max_failures: int = 2
 
 
+class ClusterUnreachable(RuntimeError):
+    """Ray could not start, or the cluster named by --address / RAY_ADDRESS did not answer."""
+
+
 class MissingExtra(ConfigError):
     """An optional dependency the command needs is not installed."""
 
@@ -252,8 +256,15 @@ def run_search(cfg_raw: dict, search: SearchConfig, source: str, *, address: str
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"num_cpus": max(int(search.cpus_per_trial), os.cpu_count() or 1)}))
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     **({} if address else {"num_cpus": max(int(search.cpus_per_trial), os.cpu_count() or 1)}))
+        except (ConnectionError, RuntimeError, ValueError, OSError) as e:
+            where = f"join the Ray cluster at {address}" if address else "start a local Ray instance"
+            advice = ("check that `ray start --head` runs there and the address and port are reachable"
+                      if address else "see `ray status` and /tmp/ray/session_latest/logs")
+            raise ClusterUnreachable(f"could not {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                                     f"{advice}") from None
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, search_dict=dataclasses.asdict(search), out_dir=str(out_dir)),
         {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial if _gpus_available() else 0})

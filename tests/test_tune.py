@@ -80,6 +80,25 @@ def test_without_ray_the_command_says_how_to_install(tmp_path, monkeypatch):
         run_search(base_raw(tmp_path / "out"), SearchConfig(space={"train.lr": {"choice": [1e-3]}}), "cfg.json")
 
 
+def test_an_unreachable_cluster_is_one_line_with_exit_status_3(tmp_path, monkeypatch, capsys):
+    import ray
+
+    def unreachable(**kwargs):
+        raise ConnectionError(f"Could not find any running Ray instance at {kwargs['address']}.\nmore detail")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", unreachable)
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({**base_raw(tmp_path / "out"), "search": {"space": {"train.lr": {"choice": [1e-3]}}}}))
+    sys.path.insert(0, str(REPO))
+    import run as cli
+
+    assert cli.main(["tune", "--config", str(config), "--address", "10.0.0.9:6379"]) == 3
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: could not join the Ray cluster at 10.0.0.9:6379: Could not find any running Ray instance at "
+        "10.0.0.9:6379.; check that `ray start --head` runs there and the address and port are reachable")
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
