@@ -196,7 +196,9 @@ class RunLog:
             # purge_step hides earlier events at and after it: those the resumed run writes again, or
             # all of an earlier attempt's for a fresh run.
             init_kwargs = {"tensorboard": {"purge_step": 0 if resumed_at is None else resumed_at + 1}}
-            accelerator.init_trackers("tensorboard", config=_hparams(cfg), init_kwargs=init_kwargs)
+            accelerator.init_trackers("tensorboard", init_kwargs=init_kwargs)
+            if accelerator.is_main_process:
+                write_hparams(accelerator.get_tracker("tensorboard", unwrap=True), _hparams(cfg))
 
     def write(self, step: int, values: dict) -> None:
         if self.accelerator.trackers:
@@ -214,6 +216,23 @@ def _step_of(line: str) -> int | None:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
         return None
+
+
+# The metrics the HParams tab shows beside each run's hyperparameters: scalars this run logs.
+HPARAM_METRICS = ("val/loss", "val/perplexity", "train/loss")
+
+
+def write_hparams(writer, values: dict) -> None:
+    """The run's hyperparameters into its own event file, naming the metrics it logs.
+
+    Accelerate's `init_trackers(config=...)` calls SummaryWriter.add_hparams, which writes them into a
+    separate timestamped folder with no metrics: TensorBoard then lists two runs per training run and
+    the HParams tab has no metric columns."""
+    from torch.utils.tensorboard.summary import hparams
+
+    for summary in hparams(values, {name: float("nan") for name in HPARAM_METRICS}):
+        writer.file_writer.add_summary(summary)
+    writer.flush()
 
 
 def _hparams(cfg: RunConfig) -> dict:

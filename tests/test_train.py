@@ -286,7 +286,21 @@ def test_run_writes_adapter_config_metrics_and_tensorboard(tmp_path):
                                         "first_skipped": [], "duplicate_ids": 0}
     assert [e["step"] for e in metrics["eval_history"]] == [0, 3]
     assert math.isclose(metrics["final_val_perplexity"], math.exp(metrics["final_val_loss"]), rel_tol=1e-9)
-    assert len(list(run.glob("tensorboard/events.out.tfevents.*"))) == 1
+    # One TensorBoard run per training run: the curves and the hyperparameters in one event file, the
+    # HParams tab's metric columns naming the scalars it holds.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    assert [p.name for p in (run / "tensorboard").iterdir() if p.is_dir()] == []
+    [events] = run.glob("tensorboard/events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert {"val/loss", "train/loss"} <= set(accumulator.Tags()["scalars"])
+    content = accumulator.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["val/loss", "val/perplexity", "train/loss"]
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert session.session_start_info.hparams["train.lr"].number_value == cfg.train.lr
     # What reproduces and serves the run: the prompt exactly as trained, versions and commit.
     prompt = json.loads((run / "prompt.json").read_text())
     assert prompt["prompt"] == TINY["phi"]["template"].replace(" {summary}", "")
