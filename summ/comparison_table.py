@@ -55,12 +55,22 @@ def escape(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _readable(value: str) -> str:
+    """A sampled float (a search's lr 0.0016500839023012) to 4 significant digits; results.csv keeps
+    every digit."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if value.lstrip("-").isdigit() else f"{number:.4g}"
+
+
 def markdown_table(entries: list[Entry], hyperparameters: list[str]) -> list[str]:
     headers = ["run", "role", *hyperparameters, *(header for _, header, _ in METRIC_COLUMNS)]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for e in entries:
         cells = [e.name, e.role]
-        cells += ["–" if (v := config_cell(e, k)) is None else v for k in hyperparameters]
+        cells += ["–" if (v := config_cell(e, k)) is None else _readable(v) for k in hyperparameters]
         cells += [_md_cell(column, kinds, e) for column, _, kinds in METRIC_COLUMNS]
         lines.append("| " + " | ".join(escape(c) for c in cells) + " |")
     return lines

@@ -330,3 +330,13 @@ def test_a_damaged_run_is_skipped_and_the_rest_reported(inputs, tmp_path, caplog
         assert cli.main(["report", str(path), "--out", str(tmp_path / "never")]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {start}") and err.count("\n") == 1
+
+
+def test_a_sampled_learning_rate_reads_short_in_the_report_and_whole_in_the_csv(inputs, tmp_path):
+    smol = inputs[0]
+    sampled = smol_copy(tmp_path / "sampled", 0.0016500839023012)
+    result = write_comparison([smol, sampled], tmp_path / "out")
+    assert [r["train.lr"] for r in result["rows"] if r["name"] == "sampled"] == ["0.0016500839023012"]
+    rows = [line for line in (tmp_path / "out" / "report.md").read_text().splitlines()
+            if line.startswith("| sampled |")]
+    assert len(rows) == 1 and rows[0].startswith("| sampled |  | 0.00165 | ")
