@@ -82,8 +82,11 @@ def _values(entry: Entry) -> dict:
     if entry.kind == "run":
         # The eval pipeline's loss where there is one, so a fine-tuned row and its zero-shot row are
         # measured the same way; otherwise the last validation pass of training.
-        values["val_loss"] = m.get("val_loss", train.get("final_val_loss"))
-        values["perplexity"] = m.get("val_perplexity", train.get("final_val_perplexity"))
+        # A trial the scheduler stopped has no metrics.json: its last logged validation is its loss.
+        validated = [r for r in run.log if as_number(r.get("val/loss")) is not None]
+        last = validated[-1] if validated else {}
+        values["val_loss"] = m.get("val_loss", train.get("final_val_loss", last.get("val/loss")))
+        values["perplexity"] = m.get("val_perplexity", train.get("final_val_perplexity", last.get("val/perplexity")))
         logged = [r["train/loss"] for r in run.log if as_number(r.get("train/loss")) is not None]
         # The last logged value is a mean over log.log_every steps, steadier than the last step alone.
         values["train_loss"] = logged[-1] if logged else train.get("final_train_loss")

@@ -340,3 +340,12 @@ def test_a_sampled_learning_rate_reads_short_in_the_report_and_whole_in_the_csv(
     rows = [line for line in (tmp_path / "out" / "report.md").read_text().splitlines()
             if line.startswith("| sampled |")]
     assert len(rows) == 1 and rows[0].startswith("| sampled |  | 0.00165 | ")
+
+
+def test_a_trial_stopped_early_shows_its_last_validation(tmp_path):
+    """ASHA stops a trial before it writes metrics.json; its log holds the validations it ran."""
+    trial_run(tmp_path / "stopped", 1e-4, [3.1, 2.9])
+    (tmp_path / "stopped" / "metrics.json").unlink()
+    result = write_comparison([tmp_path / "stopped"], tmp_path / "out")
+    [row] = result["rows"]
+    assert float(row["val_loss"]) == 2.9 and float(row["perplexity"]) == pytest.approx(np.exp(2.9))
