@@ -178,6 +178,9 @@ class TrainConfig:
     max_consecutive_bad_steps: int = 10
     save_every: int = 100
     keep_last: int = 2
+    # adapter/ keeps the state of the lowest validation loss seen at a validation (metrics.json's
+    # best_step says which), instead of the last; the last state stays in checkpoints/.
+    keep_best: bool = False
 
 
 @dataclass(frozen=True)

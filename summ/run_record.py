@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # Keys that change neither the updates nor the order of the training data: a resume may change them.
 _HARMLESS_SECTIONS = ("eval", "log")
 _HARMLESS_KEYS = {
-    "train.save_every", "train.keep_last", "train.max_consecutive_bad_steps",
+    "train.save_every", "train.keep_last", "train.max_consecutive_bad_steps", "train.keep_best",
     "data.strict", "data.max_bad_row_share", "data.eval_split", "data.max_eval_rows",
     # Memory and speed only: recomputing activations or keeping the embedding table on the host
     # gives the same numbers.

@@ -77,6 +77,7 @@ class TrainState:
     overflow_steps: int = 0  # fp16 steps the loss scaler skipped (counted in skipped_steps too)
     tokens_seen: int = 0
     peak_memory: dict = field(default_factory=dict)
+    best: dict | None = None  # with train.keep_best: the step and validation loss adapter/ holds
 
     @classmethod
     def from_dict(cls, saved: dict) -> "TrainState":
@@ -144,6 +145,10 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
                 f"(now {t.lr:g})")
         accelerator.print(f"step {step}: val loss {record['val/loss']:.4f}, "
                           f"perplexity {record['val/perplexity']:.2f}")
+        if t.keep_best and (state.best is None or record["val/loss"] < state.best["val/loss"]):
+            state.best = {"step": step, "val/loss": record["val/loss"]}
+            if accelerator.is_main_process:
+                save_adapter(accelerator.unwrap_model(model), data.tokenizer, cfg, run_dir)
         if on_validation is not None:
             on_validation(step, record)
 
@@ -233,7 +238,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
                "cuda_graphs_recorded": len(graphed.graphs) if graphed is not None else 0,
                "cuda_graphs_record_seconds": graphed.record_seconds if graphed is not None else 0.0}
     if accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(model), data.tokenizer, cfg, run_dir)
+        if state.best is None:  # without train.keep_best (or no validation ran): the last state
+            save_adapter(accelerator.unwrap_model(model), data.tokenizer, cfg, run_dir)
         write_metrics(run_dir, metrics)
     accelerator.wait_for_everyone()  # adapter/ is whole before any rank evaluates it
     for tracker in accelerator.trackers:  # not end_training(): it ends the process group the evaluation needs
@@ -583,6 +589,7 @@ def final_metrics(state: TrainState, data: TrainData, params: tuple[int, int]) -
         "final_val_loss": last_eval.get("val/loss"), "final_val_perplexity": last_eval.get("val/perplexity"),
         "eval_history": state.eval_history, "skipped_steps": state.skipped_steps,
         "overflow_steps": state.overflow_steps, "tokens_seen": state.tokens_seen,
+        "adapter_step": state.best["step"] if state.best else state.step,
         "trainable_params": params[0], "total_params": params[1],
         "data": {name: stats.summary() for name, stats in data.stats.items()},
         # Peak GPU memory while training (evaluation peaks are in eval_history).

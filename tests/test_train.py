@@ -501,3 +501,21 @@ def test_a_learning_rate_that_blows_the_weights_up_stops_at_the_next_validation(
         train(cfg)
     assert latest_checkpoint(tmp_path / "run") is None
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_keep_best_leaves_the_lowest_validation_loss_in_adapter(tmp_path, monkeypatch):
+    """train.keep_best: validation losses 3.0, 2.5, 2.8, 2.9 at steps 0-3; adapter/ is step 1's state
+    (the checkpoint of that step holds the same weights), the last state stays in checkpoints/."""
+    import summ.train as tr
+
+    losses = iter([3.0, 2.5, 2.8, 2.9])
+    monkeypatch.setattr(tr, "evaluate_loss", lambda *args, **kwargs: next(losses))
+    cfg = tiny_config(tmp_path / "run", train={"save_every": 1, "keep_last": 5, "keep_best": True},
+                      eval={"eval_every": 1, "at_start": True, "generate": False})
+    result = train(cfg)
+    run = tmp_path / "run"
+    assert result.steps == 3 and result.metrics["adapter_step"] == 1
+    best = load_file(run / "adapter" / "adapter_model.safetensors")
+    for step, same in ((1, True), (3, False)):
+        saved = load_file(run / "checkpoints" / f"step-{step:07d}" / "adapter" / "adapter_model.safetensors")
+        assert all(torch.equal(best[k], saved[k]) for k in best) is same
