@@ -64,16 +64,14 @@ def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
 
 
-def _repeated_share(tokens: list[str], n: int = 3) -> float:
-    grams = _ngrams(tokens, n)
-    if not grams:
-        return 0.0
-    seen: set[tuple[str, ...]] = set()
-    repeats = 0
-    for gram in grams:
-        repeats += gram in seen
-        seen.add(gram)
-    return repeats / len(grams)
+def _trigram_repeats(tokens: list[str]) -> tuple[float, int]:
+    """The share of trigram occurrences that repeat an earlier one, and the count of the most frequent
+    trigram (0.0 and 0 with fewer than 3 tokens)."""
+    counts = Counter(_ngrams(tokens, 3))
+    total = sum(counts.values())
+    if not total:
+        return 0.0, 0
+    return (total - len(counts)) / total, max(counts.values())
 
 
 def _novel_share(pred: list[str], article: list[str], n: int) -> float:
@@ -205,8 +203,7 @@ def analyze_example(article: str, reference: str, prediction: str, *, stop_reaso
 
     pred_tokens = _tokens(prediction)
     art_tokens = _tokens(article)
-    repeated = _repeated_share(pred_tokens)
-    max_trigram_count = max(Counter(_ngrams(pred_tokens, 3)).values(), default=0)
+    repeated, max_trigram_count = _trigram_repeats(pred_tokens)
 
     lowered = prediction.lower()
     # Empty markers are skipped: "" is in every string and would flag everything.

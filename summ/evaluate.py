@@ -43,10 +43,14 @@ class Generation:
     new_tokens: int
 
 
+def repetition_rules_on(ev: EvalConfig) -> bool:
+    return ev.no_repeat_ngram_size > 0 or ev.repetition_penalty != 1.0
+
+
 def uses_fast_engine(ev: EvalConfig) -> bool:
     """Whether summ.generate's greedy decoder can run `ev`: greedy decoding, its repetition rules over
     the summary only."""
-    sequence_rules = ev.repetition_scope == "sequence" and (ev.no_repeat_ngram_size > 0 or ev.repetition_penalty != 1.0)
+    sequence_rules = ev.repetition_scope == "sequence" and repetition_rules_on(ev)
     return ev.engine == "fast" and ev.num_beams == 1 and not ev.do_sample and not sequence_rules
 
 
@@ -123,7 +127,7 @@ def _generate_with_transformers(model, tokenizer, prompts: list[list[int]], ev: 
     kwargs = dict(max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, do_sample=ev.do_sample,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=True, min_new_tokens=min_new_tokens,
                   length_penalty=ev.length_penalty)
-    summary_rules = ev.repetition_scope == "summary" and (ev.no_repeat_ngram_size > 0 or ev.repetition_penalty != 1.0)
+    summary_rules = ev.repetition_scope == "summary" and repetition_rules_on(ev)
     if ev.repetition_scope == "sequence":
         kwargs.update(no_repeat_ngram_size=ev.no_repeat_ngram_size, repetition_penalty=ev.repetition_penalty)
     if ev.cache_implementation == "static":

@@ -116,19 +116,20 @@ def uses_unicode_tokens(text: str) -> bool:
     letters = [c for c in text if c.isalpha()]
     if 2 * sum(not c.isascii() for c in letters) > len(letters):
         return True
-    return bool(unicode_tokens(text)) and not re.search(r"[A-Za-z0-9]", text)
+    return not re.search(r"[A-Za-z0-9]", text) and bool(unicode_tokens(text))
 
 
 _SCORERS: dict = {}
 
 
 def _scorer(unicode: bool = False):
+    """(tokenizer, scorer) for English (rouge-score's own, Porter stemmer) or Unicode text."""
     if unicode not in _SCORERS:
         # Imported here: generation alone (benchmarks/bench_generate.py on a bare GPU image) needs no scorer.
-        from rouge_score import rouge_scorer
+        from rouge_score import rouge_scorer, tokenizers
 
-        _SCORERS[unicode] = rouge_scorer.RougeScorer(list(ROUGE_KEYS), tokenizer=_UnicodeTokenizer()) if unicode \
-            else rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+        tokenizer = _UnicodeTokenizer() if unicode else tokenizers.DefaultTokenizer(use_stemmer=True)
+        _SCORERS[unicode] = tokenizer, rouge_scorer.RougeScorer(list(ROUGE_KEYS), tokenizer=tokenizer)
     return _SCORERS[unicode]
 
 
@@ -147,8 +148,8 @@ def score_pairs(predictions: list[str], references: list[str]) -> list[dict[str,
     results, empty = [], []
     for i, (prediction, reference) in enumerate(zip(predictions, references)):
         unicode = uses_unicode_tokens(reference) or uses_unicode_tokens(prediction)
-        scorer = _scorer(unicode)
-        if not scorer._tokenizer.tokenize(reference):
+        tokenizer, scorer = _scorer(unicode)
+        if not tokenizer.tokenize(reference):
             empty.append(i)
         scores = scorer.score("\n".join(split_sentences(reference)), "\n".join(split_sentences(prediction)))
         results.append({key: 100.0 * scores[key].fmeasure for key in ROUGE_KEYS})

@@ -219,16 +219,12 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
                 validate(step)
                 log_clock = time.perf_counter()  # evaluation time is not training throughput
 
-            if step % t.save_every == 0 or step == data.total_steps:
+            # checkpoint on schedule, or after a stop signal: this step is done, then the run stops
+            received = stop.agreed(accelerator)
+            if received or step % t.save_every == 0 or step == data.total_steps:
                 save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, asdict(state),
                                 resume_record, t.keep_last)
-
-            # a stop signal: this step is done; make sure it is checkpointed, then stop
-            received = stop.agreed(accelerator)
             if received:
-                if not (step % t.save_every == 0 or step == data.total_steps):
-                    save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, asdict(state),
-                                    resume_record, t.keep_last)
                 raise Preempted(received, step, latest_checkpoint(run_dir))
     progress.close()
 

@@ -262,7 +262,7 @@ def run_search(cfg_raw: dict, search: SearchConfig, source: str, *, address: str
         except (ConnectionError, RuntimeError, ValueError, OSError) as e:
             where = f"join the Ray cluster at {address}" if address else "start a local Ray instance"
             advice = ("check that `ray start --head` runs there and the address and port are reachable"
-                      if address else "see `ray status` and /tmp/ray/session_latest/logs")
+                      if address else "see `ray status` and the logs of Ray's latest session")
             raise ClusterUnreachable(f"could not {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
                                      f"{advice}") from None
     trainable = tune.with_resources(
