@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from summ.checkpoint import CheckpointError
     from summ.files import WriteError
     from summ.runs import ReportError
+    from summ.speed.step import OutOfMemory
     from summ.train import Preempted, TrainingError
     from summ.tune import ClusterUnreachable
 
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         resume = " ".join(a for a in (sys.argv if argv is None else ["run.py", *argv]) if a != "--resume")
         print(f"stopped: {e}; continue with: python {resume} --resume", file=sys.stderr)
         return e.exit_code
-    except (TrainingError, CheckpointError, WriteError, ClusterUnreachable) as e:
+    except (TrainingError, OutOfMemory, CheckpointError, WriteError, ClusterUnreachable) as e:
         # The run started and stopped: its folder and last complete checkpoint are kept.
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -117,11 +117,11 @@ def add_data_arguments(parser, rows_help: str = "training rows read", measured_s
 
 
 def add_one_model_arguments(parser) -> None:
-    """The arguments of the scripts that look at one model (profile_vram, profile_kernels, tune_microbatch)."""
+    """The arguments of the scripts that look at one model (profile_vram, profile_kernels)."""
     parser.add_argument("--model", default="phi2", choices=sorted(MODELS))
     add_data_arguments(parser)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="config override, e.g. --set model.embeddings_on_cpu=true")
+                        help="config override, e.g. --set model.checkpointed_layers=8")
     parser.add_argument("--cap-gib", type=float, default=15.0, help="GPU memory cap (a T4: 15)")
     parser.add_argument("--tiny", action="store_true", help="2-layer models, CPU-sized: keeps the script working")
 
@@ -133,6 +133,17 @@ def encoded_rows(cfg):
     tokenizer = load_tokenizer(cfg)
     rows, _ = load_rows(cfg.data, cfg.data.train_split, cfg.data.max_train_rows)
     return tokenizer, encode_rows(Encoder(tokenizer, cfg.data), rows, "bench")
+
+
+def one_process():
+    """What the library's setup helpers read of an accelerator (`summ.train.setup_data`,
+    `summ.speed.step.setup_step_runner`), for one process on the host: no model or GPU is set up."""
+    from types import SimpleNamespace
+
+    import torch
+
+    return SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"),
+                           print=lambda *a, **k: None, unwrap_model=lambda model: model)
 
 
 def cap_memory(cap_gib: float) -> None:
@@ -166,14 +177,12 @@ def memory() -> dict:
 
 
 def run_trainer_peer(args, model: str, runner: str) -> dict:
-    """The HF Trainer recipe, as a user of the reference notebook would run it."""
+    """The HF Trainer recipe (hf_trainer_peer.py), as a user of the reference notebook would run it,
+    on the rows in file order."""
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from torch.utils.data import SequentialSampler
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback
 
-    from summ.data import collate
-    from summ.model import load_base_model, peft_lora_config
+    from hf_trainer_peer import padded_collator, peer_model, train_peer
 
     with tempfile.TemporaryDirectory() as tmp:
         # Stock transformers modules: our fused ops are one of the levers being measured.
@@ -188,15 +197,8 @@ def run_trainer_peer(args, model: str, runner: str) -> dict:
         # --tiny keeps the shapes of the recipes at a size a handful of fixture rows can feed.
         batch, accumulation = ((1, 2) if reference else (2, 1)) if args.tiny else ((1, 8) if reference else (16, 1))
         pad_to = cfg.data.max_length if reference else 8
-
-        base = load_base_model(cfg, torch.device("cuda" if on_gpu else "cpu"), half)
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
-        peft_model = get_peft_model(base, peft_lora_config(cfg, base.config.model_type))
-
-        class Sequential(Trainer):
-            # In order, so the tokens of each step are known.
-            def _get_train_sampler(self, *a, **k):
-                return SequentialSampler(self.train_dataset)
+        peft_model = peer_model(cfg, torch.device("cuda" if on_gpu else "cpu"), half)
+        liger = liger_packed and on_gpu and peft_model.get_base_model().config.model_type in LIGER_MODEL_TYPES
 
         class Timer(TrainerCallback):
             def __init__(self):
@@ -210,37 +212,27 @@ def run_trainer_peer(args, model: str, runner: str) -> dict:
                     torch.cuda.synchronize()
                 self.marks.append(time.perf_counter())
 
-        timer = Timer()
-        steps = args.warmup + args.steps
-        training_args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-            max_steps=steps, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0,
-            fp16=on_gpu and reference, bf16=on_gpu and not reference, use_cpu=not on_gpu,
-            optim="paged_adamw_8bit", gradient_checkpointing=True, logging_steps=10**6, save_strategy="no",
-            report_to="none", remove_unused_columns=False, dataloader_num_workers=0, seed=0,
-            use_liger_kernel=liger_packed and on_gpu and base.config.model_type in LIGER_MODEL_TYPES)
-        data = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
         if liger_packed:
             from transformers import DataCollatorWithFlattening
 
             collator = DataCollatorWithFlattening(return_position_ids=True)
         else:
-            def collator(rows):
-                return collate([type(examples[0])(r["input_ids"], r["labels"]) for r in rows],
-                               tokenizer.pad_token_id, pad_to_multiple_of=pad_to)
-        trainer = Sequential(model=peft_model, args=training_args, train_dataset=data, callbacks=[timer],
-                             data_collator=collator)
+            collator = padded_collator(tokenizer.pad_token_id, pad_to)
+        timer = Timer()
+        steps = args.warmup + args.steps
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
-        trainer.train()
+        train_peer(peft_model, examples, range(len(examples)), output_dir=tmp, batch=batch, accumulation=accumulation,
+                   steps=steps, dtype=half, collator=collator, callbacks=[timer], learning_rate=2e-4,
+                   lr_scheduler_type="cosine", warmup_steps=0, optim="paged_adamw_8bit", seed=0,
+                   use_liger_kernel=liger)
         per_step = batch * accumulation
         tokens = [sum(len(e.input_ids) for e in examples[i * per_step:(i + 1) * per_step]) for i in range(steps)]
         seconds = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
         return {**summarize_steps(seconds, tokens, args.warmup), **memory(), "rows_per_step": per_step,
                 "micro_batch": f"{batch} rows" + (f" padded to {pad_to}" if reference else
-                                                  " packed (padding-free)" + (", Liger kernels" if
-                                                  training_args.use_liger_kernel else "") if liger_packed
-                                                  else " (dynamic padding)"),
+                                                  " packed (padding-free)" + (", Liger kernels" if liger else "")
+                                                  if liger_packed else " (dynamic padding)"),
                 "accumulation": accumulation, "dtype": str(half).replace("torch.", "")}
 
 
@@ -299,9 +291,7 @@ def describe(cfg, metrics: dict) -> str:
     else:
         ckpt = f"recomputing {recomputed} of {layers} layers"
     extras = [x for x, on in (("rows packed", t.packing), ("layers compiled", m.compile_layers),
-                              ("Liger kernels", m.liger_kernel), ("fused ops off", not m.fused_ops),
-                              ("embeddings on CPU", m.embeddings_on_cpu),
-                              ("fp32 frozen weights", cfg.quant.upcast_frozen)) if on]
+                              ("Liger kernels", m.liger_kernel), ("fused ops off", not m.fused_ops)) if on]
     if metrics.get("cuda_graphs_recorded"):
         extras.append(f"{metrics['cuda_graphs_recorded']} CUDA graphs recorded before step 1 in "
                       f"{metrics['cuda_graphs_record_seconds']:.1f} s (warm-up runs and any compiling included)")

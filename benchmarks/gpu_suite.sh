@@ -19,21 +19,22 @@ PY=${PYTHON:-python3}
 X=$DATA/xsum
 C=$DATA/cnn_dailymail
 if [ "${TINY:-0}" = 1 ]; then
-  SIZE=(--tiny --rows 12) STEPS=(--steps 2 --warmup 1) BUDGETS_PHI=(128 256) BUDGETS_TL=(128 256)
+  SIZE=(--tiny --rows 12) STEPS=(--steps 2 --warmup 1)
   GEN=(--tiny --pairs smollm2:xsum phi2:xsum --xsum-rows 6 --batch-size 4) CURVES=(--tiny --steps 3 --warmup 1)
-  VRAM=(--tiny --rows 12 --tokens 256) LAYER_STEP=1 OPTIMIZER=(--steps 2 --busy-ms 1)
+  VRAM=(--tiny --rows 12 --tokens 256) KERNELS=(--tokens 256)
 else
-  SIZE=() STEPS=(--steps 20 --warmup 2) BUDGETS_PHI=(2048 4096 8192 16384) BUDGETS_TL=(4096 8192 16384)
+  SIZE=() STEPS=(--steps 20 --warmup 2)
   GEN=(--pairs tinyllama:cnn phi2:xsum) CURVES=(--steps 20 --warmup 5 --micro-batch 8 --accumulation 1)
-  VRAM=(--rows 2331) LAYER_STEP=4 OPTIMIZER=()
+  VRAM=(--rows 2331)
+  # The graphed Phi-2 micro-batch of bench_phi2's `graphs` row: 8 full rows, no recompute.
+  KERNELS=(--tokens 4096 --set train.cuda_graphs=true --set model.checkpointed_layers=0)
 fi
 ROWS_X=(--rows 2331) ROWS_C=(--rows 1219)
 # The fastest settings measured add CUDA graphs (one CUDA GPU): the recipe graphed, and our rows per
-# step graphed (Phi-2: micro-batches of 8 full rows, no recompute, torch's dropout kernel in the
-# compiled layers).
+# step graphed (Phi-2: micro-batches of 8 full rows, no recompute; compiled layers under graphs draw
+# dropout masks with torch's kernel).
 GRAPHS_PHI=(--variant recipe:graphs train.cuda_graphs=true
-            --variant graphs train.cuda_graphs=true train.micro_batch_tokens=4096 model.checkpointed_layers=0
-            'model.compile_options={"fallback_random":true}')
+            --variant graphs train.cuda_graphs=true train.micro_batch_tokens=4096 model.checkpointed_layers=0)
 GRAPHS_TL=(--variant recipe:graphs train.cuda_graphs=true --variant graphs train.cuda_graphs=true)
 [ "${TINY:-0}" = 1 ] && ROWS_X=() && ROWS_C=() && GRAPHS_PHI=() && GRAPHS_TL=()
 
@@ -45,37 +46,21 @@ step() {
   echo "== $name rc=$? end $(date -u +%T)"
 }
 
-best() { cat "$OUT/$1/best_sets.txt" 2>/dev/null; }
-sets() { for s in $(best "$1"); do printf -- '--set %s ' "$s"; done; }
-
 # Peak memory at the reference recipe's own shape (8 micro-batches of 1 row: the probe's choice
-# turned off), embedding table in host memory.
+# turned off).
 step vram $PY benchmarks/profile_vram.py --model phi2 --data-xsum "$X" "${VRAM[@]}" \
-  --set train.auto_micro_batch=false --set model.embeddings_on_cpu=true --out "$OUT/vram"
-# Fastest token budget x recomputed layers under the 15 GiB cap (how a step's rows run), then the
-# peers, the shipped recipe (8 rows per step, micro-batches from the probe), our benchmark settings
-# (bench_train.MODELS: more rows per step), those with the tuner's point and the graphed rows, in one
-# run; --t4 adds recipe_t4 and ours_t4.
-step tune_phi2 $PY benchmarks/tune_microbatch.py --model phi2 --data-xsum "$X" "${SIZE[@]}" "${ROWS_X[@]}" \
-  --budgets "${BUDGETS_PHI[@]}" --layer-step $LAYER_STEP --out "$OUT/tune_phi2"
-# shellcheck disable=SC2046
+  --set train.auto_micro_batch=false --out "$OUT/vram"
+# The peers, the shipped recipe (8 rows per step, micro-batches from the probe), our benchmark
+# settings (bench_train.MODELS: more rows per step) and the graphed rows, in one run; --t4 adds
+# recipe_t4 and ours_t4.
 step bench_phi2 $PY benchmarks/bench_train.py --models phi2 --runners reference tuned recipe ours --t4 "${SIZE[@]}" \
-  "${ROWS_X[@]}" "${STEPS[@]}" --data-xsum "$X" --variant best $(best tune_phi2) "${GRAPHS_PHI[@]}" --out "$OUT/bench_phi2"
-step tune_tinyllama $PY benchmarks/tune_microbatch.py --model tinyllama --data-cnn "$C" "${SIZE[@]}" \
-  "${ROWS_C[@]}" --budgets "${BUDGETS_TL[@]}" --layer-step $LAYER_STEP --out "$OUT/tune_tinyllama"
-# shellcheck disable=SC2046
+  "${ROWS_X[@]}" "${STEPS[@]}" --data-xsum "$X" "${GRAPHS_PHI[@]}" --out "$OUT/bench_phi2"
 step bench_tinyllama $PY benchmarks/bench_train.py --models tinyllama --runners reference tuned recipe ours --t4 "${SIZE[@]}" \
-  "${ROWS_C[@]}" "${STEPS[@]}" --data-cnn "$C" --variant best $(best tune_tinyllama) "${GRAPHS_TL[@]}" \
-  --out "$OUT/bench_tinyllama"
-# One optimizer step over the Phi-2 recipe's LoRA tensors: bitsandbytes as it ships, as summ steps it, fused AdamW.
-step optimizer $PY benchmarks/bench_optimizer.py --model phi2 "${OPTIMIZER[@]}" --out "$OUT/optimizer"
+  "${ROWS_C[@]}" "${STEPS[@]}" --data-cnn "$C" "${GRAPHS_TL[@]}" --out "$OUT/bench_tinyllama"
 step generate $PY benchmarks/bench_generate.py --data-xsum "$X" --data-cnn "$C" "${GEN[@]}" --out "$OUT/generate"
-# Same rows, same seed: the HF Trainer recipe against our loop with the tuned recompute setting.
-# shellcheck disable=SC2046
-step curves $PY benchmarks/loss_curves.py --data-xsum "$X" "${CURVES[@]}" --runners hf_trainer ours \
-  $(best tune_phi2 | tr ' ' '\n' | grep checkpointed_layers | sed 's/^/--set /') --out "$OUT/curves"
-# The tuner's budget, each step one micro-batch of it (rows per step: as many full-length rows as it holds).
-# shellcheck disable=SC2046
+# Same rows in the same order, same seed: the HF Trainer recipe against our loop.
+step curves $PY benchmarks/loss_curves.py --data-xsum "$X" "${CURVES[@]}" --runners hf_trainer ours --out "$OUT/curves"
+# One micro-batch of the budget per step (rows per step: as many full-length rows as it holds).
 step kernels $PY benchmarks/profile_kernels.py --model phi2 --data-xsum "$X" "${SIZE[@]}" "${ROWS_X[@]}" \
-  $(sets tune_phi2)
+  "${KERNELS[@]}"
 date -u +%T >"$OUT/DONE"

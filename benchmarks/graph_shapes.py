@@ -8,10 +8,11 @@ For each way to fill an optimizer step (`recipe`: the config's micro_batch_size 
 rows, as shipped; N: N rows per step in one planned micro-batch, as `bench_train.py`'s `ours` plans
 them) and each graph size (rows per graph, i.e. a token budget of rows x data.max_length), it plans
 one epoch as the loop does (`summ.train.setup_data`), groups each step's rows into graphs as
-`train.cuda_graphs` does (`step_batches`, `GraphedMicroSteps.inputs_for`, at each
-`train.graph_length_multiple` given) and prints the share of the
-graphs' tokens that are real (not padding) and how many graphs the epoch records (lengths x head
-position counts). The GPU time of a graphed step follows its tokens: RESULTS.md measures it.
+`train.cuda_graphs` does (`summ.speed.step.setup_step_runner`, `StepRunner.batches`,
+`GraphedMicroSteps.inputs_for`) and prints the share of the graphs' tokens that are real (not
+padding) and how many graphs the epoch records (lengths x head position counts). Graph lengths are
+multiples of `summ.speed.graphs.LENGTH_MULTIPLE` (16); `--length-multiple` counts other roundings
+too, to weigh that constant. The GPU time of a graphed step follows its tokens: RESULTS.md measures it.
 """
 
 from __future__ import annotations
@@ -19,55 +20,68 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_train import MODELS, REPO, add_data_arguments  # noqa: E402
-from summ.config import TrainConfig  # noqa: E402
+from benchmarks.bench_train import MODELS, REPO, add_data_arguments, one_process  # noqa: E402
+from summ.speed import graphs  # noqa: E402
 
 
-def shape_config(args, steps_of: str, length_multiple: int):
+def shape_config(args, steps_of: str, graph_rows: int):
     from summ.config import load_config
+    from summ.data import padded_length
 
     spec = MODELS[args.model]
+    max_length = load_config(REPO / spec["config"]).data.max_length
     sets = [f"model.name_or_path={REPO / spec['fixture']}", f"data.dataset={args.data[spec['data']]}",
             "data.train_split=train", "data.eval_split=validation", f"data.max_train_rows={args.rows}",
             "data.max_eval_rows=1", "model.init=random", "train.warmup_steps=0",  # no schedule runs
-            f"train.graph_length_multiple={length_multiple}"]
+            # The token budget that holds `graph_rows` full-length rows: graphs of that many rows.
+            "train.cuda_graphs=true", f"train.micro_batch_tokens={graph_rows * padded_length(max_length)}"]
     if steps_of != "recipe":
         sets += [f"train.micro_batch_size={int(steps_of)}", "train.grad_accum_steps=1"]
     return load_config(REPO / spec["config"], sets)
 
 
-def measure(args, steps_of: str, graph_rows: int, length_multiple: int) -> dict:
-    from summ.data import padded_length
-    from summ.micro_batch import MicroBatching
-    from summ.train import setup_data, setup_graphed_steps, step_batches
+@contextmanager
+def length_multiple(multiple: int):
+    """Graph lengths rounded up to `multiple` tokens instead of summ.speed.graphs.LENGTH_MULTIPLE."""
+    shipped = graphs.LENGTH_MULTIPLE
+    graphs.LENGTH_MULTIPLE = multiple
+    try:
+        yield
+    finally:
+        graphs.LENGTH_MULTIPLE = shipped
 
-    cfg = shape_config(args, steps_of, length_multiple)
-    host = SimpleNamespace(num_processes=1, process_index=0, print=lambda *a, **k: None,
-                           device=torch.device("cpu"))
+
+def measure(args, steps_of: str, graph_rows: int, multiple: int) -> dict:
+    from summ.speed.step import setup_step_runner
+    from summ.train import setup_data
+
+    cfg = shape_config(args, steps_of, graph_rows)
+    host = one_process()
     data = setup_data(cfg, host)
-    # The token budget that holds `graph_rows` full-length rows, as train.micro_batch_tokens would set it.
-    micro_batching = MicroBatching(graph_rows * padded_length(cfg.data.max_length), 0, 0, "config")
     # As the loop sets graphs up (at most a step's rows per graph); no model: the shapes need none.
-    graphed = setup_graphed_steps(torch.nn.Linear(1, 1), cfg, host, micro_batching, data)
+    runner = setup_step_runner(torch.nn.Linear(1, 1), cfg, host, data.train_examples, data.lengths,
+                               data.tokenizer.pad_token_id)
+    graphed = runner.graphed
     real = graph_tokens = replays = 0
     keys: set[tuple[int, int]] = set()
-    windows = data.windows_of_epoch(0)
-    for window in windows:
-        for batch in step_batches(window, data, cfg, micro_batching, graphed):
-            key, inputs = graphed.inputs_for(batch)
-            keys.add(key)
-            real += int(batch["attention_mask"].sum())
-            graph_tokens += inputs.input_ids.numel()
-            replays += 1
+    windows = data.plan.windows(0)
+    with length_multiple(multiple):
+        for window in windows:
+            for batch in runner.batches(window):
+                key, inputs = graphed.inputs_for(batch)
+                keys.add(key)
+                real += int(batch["attention_mask"].sum())
+                graph_tokens += inputs.input_ids.numel()
+                replays += 1
     rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     return {"steps_of": steps_of, "rows_per_step": rows_per_step, "graph_rows": graphed.rows,
-            "length_multiple": graphed.length_multiple,
+            "length_multiple": multiple,
             "graph_length": graphed.length, "steps": len(windows), "replays_per_step": replays / len(windows),
             "real_tokens": real, "graph_tokens": graph_tokens, "real_share": real / graph_tokens,
             "graphs": len(keys), "graph_lengths": sorted({length for length, _ in keys})}
@@ -81,8 +95,9 @@ def main() -> int:
                         help="'recipe' (the config's rows per step, as shipped) or N (N rows per step, "
                              "length-grouped as `ours` plans them)")
     parser.add_argument("--graph-rows", nargs="+", type=int, default=[8, 4, 2], help="rows per graph")
-    parser.add_argument("--length-multiple", nargs="+", type=int, default=[TrainConfig.graph_length_multiple],
-                        help="train.graph_length_multiple values to count (default: the config's default)")
+    parser.add_argument("--length-multiple", nargs="+", type=int, default=[graphs.LENGTH_MULTIPLE],
+                        help="graph lengths rounded up to these multiples of tokens (default: "
+                             "summ.speed.graphs.LENGTH_MULTIPLE, what train.cuda_graphs runs)")
     parser.add_argument("--out", type=Path, help="folder for graph_shapes.json")
     args = parser.parse_args()
     for value in args.steps_of:

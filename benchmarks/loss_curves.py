@@ -3,24 +3,27 @@
     python benchmarks/loss_curves.py --data-xsum DIR --steps 25                 # the recipe, dropout on
     python benchmarks/loss_curves.py --data-xsum DIR --steps 25 --no-dropout    # numerics only
     python benchmarks/loss_curves.py --data-xsum DIR --micro-batch 8 --accumulation 1 --set model.checkpointed_layers=8
-    python benchmarks/loss_curves.py --tiny                                     # CPU, seconds
+    python benchmarks/loss_curves.py --tiny --seed 3                            # CPU, seconds
 
 Phi-2 with random weights built from the real config (the same weights for every runner), the
 reference optimization (8 rows per optimizer step, batch 1 x accumulation 8, max length 512;
---micro-batch/--accumulation change it for every runner alike), the rows of the data folder in file
-order, the same LoRA initialisation (same seed), paged 8-bit AdamW, cosine with warmup. The HF
-Trainer runs micro-batches of --micro-batch rows; our loop runs each step's rows in the micro-batches
-it chooses (train.auto_micro_batch: on a GPU the largest its memory probe finds, on a CPU the whole
-step; `--set train.micro_batch_tokens=N` for a budget of your own), which leaves each step's
-gradient, and so its loss, unchanged.
+--micro-batch/--accumulation change it for every runner alike), the same LoRA initialisation (same
+seed), paged 8-bit AdamW, cosine with warmup. Every runner trains the same rows in the same order:
+our loop's plan of them (shuffled by train.seed, not grouped by length), which the HF Trainer is
+given in that order (`hf_trainer_peer.py`). The HF Trainer runs micro-batches of --micro-batch
+rows; our loop runs each step's rows in the micro-batches it chooses (train.auto_micro_batch: on a
+GPU the largest its memory probe finds, on a CPU the whole step; `--set train.micro_batch_tokens=N`
+for a budget of your own), which leaves each step's gradient, and so its loss, unchanged.
 
   hf_trainer   HF Trainer with prepare_model_for_kbit_training (fp32 embeddings, lm_head, norms),
                padding to max_length, full-sequence logits: the reference recipe
   ours         summ.train.train() as shipped: frozen weights in the compute dtype, fused GELU /
                norms with a bf16 residual stream, LM head on labelled positions only; `--set`
-               adds levers (e.g. model.checkpointed_layers, model.embeddings_on_cpu)
-  ours_hf_numerics
-               summ.train.train() with those levers off (model.fused_ops=false, quant.upcast_frozen=true)
+               adds levers (e.g. model.checkpointed_layers, model.compile_layers)
+  ours_stock_modules
+               summ.train.train() with transformers' own modules (model.fused_ops=false); its frozen
+               weights stay in the compute dtype (the HF Trainer's are fp32), so in bf16 the two
+               still differ by that
 
 With dropout on (Phi-2's residual dropout 0.1, LoRA dropout 0.05), the runners draw different
 dropout masks, so their curves agree within that noise; `--no-dropout` removes it and leaves the
@@ -38,9 +41,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import REPO, TINY_OVERRIDES, TINY_SETS, cap_memory, environment, encoded_rows  # noqa: E402
+from bench_train import REPO, TINY_OVERRIDES, TINY_SETS, cap_memory, environment, one_process  # noqa: E402
 
-RUNNERS = ("hf_trainer", "ours", "ours_hf_numerics")
+RUNNERS = ("hf_trainer", "ours", "ours_stock_modules")
 
 
 def curve_config(args, out_dir: Path, extra: tuple[str, ...] = ()):
@@ -53,11 +56,12 @@ def curve_config(args, out_dir: Path, extra: tuple[str, ...] = ()):
             f"data.dataset={args.data_xsum}", "data.train_split=train", "data.eval_split=validation",
             f"data.max_train_rows={args.steps * args.micro_batch * args.accumulation}", "data.max_eval_rows=1",
             f"train.micro_batch_size={args.micro_batch}", f"train.grad_accum_steps={args.accumulation}",
-            "train.shuffle=false",
             "train.length_grouping=false", f"train.max_steps={args.steps}", f"train.warmup_steps={args.warmup}",
             "train.save_every=100000", "eval.at_start=false", "eval.at_end=false", "eval.eval_every=0",
             "eval.generate=false", f"log.output_dir={out_dir}", "log.tensorboard=false", "log.progress_bar=false",
             "model.config_overrides=" + json.dumps(overrides)]
+    if args.seed is not None:
+        sets.append(f"train.seed={args.seed}")
     if args.no_dropout:
         sets.append("lora.dropout=0.0")
     if args.tiny:
@@ -68,32 +72,37 @@ def curve_config(args, out_dir: Path, extra: tuple[str, ...] = ()):
     return load_config(REPO / "configs/xsum.json", sets + list(extra))
 
 
-def run_hf_trainer(args) -> list[float]:
-    import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from torch.utils.data import SequentialSampler
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+def planned_rows(cfg):
+    """Our loop's training data (`summ.train.setup_data`) and the rows its steps train, in order:
+    what train() plans, and what the HF Trainer is given."""
+    from summ.train import remaining_windows, setup_data
 
-    from summ.data import collate
-    from summ.model import load_base_model, peft_lora_config
+    data = setup_data(cfg, one_process())
+    order = [i for _, window in remaining_windows(data, cfg.train.epochs, 0, 0, data.total_steps)
+             for micro in window for i in micro]
+    return data, order
+
+
+def run_hf_trainer(args) -> list[float]:
+    """The HF Trainer recipe's per-step losses (per label token), on our loop's rows in its plan's order."""
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    from hf_trainer_peer import padded_collator, peer_model, train_peer
     from summ.precision import resolve_compute_dtype
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = curve_config(args, Path(tmp), ("model.fused_ops=false",))
-        tokenizer, examples = encoded_rows(cfg)
+        t = cfg.train
+        data, order = planned_rows(cfg)
         on_gpu = torch.cuda.is_available()
-        dtype = resolve_compute_dtype(cfg.quant.compute_dtype, torch.device("cuda" if on_gpu else "cpu"))
-        base = load_base_model(cfg, torch.device("cuda" if on_gpu else "cpu"), dtype)
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
-        torch.manual_seed(cfg.train.seed)  # the adapter initialisation of summ.model.build_model
-        model = get_peft_model(base, peft_lora_config(cfg, base.config.model_type))
+        device = torch.device("cuda" if on_gpu else "cpu")
+        dtype = resolve_compute_dtype(cfg.quant.compute_dtype, device)
+        model = peer_model(cfg, device, dtype, adapter_seed=t.seed)
         window: list[list[float]] = [[0.0, 0.0]]  # [loss x label tokens, label tokens] of the open step
         losses: list[float] = []
 
         class Recording(Trainer):
-            def _get_train_sampler(self, *a, **k):
-                return SequentialSampler(self.train_dataset)
-
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
                 loss = result[0] if return_outputs else result
@@ -110,30 +119,19 @@ def run_hf_trainer(args) -> list[float]:
                 losses.append(total / labels if labels else float("nan"))
                 window[0] = [0.0, 0.0]
 
-        t = cfg.train
-        training_args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=t.micro_batch_size,
-            gradient_accumulation_steps=t.grad_accum_steps, max_steps=t.max_steps,
-            learning_rate=t.lr, lr_scheduler_type="cosine", warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm, fp16=on_gpu and dtype == torch.float16,
-            bf16=on_gpu and dtype == torch.bfloat16, use_cpu=not on_gpu,
-            optim="paged_adamw_8bit" if on_gpu else "adamw_torch", gradient_checkpointing=True,
-            logging_steps=10**6, save_strategy="no", report_to="none", remove_unused_columns=False,
-            dataloader_num_workers=0, seed=t.seed)
-        data = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
-        trainer = Recording(model=model, args=training_args, train_dataset=data, callbacks=[CloseStep()],
-                            data_collator=lambda rows: collate(
-                                [type(examples[0])(r["input_ids"], r["labels"]) for r in rows],
-                                tokenizer.pad_token_id, pad_to_multiple_of=cfg.data.max_length))
-        trainer.train()
+        train_peer(model, data.train_examples, order, output_dir=tmp, batch=t.micro_batch_size,
+                   accumulation=t.grad_accum_steps, steps=t.max_steps, dtype=dtype,
+                   collator=padded_collator(data.tokenizer.pad_token_id, cfg.data.max_length),
+                   trainer_class=Recording, callbacks=[CloseStep()], learning_rate=t.lr, lr_scheduler_type="cosine",
+                   warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                   optim="paged_adamw_8bit" if on_gpu else "adamw_torch", seed=t.seed)
         return losses
 
 
 def run_ours(args, runner: str) -> list[float]:
     from summ.train import train
 
-    extra = (("model.fused_ops=false", "quant.upcast_frozen=true") if runner == "ours_hf_numerics"
-             else tuple(args.overrides))
+    extra = ("model.fused_ops=false",) if runner == "ours_stock_modules" else tuple(args.overrides)
     if args.tiny:
         extra += ("train.optimizer=adamw",)
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,6 +165,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--no-dropout", action="store_true")
+    parser.add_argument("--seed", type=int, help="train.seed of every runner: the rows' order and the LoRA "
+                                                 "initialisation (default: the config's)")
     parser.add_argument("--micro-batch", type=int, default=1,
                         help="rows per micro-batch (train.micro_batch_size), every runner")
     parser.add_argument("--accumulation", type=int, default=8,
@@ -191,6 +191,9 @@ def main() -> int:
     results = {"environment": environment(), "command": " ".join(["python"] + sys.argv),
                "no_dropout": args.no_dropout, "rows_per_step": args.micro_batch * args.accumulation,
                "ours_overrides": args.overrides, "losses": {}, "errors": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        # The training rows every runner trains (indices of the rows kept, in file order), in order.
+        results["row_order"] = planned_rows(curve_config(args, Path(tmp)))[1]
     for runner in args.runners:
         proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", runner],
                               capture_output=True, text=True)

@@ -168,6 +168,7 @@ def host_split(args, cfg, rows: int, tokens: int) -> int:
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    import summ.speed.step as speed_step
     import summ.train as loop
 
     spent: dict[str, float] = defaultdict(float)
@@ -177,7 +178,7 @@ def host_split(args, cfg, rows: int, tokens: int) -> int:
 
     def timed(phase: str, fn):
         # A phase's own time: what the phases it calls (read_back inside optimizer_step, forward
-        # inside queue_gradients) spend is theirs.
+        # and backward inside queue_gradients) spend is theirs.
         def wrapper(*a, **kw):
             start = time.perf_counter()
             nested.append(0.0)
@@ -194,9 +195,14 @@ def host_split(args, cfg, rows: int, tokens: int) -> int:
         per_step.append(dict(spent))
         spent.clear()
 
-    patches = [(loop, "step_batches", timed("batches", loop.step_batches)),
-               (loop, "forward_summed_loss", timed("forward", loop.forward_summed_loss)),
-               (loop, "queue_gradients", timed("queue window", loop.queue_gradients)),
+    # Where train() and its StepRunner look these names up: StepRunner.forward_backward calls
+    # self.batches, then speed_step.queue_gradients, which calls its forward_summed_loss (not with CUDA
+    # graphs: a replay is part of "queue window") and Accelerator.backward; train() calls
+    # loop.optimizer_step, which calls loop.read_back. StepRunner.record_graphs builds every step's
+    # batches before step 1, into the setup, not into a measured step.
+    patches = [(speed_step.StepRunner, "batches", timed("batches", speed_step.StepRunner.batches)),
+               (speed_step, "forward_summed_loss", timed("forward", speed_step.forward_summed_loss)),
+               (speed_step, "queue_gradients", timed("queue window", speed_step.queue_gradients)),
                (loop, "read_back", timed("wait for GPU", loop.read_back)),
                (loop, "optimizer_step", timed("optimizer", loop.optimizer_step)),
                (accelerate.Accelerator, "backward", timed("backward", accelerate.Accelerator.backward)),

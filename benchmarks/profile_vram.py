@@ -13,24 +13,28 @@ Writes under --out:
                               https://pytorch.org/memory_viz (drag the file in)
   memory_timeline.png         on a GPU: allocated memory across the step (needs matplotlib)
 
-The measured step holds the rows of the plan's first optimizer step (train.micro_batch_size x
-train.grad_accum_steps rows, the longest micro-batch of the plan among them), split into
-micro-batches as the training loop splits them: by the token budget (`--tokens` or
-train.micro_batch_tokens), by the budget the loop's memory probe chooses on a GPU
-(train.auto_micro_batch; on a CPU the whole step), or as planned with train.auto_micro_batch=false.
-It is the second step on those rows, so the optimizer state exists, as in every step after the first.
+The run is set up as `summ.train.train()` sets it up (`setup_data`, `setup_model`,
+`summ.speed.step.setup_step_runner`), and the measured step is the loop's own: the runner's
+forward and backward over the plan's first optimizer step (train.micro_batch_size x
+train.grad_accum_steps rows; with length grouping the plan's longest micro-batch among them), then
+clipping and `summ.train.optimizer_step`. Its rows run in the micro-batches the loop runs: of the
+token budget (`--tokens` or train.micro_batch_tokens), of the budget the loop's memory probe chooses
+on a GPU (train.auto_micro_batch; on a CPU the whole step), as planned with
+train.auto_micro_batch=false, or as CUDA graphs (train.cuda_graphs). It is the second step on those
+rows, so the optimizer state exists, as in every step after the first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import pickle
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import REPO, add_one_model_arguments, cap_memory, encoded_rows, run_config  # noqa: E402
+from bench_train import REPO, add_one_model_arguments, cap_memory, run_config  # noqa: E402
 
 GIB = 2**30
 
@@ -104,58 +108,44 @@ def main() -> int:
     args.data = {"xsum": args.data_xsum, "cnn": args.data_cnn}
     args.steps, args.warmup = 1, 0
 
-    from accelerate import Accelerator
-
-    from summ.data import collate, collate_packed, padded_length, plan_batches, split_by_tokens
-    from summ.micro_batch import choose_micro_batching
-    from summ.model import build_model
-    from summ.optimizer import make_optimizer
-    from summ.precision import resolve_compute_dtype
-    from summ.precision import mixed_precision_mode
-    from summ.train import accumulate_gradients
+    from summ.speed.step import OutOfMemory, setup_step_runner
+    from summ.train import make_accelerator, optimizer_step, setup_data, setup_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cap_memory(args.cap_gib)
     extra = list(args.overrides) + ([f"train.micro_batch_tokens={args.tokens}"] if args.tokens else [])
     cfg = run_config(args, args.model, out / "unused-run", tuple(extra))
-    tokenizer, examples = encoded_rows(cfg)
-    accelerator = Accelerator(mixed_precision=mixed_precision_mode(cfg.train.mixed_precision))
-    device, cuda = accelerator.device, accelerator.device.type == "cuda"
-    model = build_model(cfg, device, resolve_compute_dtype(cfg.quant.compute_dtype, device))
-    optimizer = make_optimizer(model, cfg.train, device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
     t = cfg.train
-    lengths = [len(e.input_ids) for e in examples]
-    plan = plan_batches(lengths, micro_batch_size=t.micro_batch_size, seed=t.seed, epoch=0,
-                        length_grouping=t.length_grouping, shuffle=t.shuffle)
-    # As summ.train runs a step: the budget in effect (set, or the probe's), then the first step's
-    # rows regrouped by it. The first step holds the plan's longest micro-batch: it sets the peak.
-    micro_batching = choose_micro_batching(model, cfg, accelerator)
-    if micro_batching is None:
-        print("out of GPU memory in the micro-batch probe even for one row of data.max_length", file=sys.stderr)
+    accelerator = make_accelerator(cfg, out / "unused-run")
+    cuda = accelerator.device.type == "cuda"
+    data = setup_data(cfg, accelerator)
+    model, optimizer, _ = setup_model(cfg, accelerator, data.total_steps)
+    try:
+        runner = setup_step_runner(model, cfg, accelerator, data.train_examples, data.lengths,
+                                   data.tokenizer.pad_token_id)
+    except OutOfMemory as error:
+        print(error, file=sys.stderr)
         return 1
-    first_step = plan[:t.grad_accum_steps]
-    if micro_batching.tokens is not None:
-        first_step = split_by_tokens([i for b in first_step for i in b], lengths, micro_batching.tokens,
-                                     pack_into=padded_length(cfg.data.max_length) if t.packing else None)
-    window = [collate_packed([examples[i] for i in b], padded_length(cfg.data.max_length), tokenizer.pad_token_id)
-              if t.packing else collate([examples[i] for i in b], tokenizer.pad_token_id) for b in first_step]
+    micro_batching = runner.micro_batching
+    first_step = data.plan.windows(0)[0]
+    window = runner.batches(first_step)  # the micro-batches the step runs, as the loop builds them
+    runner.record_graphs([first_step])
 
     quant, quantized_ids = quantized_bytes(model) if cfg.quant.enabled else (0, set())
     params = list(model.parameters())
     lora = [p for p in params if p.requires_grad]
     other_frozen = [p for p in params if not p.requires_grad and id(p) not in quantized_ids]
 
-    def optimizer_step() -> None:
+    def one_step() -> None:
+        """One optimizer step as summ.train.train() takes it (less the schedule and the bookkeeping)."""
         model.train()
-        accumulate_gradients(model, window, accelerator)
-        accelerator.clip_grad_norm_(lora, t.max_grad_norm or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, n_labels, _ = runner.forward_backward(first_step)
+        grad_norm = accelerator.clip_grad_norm_(lora, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        optimizer_step(accelerator, optimizer, loss_sum, n_labels, grad_norm)
+        optimizer.zero_grad(set_to_none=not runner.keeps_grad_tensors)
 
-    optimizer_step()  # creates the optimizer state: the measured step is a steady-state one
+    one_step()  # creates the optimizer state: the measured step is a steady-state one
     snapshot_mode = None
     if cuda:
         torch.cuda.synchronize()
@@ -170,23 +160,24 @@ def main() -> int:
         if mode is not None:
             torch.cuda.memory._record_memory_history(context=mode[0], stacks=mode[1], max_entries=1_000_000)
         try:
-            optimizer_step()
+            one_step()
             snapshot_mode = mode
             break
         except SystemError as error:
             torch.cuda.memory._record_memory_history(enabled=None)
             print(f"recording with {mode} failed ({error}); retrying without stack traces", file=sys.stderr)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not runner.keeps_grad_tensors)
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
-    host_table = getattr(accelerator.unwrap_model(model).get_input_embeddings(), "host_weight", None)
     rows = {
         "4-bit weights + quantization constants": quant,
         "other frozen weights (embeddings, lm_head, norms)": tensor_bytes(other_frozen),
         "LoRA parameters": tensor_bytes(lora),
-        "LoRA gradients (fp32, freed after the step)": tensor_bytes(lora),
+        # Under CUDA graphs the gradients are zeroed in place, not freed: the graphs add into them.
+        ("LoRA gradients (fp32, kept between steps: CUDA graphs)" if runner.keeps_grad_tensors else
+         "LoRA gradients (fp32, freed after the step)"): tensor_bytes(lora),
         "optimizer state": optimizer_state_bytes(optimizer),
     }
     labelled = sum(int((b["labels"][:, 1:] != -100).any(0).sum()) * b["labels"].shape[0] for b in window)
@@ -198,7 +189,9 @@ def main() -> int:
               "micro_batch_tokens": micro_batching.tokens, "recompute": micro_batching.recompute,
               "recomputed_layers": micro_batching.recomputed_layers,
               "micro_batching": micro_batching.describe(),
-              "micro_batches": [list(b["input_ids"].shape) for b in window],
+              # rows x padded length as they run (a CUDA graph's rows x its length)
+              "micro_batches": [[runner.graphed.rows, runner.graphed.length_for(b)] if runner.graphed is not None
+                                else list(b["input_ids"].shape) for b in window],
               "non_pad_tokens": sum(int(b["attention_mask"].sum()) for b in window),
               "labelled_positions_computed": labelled, "bytes": rows}
     if cuda:
@@ -218,10 +211,6 @@ def main() -> int:
              f"Micro-batches (rows x padded length): {result['micro_batches']}; non-pad tokens "
              f"{result['non_pad_tokens']}.", "", "| part | GiB |", "|---|---|"]
     lines += [f"| {k} | {v / GIB:.3f} |" for k, v in rows.items()]
-    if host_table is not None:  # model.embeddings_on_cpu: in host memory, so in no GPU figure
-        result["input_embedding_in_host_memory"] = tensor_bytes([host_table])
-        lines.append(f"| (input embedding table, in host memory: not on the GPU) | "
-                     f"{tensor_bytes([host_table]) / GIB:.3f} |")
     if cuda:
         lines += [f"| allocated before the step (weights, LoRA, optimizer state) | {static / GIB:.3f} |",
                   f"| **peak allocated during the step** | **{peak / GIB:.3f}** |",

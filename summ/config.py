@@ -52,15 +52,6 @@ class ModelConfig:
     # torch.compile each decoder layer (inductor, dynamic shapes): fused kernels and fewer launches
     # where a step is bound by kernel launches; the first steps wait for the compiler.
     compile_layers: bool = False
-    # Inductor options for the compiled layers (torch.compile's `options`; needs compile_layers, each
-    # name and type checked against this torch when the config loads). {"fallback_random": true}
-    # draws dropout masks with torch's own dropout kernel instead of inductor's Triton random numbers:
-    # the masks an eager layer would draw from the same seed, and cheaper on a GPU where the Triton
-    # generator's arithmetic, not memory, bounds the dropout kernels.
-    compile_options: dict = field(default_factory=dict)
-    # Keep the input embedding table in host memory and look rows up there (Phi-2: 0.24 GiB of GPU
-    # memory). The same numbers, a few MB copied per micro-batch; for the smallest GPUs.
-    embeddings_on_cpu: bool = False
     attn_implementation: str = "sdpa"
 
 
@@ -71,10 +62,6 @@ class QuantConfig:
     double_quant: bool = True
     # "auto": bf16 where the GPU supports it, fp16 otherwise (T4), fp32 on CPU.
     compute_dtype: str = "auto"
-    # peft's prepare_model_for_kbit_training upcasts every frozen non-4-bit weight (embeddings,
-    # lm_head, norms) to fp32: +0.49 GiB on Phi-2 and an fp32 LM-head matmul. Frozen weights need no
-    # fp32 master copy, so by default they stay in the compute dtype; true reproduces the HF recipe.
-    upcast_frozen: bool = False
     # Quantize to 4-bit as above, then hold each frozen linear's dequantized weights in the compute
     # dtype for training: the values (and so the losses and gradients) the 4-bit kernels compute
     # with, without dequantizing every weight at every forward, backward and recompute. Costs 1.5
@@ -151,15 +138,7 @@ class TrainConfig:
     # kernels. Micro-batches then run at a fixed rows x data.max_length (padding never reaches a
     # labelled token); the loss and gradients are those of the same rows without graphs.
     cuda_graphs: bool = False
-    # A graph's length is its micro-batch's longest row rounded up to a multiple of this (a multiple
-    # of 8): smaller, less padding per row and more graphs to record (one per length). Phi-2 at 32
-    # length-grouped rows per step: 1.6% padding at 16 (27 graphs an epoch), 4.9% at 64 (8 graphs).
-    # A long data.max_length records up to max_length / multiple lengths: raise it to record fewer.
-    graph_length_multiple: int = 16
     length_grouping: bool = True
-    # false: rows in file order (with length_grouping false too), e.g. to compare step by step
-    # with another trainer fed the same rows.
-    shuffle: bool = True
     optimizer: str = "paged_adamw_8bit"
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -205,17 +184,11 @@ class EvalConfig:
     # (torch.compile's CUDA-graph backend: no fusion, copies the KV cache into its graph's memory)
     # or "none".
     compile: str = "inductor"
-    # Fewer articles than this are summarized without compiling (a `predict` of a few articles
-    # would wait longer for the compiler than for the summaries).
-    compile_min_articles: int = 200
     # Articles per generation batch; null: as many as fit eval.generate_memory_gib (at most 64).
     generate_batch_size: Optional[int] = None
     # The memory generation batches may take for their KV cache and activations; null: half of what
     # is free on the GPU once the model is loaded (16 rows on a CPU).
     generate_memory_gib: Optional[float] = None
-    # For engine "hf": "static" preallocates each batch's KV cache (prompt + max_new_tokens) instead
-    # of growing it by concatenation every step.
-    cache_implementation: str = "dynamic"
     # Fold LoRA into (a freshly loaded copy of) the weights before evaluating and predicting, when
     # the base is not 4-bit: one matmul per layer instead of three, 2.5x faster generation under CUDA
     # graphs. Exact in fp32; in bf16 the merged weights are rounded, which changes a few greedy
@@ -283,6 +256,19 @@ def flat_config(config: dict) -> dict:
             if isinstance(values, dict) for key, value in values.items()}
 
 
+# Settings summ no longer has, with the value that gives today's behaviour: a config (or a run's saved
+# config.json) holding one at that value loads as if it were absent; any other value is refused.
+RETIRED_KEYS = {
+    "model.compile_options": (({}, {"fallback_random": True}), "compiled layers under train.cuda_graphs draw "
+                              "dropout masks with torch's kernel; no other inductor options are taken"),
+    "model.embeddings_on_cpu": ((False,), "the embedding table stays on the GPU (0.24 GiB on Phi-2)"),
+    "quant.upcast_frozen": ((False,), "frozen weights stay in the compute dtype"),
+    "train.graph_length_multiple": ((16,), "CUDA graph lengths are multiples of 16 tokens"),
+    "train.shuffle": ((True,), "training rows are always shuffled (train.length_grouping groups them)"),
+    "eval.compile_min_articles": ((200,), "evaluations of fewer than 200 articles run uncompiled"),
+    "eval.cache_implementation": (("dynamic",), "engine 'hf' grows its KV cache; engine 'fast' has a static one"),
+}
+
 # A config file may carry a "search" section for `run.py tune`; it is not part of a run's config.
 SEARCH_SECTION = "search"
 
@@ -299,7 +285,6 @@ CHOICES = {
     "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "eval.cache_implementation": ("dynamic", "static"),
     "eval.engine": ("fast", "hf"),
     "eval.repetition_scope": ("summary", "sequence"),
     "data.prompt_format": ("raw", "chat"),
@@ -354,6 +339,13 @@ def _apply_override(raw: dict, item: str) -> str:
         raise ConfigError(f"{where}: expected section.key with section one of {sorted(_SECTION_CLASSES)}")
     section, key = parts
     fields = {f.name: f for f in dataclasses.fields(_SECTION_CLASSES[section])}
+    if dotted.strip() in RETIRED_KEYS:
+        try:
+            value = json.loads(text.strip())
+        except json.JSONDecodeError:
+            value = text.strip()
+        check_retired(dotted.strip(), value, where)
+        return dotted.strip()
     if key not in fields:
         raise ConfigError(f"{where}: unknown key '{dotted}'; expected one of {sorted(fields)}")
     hint = typing.get_type_hints(_SECTION_CLASSES[section])[key]
@@ -415,11 +407,21 @@ def build_section(cls, section: str, values: dict, source: str, origins: dict | 
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        if f"{section}.{key}" in RETIRED_KEYS:
+            check_retired(f"{section}.{key}", value, origins.get(f"{section}.{key}", source))
+            continue
         if key not in hints:
             raise ConfigError(f"{source}: unknown key '{section}.{key}'; expected one of {sorted(hints)}")
         dotted = f"{section}.{key}"
         kwargs[key] = _check_type(value, hints[key], dotted, origins.get(dotted, source))
     return cls(**kwargs)
+
+
+def check_retired(key: str, value: Any, source: str) -> None:
+    """A retired key is accepted only at the value that gives today's behaviour."""
+    accepted, behaviour = RETIRED_KEYS[key]
+    if value not in accepted:
+        raise ConfigError(f"{source}: '{key}' is no longer a setting ({behaviour}); remove it, got {value!r}")
 
 
 def _check_type(value: Any, hint, key: str, source: str):
@@ -443,25 +445,6 @@ def _check_type(value: Any, hint, key: str, source: str):
     if base is tuple:
         return tuple(value)
     return value
-
-
-def check_compile_options(options: dict, source: str) -> None:
-    """Each inductor option exists in this torch and has its type: torch.compile would refuse them only
-    once the model has loaded."""
-    if not options:
-        return
-    import torch
-    import torch._inductor.config as inductor_config
-
-    known = inductor_config.get_config_copy()
-    for name, value in options.items():
-        key = f"model.compile_options.{name}"
-        default = known.get(name.replace("-", "_"), KeyError)  # torch reads either spelling
-        if default is KeyError:
-            raise ConfigError(f"{source}: '{key}' is not an inductor option of torch {torch.__version__} "
-                              f"(torch._inductor.config lists them)")
-        if type(default) in (bool, int, float, str):
-            _check_type(value, type(default), key, source)
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -492,6 +475,43 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
         fail("data.dataset", "a hub dataset id or a local folder")
     if not log.output_dir.strip():
         fail("log.output_dir", "a folder path (it would otherwise be the working directory)")
+    check_ranges(config, fail)
+    if m.checkpointed_layers is not None and m.checkpointed_layers < 0:
+        fail("model.checkpointed_layers", ">= 0 or null (all layers)")
+    if lora.target_modules is not None and len(lora.target_modules) == 0:
+        fail("lora.target_modules", "a non-empty list of module names, or null for the architecture's default")
+    if d.max_length < 16:
+        fail("data.max_length", ">= 16 (room for a prompt, a summary and EOS)")
+    if d.template.count("{article}") != 1 or not d.template.endswith("{summary}") or d.template.count("{summary}") != 1:
+        fail("data.template", "a string with {article} once and ending with {summary}")
+    if t.max_steps is not None and t.warmup_steps > t.max_steps:
+        fail("train.warmup_steps", f"<= train.max_steps ({t.max_steps})")
+    if d.chat_instruction.count("{article}") != 1:
+        fail("data.chat_instruction", "a string with {article} once")
+    q = config.quant
+    if q.dequantize_for_training and not q.enabled:
+        fail("quant.dequantize_for_training", "false when quant.enabled is false (there is nothing to dequantize)")
+    if t.cuda_graphs and t.packing:
+        fail("train.cuda_graphs", "false with train.packing (a graph runs fixed-shape padded micro-batches)")
+    if m.gguf_file is not None and m.init == "random":
+        fail("model.init", "'pretrained' when model.gguf_file is set")
+    if e.top_p > 1:
+        fail("eval.top_p", "in (0, 1]")
+    if e.min_new_tokens > e.max_new_tokens:
+        fail("eval.min_new_tokens", f"<= eval.max_new_tokens ({e.max_new_tokens})")
+    if any(not s for s in e.stop_strings):
+        fail("eval.stop_strings", "a list of non-empty strings")
+    if not 0 <= d.max_bad_row_share <= 1:
+        fail("data.max_bad_row_share", "in [0, 1]")
+    for key, value in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer),
+                       ("data.dataset", d.dataset)):
+        if value and looks_like_local_path(value) and not Path(value).expanduser().exists():
+            fail(key, f"an existing folder or a hub id; {Path(value).expanduser().resolve()} does not exist")
+
+
+def check_ranges(config: RunConfig, fail) -> None:
+    """Each number within its range; `fail(key, expected)` raises naming the key."""
+    lora, d, t, e, log = config.lora, config.data, config.train, config.eval, config.log
     positive = {
         "lora.r": lora.r, "lora.alpha": lora.alpha, "train.lr": t.lr, "train.epochs": t.epochs,
         "train.micro_batch_size": t.micro_batch_size, "train.grad_accum_steps": t.grad_accum_steps,
@@ -515,7 +535,6 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
             fail(key, "> 0 or null")
     for key, value in {"train.weight_decay": t.weight_decay, "train.warmup_steps": t.warmup_steps,
                        "eval.no_repeat_ngram_size": e.no_repeat_ngram_size,
-                       "eval.compile_min_articles": e.compile_min_articles,
                        "eval.min_new_tokens": e.min_new_tokens,
                        "train.max_grad_norm": t.max_grad_norm, "eval.eval_every": e.eval_every,
                        "data.min_article_tokens": d.min_article_tokens}.items():
@@ -528,45 +547,3 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
             fail(key, "in [0, 1)")
     if t.adam_eps <= 0:
         fail("train.adam_eps", "> 0")
-    if m.checkpointed_layers is not None and m.checkpointed_layers < 0:
-        fail("model.checkpointed_layers", ">= 0 or null (all layers)")
-    if lora.target_modules is not None and len(lora.target_modules) == 0:
-        fail("lora.target_modules", "a non-empty list of module names, or null for the architecture's default")
-    if d.max_length < 16:
-        fail("data.max_length", ">= 16 (room for a prompt, a summary and EOS)")
-    if d.template.count("{article}") != 1 or not d.template.endswith("{summary}") or d.template.count("{summary}") != 1:
-        fail("data.template", "a string with {article} once and ending with {summary}")
-    if t.max_steps is not None and t.warmup_steps > t.max_steps:
-        fail("train.warmup_steps", f"<= train.max_steps ({t.max_steps})")
-    if d.chat_instruction.count("{article}") != 1:
-        fail("data.chat_instruction", "a string with {article} once")
-    q = config.quant
-    if q.dequantize_for_training and not q.enabled:
-        fail("quant.dequantize_for_training", "false when quant.enabled is false (there is nothing to dequantize)")
-    if q.dequantize_for_training and q.upcast_frozen:
-        fail("quant.dequantize_for_training", "false with quant.upcast_frozen (that would hold every frozen "
-             "weight in fp32)")
-    if t.cuda_graphs and t.packing:
-        fail("train.cuda_graphs", "false with train.packing (a graph runs fixed-shape padded micro-batches)")
-    if t.graph_length_multiple <= 0 or t.graph_length_multiple % 8:
-        # Rows are padded to a multiple of 8 tokens already (summ.data.PAD_TO_MULTIPLE_OF).
-        fail("train.graph_length_multiple", "a positive multiple of 8")
-    if m.compile_options and not m.compile_layers:
-        fail("model.compile_options", "empty when model.compile_layers is false (they apply to compiled layers)")
-    check_compile_options(m.compile_options, origins.get("model.compile_options", source))
-    if t.cuda_graphs and m.embeddings_on_cpu:
-        fail("train.cuda_graphs", "false with model.embeddings_on_cpu (a graph cannot look rows up on the host)")
-    if m.gguf_file is not None and m.init == "random":
-        fail("model.init", "'pretrained' when model.gguf_file is set")
-    if e.top_p > 1:
-        fail("eval.top_p", "in (0, 1]")
-    if e.min_new_tokens > e.max_new_tokens:
-        fail("eval.min_new_tokens", f"<= eval.max_new_tokens ({e.max_new_tokens})")
-    if any(not s for s in e.stop_strings):
-        fail("eval.stop_strings", "a list of non-empty strings")
-    if not 0 <= d.max_bad_row_share <= 1:
-        fail("data.max_bad_row_share", "in [0, 1]")
-    for key, value in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer),
-                       ("data.dataset", d.dataset)):
-        if value and looks_like_local_path(value) and not Path(value).expanduser().exists():
-            fail(key, f"an existing folder or a hub id; {Path(value).expanduser().resolve()} does not exist")

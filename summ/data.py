@@ -430,8 +430,8 @@ def encode_rows(encoder: Encoder, rows: list[dict], where: str) -> list[Example]
 # ----------------------------------------------------------------------------- batching
 
 
-def plan_batches(lengths: list[int], *, micro_batch_size: int, seed: int, epoch: int, length_grouping: bool = True,
-                 shuffle: bool = True) -> list[list[int]]:
+def plan_batches(lengths: list[int], *, micro_batch_size: int, seed: int, epoch: int,
+                 length_grouping: bool = True) -> list[list[int]]:
     """The planned micro-batches of one epoch, as row indices; `grad_accum_steps` of them in a row
     make an optimizer step. A pure function of its arguments, so a resumed run rebuilds exactly the
     plan it was following.
@@ -442,16 +442,14 @@ def plan_batches(lengths: list[int], *, micro_batch_size: int, seed: int, epoch:
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
-    if shuffle:
-        rng.shuffle(order)
+    rng.shuffle(order)
     if length_grouping:
         window = 64 * micro_batch_size
         order = [i for s in range(0, len(order), window)
                  for i in sorted(order[s:s + window], key=lambda i: -lengths[i])]
     batches = [order[s:s + micro_batch_size] for s in range(0, len(order), micro_batch_size)]
     if length_grouping:
-        if shuffle:
-            rng.shuffle(batches)
+        rng.shuffle(batches)
         longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]) * len(batches[b]))
         batches.insert(0, batches.pop(longest))
     return batches

@@ -54,11 +54,16 @@ def uses_fast_engine(ev: EvalConfig) -> bool:
     return ev.engine == "fast" and ev.num_beams == 1 and not ev.do_sample and not sequence_rules
 
 
+# Fewer articles than this are summarized without compiling: 30-55 s of compiling would cost a
+# `predict` of a few articles more than it saves.
+COMPILE_MIN_ARTICLES = 200
+
+
 def compiled(ev: EvalConfig, device: torch.device, articles: int) -> str | None:
     """How the fast engine captures its decode step for `articles` here (None: eagerly)."""
     if not uses_fast_engine(ev) or ev.compile == "none" or device.type != "cuda":
         return None
-    return ev.compile if articles >= ev.compile_min_articles else None
+    return ev.compile if articles >= COMPILE_MIN_ARTICLES else None
 
 
 def generation_batch_size(ev: EvalConfig, model, prompts: list[list[int]], device: torch.device) -> int:
@@ -130,8 +135,6 @@ def _generate_with_transformers(model, tokenizer, prompts: list[list[int]], ev: 
     summary_rules = ev.repetition_scope == "summary" and repetition_rules_on(ev)
     if ev.repetition_scope == "sequence":
         kwargs.update(no_repeat_ngram_size=ev.no_repeat_ngram_size, repetition_penalty=ev.repetition_penalty)
-    if ev.cache_implementation == "static":
-        kwargs["cache_implementation"] = "static"
     if ev.do_sample:
         kwargs.update(temperature=ev.temperature, top_p=ev.top_p)
     else:

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from summ.config import ConfigError, RunConfig
 from summ.sources import pretrained_folder, random_folder, resolve_folder
+from summ.speed.layers import apply_load_time_levers, compile_decoder_layers, limit_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -80,35 +81,25 @@ def load_base_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.d
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if quantize:
         disable_bnb_cpu_repack(model)
-    if m.fused_ops:
-        fuse_elementwise_ops(model)
-    if m.liger_kernel and device.type == "cuda":  # Triton kernels: a CPU (e.g. predict there) runs without
-        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
-
-        # Our fused RMSNorm already replaced transformers' (Liger's would patch a module it does not know).
-        _apply_liger_kernel_to_instance(model=model, rope=True, swiglu=True, rms_norm=not m.fused_ops,
-                                        cross_entropy=False, fused_linear_cross_entropy=False)
-    if m.embeddings_on_cpu:
-        move_input_embeddings_to_host(model)
+    apply_load_time_levers(model, cfg, device)
     return model
 
 
 def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype):
     """Load (or randomly build) the base model, quantize it to 4-bit if asked, and wrap it in LoRA."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     model = load_base_model(cfg, device, compute_dtype)
     model.config.use_cache = False
     if cfg.quant.dequantize_for_training:  # config validation refuses it without quant.enabled
         model = dequantize_4bit(model, compute_dtype)
-    if cfg.quant.enabled and cfg.quant.upcast_frozen:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.requires_grad_(False)
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+    # Not peft's prepare_model_for_kbit_training: it upcasts every frozen non-4-bit weight (embeddings,
+    # LM head, norms) to fp32 (+0.49 GiB on Phi-2 and an fp32 LM-head matmul), and frozen weights need
+    # no fp32 master copy.
+    model.requires_grad_(False)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     if cfg.model.gradient_checkpointing and cfg.model.checkpointed_layers is not None:
         limit_checkpointing(model, cfg.model.checkpointed_layers)
     # peft keeps adapter weights in fp32 on a half-precision base (autocast_adapter_dtype), which
@@ -117,149 +108,10 @@ def build_model(cfg: RunConfig, device: torch.device, compute_dtype: torch.dtype
     torch.manual_seed(cfg.train.seed)
     model = get_peft_model(model, peft_lora_config(cfg, model.config.model_type))
     if cfg.model.compile_layers:
-        compile_decoder_layers(model, cfg.model.compile_options)
+        compile_decoder_layers(model, for_cuda_graphs=cfg.train.cuda_graphs)
     trainable, total = count_parameters(model)
     log.info("parameters: %s total, %s trainable (%.3f%%)", f"{total:,}", f"{trainable:,}", 100 * trainable / total)
     return model
-
-
-def decoder_layers(model) -> list:
-    """The model's decoder layers (transformers' checkpointable blocks), in order."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def compile_decoder_layers(model, options: dict) -> int:
-    """Compile every decoder layer in place (LoRA included), with dynamic shapes so micro-batches of
-    new lengths reuse the compiled code, and inductor `options` (model.compile_options). Returns how
-    many were compiled."""
-    layers = decoder_layers(model)
-    for layer in layers:
-        layer.compile(dynamic=True, options=dict(options))  # its own copy, apart from the config's
-    log.info("compiled %d decoder layers", len(layers))
-    return len(layers)
-
-
-def limit_checkpointing(model, layers: int) -> list[int]:
-    """Recompute only `layers` of the decoder layers (spread evenly); the others keep their
-    activations. Returns the indices that still recompute."""
-    blocks = decoder_layers(model)
-    if not blocks:
-        raise ConfigError("model.checkpointed_layers: this architecture has no checkpointable decoder layers")
-    layers = min(layers, len(blocks))
-    chosen = {round(i * len(blocks) / layers) for i in range(layers)} if layers else set()
-    for index, block in enumerate(blocks):
-        block.gradient_checkpointing = index in chosen
-    log.info("gradient checkpointing on %d of %d decoder layers", len(chosen), len(blocks))
-    return sorted(chosen)
-
-
-def _keeps_stream_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # bf16 only: fp16's range is too narrow to carry the residual stream safely, so an fp16 (T4)
-    # run keeps autocast's fp32 norms; fp32 weights (quant.upcast_frozen) keep the HF behaviour.
-    return x.dtype == torch.bfloat16 and weight.dtype == x.dtype
-
-
-class FusedRMSNorm(torch.nn.Module):
-    """Llama-style RMSNorm in one kernel (torch's rms_norm), from the module it replaces; it
-    returns the input's dtype, as the Python original does."""
-
-    def __init__(self, weight: torch.nn.Parameter, eps: float):
-        super().__init__()
-        self.weight = weight
-        self.eps = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = (hidden_states.shape[-1],)
-        if self.weight.dtype == hidden_states.dtype:
-            # Autocast would run rms_norm in fp32 and return fp32 (see StreamDtypeLayerNorm).
-            with torch.autocast(hidden_states.device.type, enabled=False):
-                return torch.nn.functional.rms_norm(hidden_states, shape, self.weight, self.eps)
-        # An fp32 weight on a half-precision input (peft's upcast): promote like the original does.
-        with torch.autocast(hidden_states.device.type, enabled=False):
-            normed = torch.nn.functional.rms_norm(hidden_states.float(), shape, None, self.eps)
-        return self.weight * normed.to(hidden_states.dtype)
-
-
-class StreamDtypeLayerNorm(torch.nn.LayerNorm):
-    """LayerNorm that returns bf16 for bf16 input under autocast.
-
-    CUDA autocast runs layer_norm in fp32 and returns fp32, which turns a bf16 model's whole
-    residual stream fp32 (Phi-2): every 4-bit matmul then casts its input to bf16 and its output
-    back, LoRA dropout and the residual adds run in fp32, and each layer's saved activations
-    double. The kernel accumulates in fp32 either way; only the output dtype differs.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _keeps_stream_dtype(x, self.weight):
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-
-
-# Norms computing x / rms(x) * weight exactly (Gemma's 1 + weight variant is not one of them).
-_RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
-
-
-def fuse_elementwise_ops(model) -> dict[str, int]:
-    """Swap transformers' Python GELU-tanh and RMSNorm for torch's fused kernels, and keep
-    LayerNorm outputs in bf16 under autocast.
-
-    The Python versions run ~8 elementwise kernels per call over the largest activations
-    (Phi-2's 10240-wide MLP), and autograd keeps each intermediate for backward; the fused
-    kernels compute the same function in fp32 internally and round once.
-    """
-    from transformers.activations import NewGELUActivation
-
-    swapped = {"gelu_tanh": 0, "rms_norm": 0, "layer_norm": 0}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is NewGELUActivation:
-                setattr(parent, name, torch.nn.GELU(approximate="tanh"))
-                swapped["gelu_tanh"] += 1
-            elif type(child).__name__ in _RMSNORM_CLASSES and hasattr(child, "variance_epsilon"):
-                setattr(parent, name, FusedRMSNorm(child.weight, child.variance_epsilon))
-                swapped["rms_norm"] += 1
-            elif type(child) is torch.nn.LayerNorm:
-                child.__class__ = StreamDtypeLayerNorm  # same parameters and state-dict keys
-                swapped["layer_norm"] += 1
-    log.info("fused ops: %s", swapped)
-    return swapped
-
-
-class HostEmbedding(torch.nn.Module):
-    """A frozen input embedding whose table stays in host memory.
-
-    The table is a plain attribute, not a parameter or buffer, so `model.to(device)` and
-    accelerate's device placement leave it where it is. Each forward looks the rows up on the
-    host and copies only them (micro-batch x length x hidden) to the device of the ids.
-    """
-
-    def __init__(self, embedding: torch.nn.Embedding):
-        super().__init__()
-        table = embedding.weight.detach().to("cpu")
-        self.host_weight = table.pin_memory() if torch.cuda.is_available() else table
-        self.padding_idx = embedding.padding_idx
-        self.num_embeddings, self.embedding_dim = table.shape
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = torch.nn.functional.embedding(input_ids.cpu(), self.host_weight, self.padding_idx)
-        return rows.to(input_ids.device)
-
-
-def move_input_embeddings_to_host(model) -> None:
-    embedding = model.get_input_embeddings()
-    if not isinstance(embedding, torch.nn.Embedding):
-        raise ConfigError(f"model.embeddings_on_cpu: the input embedding is a {type(embedding).__name__}, "
-                          f"not a torch.nn.Embedding")
-    if model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding.weight:
-        raise ConfigError("model.embeddings_on_cpu: this model ties its input embedding to the LM head, "
-                          "which must stay on the GPU")
-    model.set_input_embeddings(HostEmbedding(embedding))
-    del embedding  # the last reference to the GPU table, so the cache can give its block back
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def require_adapter(adapter_dir, hint: str = "train first") -> None:

@@ -106,9 +106,8 @@ def merge_adapter(cfg: RunConfig, run_dir: str | Path, out_dir: str | Path, *, d
     the CPU (a merge needs no accelerator and host memory is the larger), and merged in float32."""
     check_merge_target(out_dir, run_dir, force)
     target = DTYPES[dtype] if dtype is not None else base_dtype(cfg)
-    # save_pretrained writes the state dict: HostEmbedding keeps its table out of it (the saved model
-    # would have no input embedding), and plain transformers modules are what a reader expects.
-    plain = replace(cfg, model=replace(cfg.model, embeddings_on_cpu=False, fused_ops=False))
+    # Plain transformers modules are what a reader of the saved model expects.
+    plain = replace(cfg, model=replace(cfg.model, fused_ops=False))
     # Random weights are built in the run's compute dtype (summ.model.load_base_model): load that
     # same build, so the adapter lands on the base it was trained with.
     load_dtype = torch.float32 if cfg.model.init == "pretrained" else \

@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from summ.checkpoint import read_resume_record
-from summ.config import ConfigError, RunConfig, flat_config
+from summ.config import RETIRED_KEYS, ConfigError, RunConfig, flat_config
 from summ.data import prompt_template
 from summ.files import WriteError, atomic_folder, write_atomic, write_json
 
@@ -34,9 +34,8 @@ _HARMLESS_SECTIONS = ("eval", "log")
 _HARMLESS_KEYS = {
     "train.save_every", "train.keep_last", "train.max_consecutive_bad_steps", "train.keep_best",
     "data.strict", "data.max_bad_row_share", "data.eval_split", "data.max_eval_rows",
-    # Memory and speed only: recomputing activations or keeping the embedding table on the host
-    # gives the same numbers.
-    "model.gradient_checkpointing", "model.checkpointed_layers", "model.embeddings_on_cpu",
+    # Memory and speed only: recomputing activations gives the same numbers.
+    "model.gradient_checkpointing", "model.checkpointed_layers",
     # How a step's rows are split into micro-batches: the same rows, the same gradient.
     "train.micro_batch_tokens", "train.auto_micro_batch", "train.packing",
 }
@@ -44,12 +43,6 @@ _HARMLESS_KEYS = {
 # to, the optimizer's state): no resume can load them, forced or not.
 _SHAPE_KEYS = {"lora.r", "lora.target_modules", "model.name_or_path", "model.gguf_file", "model.config_overrides",
                "train.optimizer"}
-# Keys that act only when another is on: graph lengths only under CUDA graphs, inductor options only on
-# compiled layers. A change is harmless when that key is off before and after.
-_ONLY_WITH = {"train.graph_length_multiple": "train.cuda_graphs", "model.compile_options": "model.compile_layers"}
-# Keys whose behaviour an older summ had without recording them: a record that lacks one compares as
-# what that version did, not as today's default.
-_UNRECORDED_BEHAVIOUR = {"train.graph_length_multiple": 64}
 _PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "safetensors", "summ")
 
 
@@ -57,9 +50,7 @@ class ResumeMismatch(ConfigError):
     """A resume would not continue the checkpoint's run exactly."""
 
 
-def is_harmless(key: str, old: dict, new: dict) -> bool:
-    if key in _ONLY_WITH and not old.get(_ONLY_WITH[key]) and not new.get(_ONLY_WITH[key]):
-        return True
+def is_harmless(key: str) -> bool:
     return key.split(".")[0] in _HARMLESS_SECTIONS or key in _HARMLESS_KEYS
 
 
@@ -79,17 +70,20 @@ def check_resume(cfg: RunConfig, checkpoint: Path | None, world_size: int, data_
             raise ResumeMismatch(f"{checkpoint}: this checkpoint does not record its run's config and data, so "
                                  f"an exact resume cannot be checked; pass --resume-changed to continue anyway")
         return {"changed": {}, "unchecked": True, "forced": True}
-    old = flat_config(record["config"])
     new = flat_config(cfg.to_dict())
     # A key that the checkpoint's summ did not have yet compares as its default: what that version did.
-    old = {**flat_config(RunConfig().to_dict()), **_UNRECORDED_BEHAVIOUR, **old}
+    old = {**flat_config(RunConfig().to_dict()), **flat_config(record["config"])}
+    # A retired key at the value that gives today's behaviour changes nothing.
+    old = {k: v for k, v in old.items() if k not in RETIRED_KEYS or v not in RETIRED_KEYS[k][0]}
     changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
     reshaped = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k in _SHAPE_KEYS]
     if reshaped:
         raise ResumeMismatch(f"{checkpoint}: cannot resume, even with --resume-changed: {'; '.join(reshaped)} "
                              f"changes the shapes of the saved weights or optimizer state. Restore the value, or "
                              f"start a new run in another log.output_dir")
-    refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if not is_harmless(k, old, new)]
+    refused = [f"{k}: {a!r} -> {b!r}" if k not in RETIRED_KEYS else
+               f"{k}: {a!r} is no longer a setting ({RETIRED_KEYS[k][1]})"
+               for k, (a, b) in changed.items() if not is_harmless(k)]
     if "auto_micro_batch" not in record["config"].get("train", {}) and \
             record["config"].get("train", {}).get("micro_batch_tokens") is not None:
         refused.append("train.micro_batch_tokens: when this checkpoint was written it grouped the data plan by tokens; "
@@ -103,7 +97,7 @@ def check_resume(cfg: RunConfig, checkpoint: Path | None, world_size: int, data_
         raise ResumeMismatch(f"{checkpoint}: cannot resume exactly, changed since the checkpoint: "
                              f"{'; '.join(refused)}. Restore them, or pass --resume-changed to continue with the "
                              f"new values (recorded in resumes.jsonl)")
-    allowed = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if is_harmless(k, old, new)]
+    allowed = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if is_harmless(k)]
     if allowed:
         log.warning("resume: changed since the checkpoint (allowed): %s", "; ".join(allowed))
     if refused:

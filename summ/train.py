@@ -15,7 +15,6 @@ import os
 import signal
 import time
 from array import array
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,18 +23,17 @@ import torch
 
 from summ.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from summ.config import ConfigError, RunConfig, TrainConfig
-from summ.data import (Encoder, Example, RowStats, collate, collate_packed, encode_rows, load_rows, padded_length,
-                       plan_batches, split_by_tokens, warn_shared_ids)
-from summ.graphed_step import GraphedMicroSteps, check_graph_launch
-from summ.loss import count_label_tokens, evaluate_loss, forward_summed_loss
-from summ.micro_batch import MicroBatching, choose_micro_batching
+from summ.data import Encoder, Example, RowStats, encode_rows, load_rows, plan_batches, warn_shared_ids
+from summ.loss import evaluate_loss
 from summ.model import build_model, check_model_settings, count_parameters, load_tokenizer
-from summ.optimizer import StepUndo, make_optimizer
+from summ.optimizer import make_optimizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
 from summ.preemption import StopSignals
 from summ.run_lock import hold_run_folder
 from summ.run_record import (RunLog, check_resume, record_resume, save_adapter, write_metrics,
                               write_run_record)
+from summ.speed.graphs import check_graph_launch
+from summ.speed.step import OutOfMemory, setup_step_runner
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +76,44 @@ class TrainState:
     tokens_seen: int = 0
     peak_memory: dict = field(default_factory=dict)
     best: dict | None = None  # with train.keep_best: the step and validation loss adapter/ holds
+    bad_steps_in_row: int = 0  # skipped updates since the last applied one
+
+    def advance(self, position_after: tuple[int, int], window_loss: float, applied: bool) -> int:
+        """Count a finished optimizer step (its update applied or skipped); returns its number."""
+        self.step += 1
+        self.epoch, self.window = position_after
+        self.train_losses.append(window_loss)
+        if applied:
+            self.bad_steps_in_row = 0
+        return self.step
 
     @classmethod
     def from_dict(cls, saved: dict) -> "TrainState":
         return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """This process's accumulation windows (micro-batches of row indices) of each epoch: a pure
+    function of the epoch, so a resumed run rebuilds exactly the plan it was following."""
+    lengths: list[int]
+    micro_batch_size: int
+    grad_accum_steps: int
+    seed: int
+    length_grouping: bool
+    world: int
+    rank: int
+
+    def micro_batches(self, epoch: int) -> list[list[int]]:
+        return plan_batches(self.lengths, micro_batch_size=self.micro_batch_size, seed=self.seed, epoch=epoch,
+                            length_grouping=self.length_grouping)
+
+    def windows(self, epoch: int) -> list[list[list[int]]]:
+        plan = self.micro_batches(epoch)
+        # Every rank takes the same number of micro-batches (each gradient sync waits for all).
+        per_rank = len(plan) // self.world
+        mine = plan[self.rank::self.world][:per_rank]
+        return [mine[s:s + self.grad_accum_steps] for s in range(0, per_rank, self.grad_accum_steps)]
 
 
 @dataclass
@@ -91,7 +123,7 @@ class TrainData:
     eval_examples: list[Example]
     stats: dict[str, RowStats]
     fingerprint: str  # of the tokenized training examples: a resume must see the same data
-    windows_of_epoch: object  # epoch -> this rank's accumulation windows (micro-batches of row indices)
+    plan: EpochPlan
     total_steps: int
     lengths: list[int]  # tokens of each training example
 
@@ -106,8 +138,6 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
     run_dir = Path(cfg.log.output_dir)
     resume_from = resume_point(run_dir, resume)
     accelerator = make_accelerator(cfg, run_dir)
-    if t.cuda_graphs:
-        check_graph_launch(accelerator)
     set_seed(t.seed)
 
     # Inputs first, before any folder is made or model loaded: bad input fails in seconds.
@@ -120,187 +150,62 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
 
     model, optimizer, scheduler = setup_model(cfg, accelerator, data.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    undo = StepUndo(optimizer)
-    micro_batching = setup_micro_batching(model, cfg, accelerator)
-    graphed = setup_graphed_steps(model, cfg, accelerator, micro_batching, data) if t.cuda_graphs else None
-    state = TrainState()
-    if resume_from is not None:
-        state = TrainState.from_dict(load_checkpoint(accelerator, resume_from, model, optimizer, scheduler))
-        if changes.get("forced"):
-            use_new_optimizer_settings(optimizer, scheduler, t)
-        record_resume(cfg, run_dir, accelerator, resume_from, state.step, changes)
-        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    runner = setup_step_runner(model, cfg, accelerator, data.train_examples, data.lengths, data.tokenizer.pad_token_id)
+    state = load_state(cfg, run_dir, accelerator, resume_from, changes, model, optimizer, scheduler)
     run_log = RunLog(accelerator, cfg, run_dir, resumed_at=state.step if resume_from is not None else None)
-    resume_record = {"config": cfg.to_dict(), "world_size": accelerator.num_processes,
-                     "data_fingerprint": data.fingerprint}
-
-    def validate(step: int) -> None:
-        record = run_validation(model, data, cfg, accelerator)
-        state.eval_history.append({"step": step, **record})
-        run_log.write(step, record)
-        if not math.isfinite(record["val/loss"]):  # finite gradients can still carry the weights off
-            raise TrainingDiverged(
-                f"validation loss is {record['val/loss']} at step {step}; stopping before this state is saved. "
-                f"Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. Try a lower train.lr "
-                f"(now {t.lr:g})")
-        accelerator.print(f"step {step}: val loss {record['val/loss']:.4f}, "
-                          f"perplexity {record['val/perplexity']:.2f}")
-        if t.keep_best and (state.best is None or record["val/loss"] < state.best["val/loss"]):
-            state.best = {"step": step, "val/loss": record["val/loss"]}
-            if accelerator.is_main_process:
-                save_adapter(accelerator.unwrap_model(model), data.tokenizer, cfg, run_dir)
-        if on_validation is not None:
-            on_validation(step, record)
+    validate = Validation(model, data, cfg, accelerator, run_log, state, on_validation)
+    checkpoint_record = {"config": cfg.to_dict(), "world_size": accelerator.num_processes,
+                         "data_fingerprint": data.fingerprint}
 
     if state.step == 0 and cfg.eval.at_start:
         validate(0)
     progress = _progress(accelerator, cfg, data.total_steps, state.step)
     _reset_peak_memory(release_cache=True)
-    if graphed is not None:
-        with out_of_memory_hint([(graphed.rows, graphed.length)], cfg, micro_batching):
-            record_graphs_ahead(graphed, data, cfg, micro_batching, state, accelerator)
-    bad_in_row, tokens_since_log, log_clock = 0, 0, time.perf_counter()
-    steps = ((epoch, w, windows, step_batches(windows[w], data, cfg, micro_batching, graphed))
-             for epoch, w, windows in remaining_windows(data, t.epochs, state.epoch, state.window,
-                                                        data.total_steps - state.step))
+    steps = list(remaining_windows(data, t.epochs, state.epoch, state.window, data.total_steps - state.step))
+    runner.record_graphs(window for _, window in steps)
+    throughput = Throughput(accelerator)
     with StopSignals() as stop:
-        upcoming = next(steps, None)
-        while upcoming is not None:
-            epoch, w, windows, batches = upcoming
-
+        for position_after, window in steps:
             # forward and backward over the window, the loss normalised by its label tokens (queued, not waited for)
             model.train()
-            with out_of_memory_hint(running_shapes(batches, graphed), cfg, micro_batching):
-                loss_sum, n_labels, tokens = queue_gradients(model, batches, accelerator, graphed)
-            tokens_since_log += tokens
-            upcoming = next(steps, None)  # the next step's micro-batches, built while the GPU runs this one
+            loss_sum, n_labels, tokens = runner.forward_backward(window)
+            throughput.add(tokens)
 
             # clip (this also unscales fp16 gradients), step unless anything is non-finite, schedule
             grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-            applied, window_loss, grad_norm = optimizer_step(accelerator, optimizer, undo, loss_sum, n_labels, grad_norm)
+            applied, window_loss, grad_norm = optimizer_step(accelerator, optimizer, loss_sum, n_labels, grad_norm)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=graphed is None)  # a graph adds into the .grad tensors it recorded
-
-            state.step += 1
-            state.epoch, state.window = (epoch, w + 1) if w + 1 < len(windows) else (epoch + 1, 0)
-            state.train_losses.append(window_loss)
-            step = state.step
+            optimizer.zero_grad(set_to_none=not runner.keeps_grad_tensors)
+            step = state.advance(position_after, window_loss, applied)
             progress.update(1)
-
-            if applied:
-                bad_in_row = 0
-            else:
-                bad_in_row += 1
-                state.skipped_steps += 1
-                state.overflow_steps += math.isfinite(window_loss) and accelerator.scaler is not None
-                run_log.write(step, {"train/skipped_step": 1, "train/loss_this_step": window_loss,
-                                     "train/grad_norm_this_step": grad_norm})
-                accelerator.print(f"step {step}: non-finite loss {window_loss} or grad norm {grad_norm}; "
-                                  f"update skipped ({bad_in_row} in a row)")
-                if bad_in_row >= t.max_consecutive_bad_steps:
-                    raise TrainingDiverged(
-                        f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient (step {step}); "
-                        f"stopping. Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. "
-                        f"Try a lower train.lr or train.max_grad_norm (train.max_consecutive_bad_steps="
-                        f"{t.max_consecutive_bad_steps} sets the limit)")
+            if not applied:
+                count_bad_step(state, window_loss, grad_norm, t, run_log, accelerator, run_dir)
 
             if step % cfg.log.log_every == 0 or step == data.total_steps:
-                tokens = accelerator.reduce(torch.tensor(tokens_since_log, device=accelerator.device), "sum").item()
-                elapsed = time.perf_counter() - log_clock
+                tokens, seconds = throughput.take()  # over all processes
                 state.tokens_seen += tokens
-                logged = train_log_record(state, cfg.log.log_every, scheduler.get_last_lr()[0], grad_norm,
-                                          tokens, elapsed)
+                logged = train_log_record(state, cfg.log.log_every, scheduler.get_last_lr()[0], grad_norm, tokens,
+                                          seconds)
                 run_log.write(step, logged)
                 progress.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['train/tokens_per_s']:.0f}")
-                tokens_since_log, log_clock = 0, time.perf_counter()
 
             if (cfg.eval.eval_every and step % cfg.eval.eval_every == 0) or (step == data.total_steps
                                                                              and cfg.eval.at_end):
                 validate(step)
-                log_clock = time.perf_counter()  # evaluation time is not training throughput
+                throughput.restart()  # evaluation time is not training throughput
 
             # checkpoint on schedule, or after a stop signal: this step is done, then the run stops
             received = stop.agreed(accelerator)
             if received or step % t.save_every == 0 or step == data.total_steps:
                 save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, asdict(state),
-                                resume_record, t.keep_last)
+                                checkpoint_record, t.keep_last)
             if received:
                 raise Preempted(received, step, latest_checkpoint(run_dir))
     progress.close()
-
-    metrics = {**final_metrics(state, data, count_parameters(model)),
-               "micro_batch_tokens": micro_batching.tokens, "recompute": micro_batching.recompute,
-               "recomputed_layers": micro_batching.recomputed_layers, "decoder_layers": micro_batching.layers,
-               "cuda_graphs_recorded": len(graphed.graphs) if graphed is not None else 0,
-               "cuda_graphs_record_seconds": graphed.record_seconds if graphed is not None else 0.0}
-    if accelerator.is_main_process:
-        if state.best is None:  # without train.keep_best (or no validation ran): the last state
-            save_adapter(accelerator.unwrap_model(model), data.tokenizer, cfg, run_dir)
-        write_metrics(run_dir, metrics)
-    accelerator.wait_for_everyone()  # adapter/ is whole before any rank evaluates it
-    for tracker in accelerator.trackers:  # not end_training(): it ends the process group the evaluation needs
-        tracker.finish()
-    return RunResult(run_dir=run_dir, steps=state.step, train_losses=state.train_losses,
-                     eval_history=state.eval_history, metrics=metrics)
+    return finish_run(model, data, cfg, accelerator, state, runner.metrics(), run_dir)
 
 
 # ----------------------------------------------------------------------------- the step
-
-
-def step_batches(window: list[list[int]], data: TrainData, cfg: RunConfig, micro_batching: MicroBatching,
-                 graphed: GraphedMicroSteps | None = None) -> list[dict]:
-    """One optimizer step's rows as the micro-batches that run: as planned, regrouped by the token
-    budget in effect, or (CUDA graphs) longest first in groups of the graph's rows, so short rows
-    share short graphs; padded, or packed (`train.packing`). Regrouping leaves the step's gradient
-    as it is (the loss is normalised over the whole step)."""
-    row_tokens = padded_length(cfg.data.max_length) if cfg.train.packing else None
-    rows = [i for b in window for i in b]
-    if graphed is not None:
-        rows.sort(key=lambda i: -data.lengths[i])
-        window = [rows[s:s + graphed.rows] for s in range(0, len(rows), graphed.rows)]
-    elif micro_batching.tokens is not None:
-        window = split_by_tokens(rows, data.lengths, micro_batching.tokens, row_tokens)
-    pad = data.tokenizer.pad_token_id
-    return [collate_packed([data.train_examples[i] for i in b], row_tokens, pad) if row_tokens else
-            collate([data.train_examples[i] for i in b], pad) for b in window]
-
-
-def accumulate_gradients(model, batches: list[dict], accelerator,
-                         graphed: GraphedMicroSteps | None = None) -> tuple[float, int]:
-    """Backward over one accumulation window (through recorded CUDA graphs when `graphed`); returns
-    (mean loss per label token, non-pad tokens). The loop queues the same work with
-    `queue_gradients` and reads the loss back later."""
-    loss_sum, n_labels, tokens = queue_gradients(model, batches, accelerator, graphed)
-    return loss_sum.item() / max(n_labels, 1), tokens
-
-
-def queue_gradients(model, batches: list[dict], accelerator,
-                    graphed: GraphedMicroSteps | None = None) -> tuple[torch.Tensor, int, int]:
-    """Queue forward and backward over one accumulation window; returns (the window's loss summed
-    over its label tokens, on the device; the label tokens; the non-pad tokens) without waiting.
-
-    The loss is summed over every label token of the window, on all ranks, and divided by their
-    count once, so batch 1 x accumulation 8 gives the gradient of batch 8 x accumulation 1 (a mean
-    of per-micro-batch means would weight a short summary like a long one).
-    """
-    world = accelerator.num_processes
-    # Counted on the host batches: a count read back from the GPU would stall the launch queue.
-    n_labels = int(sum(count_label_tokens(b["labels"]) for b in batches))
-    tokens = int(sum(b["attention_mask"].sum() for b in batches))
-    if world > 1:
-        n_labels = int(accelerator.reduce(torch.tensor(n_labels, device=accelerator.device), reduction="sum"))
-    loss_sum = torch.zeros((), device=accelerator.device)
-    for i, batch in enumerate(batches):
-        if graphed is not None:  # one process (check_graph_launch): nothing to all-reduce
-            loss_sum += graphed.step(batch, world / max(n_labels, 1))
-            continue
-        # Gradients are all-reduced once per window, on its last micro-batch.
-        with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
-            summed = forward_summed_loss(model, batch, accelerator.device)
-            # DDP averages gradients over ranks; multiplying by `world` turns that into a sum.
-            accelerator.backward(summed * world / max(n_labels, 1))
-        loss_sum += summed.detach()
-    return accelerator.reduce(loss_sum, reduction="sum"), n_labels, tokens
 
 
 def read_back(loss_sum: torch.Tensor, n_labels: int, grad_norm: torch.Tensor) -> tuple[float, float]:
@@ -309,27 +214,14 @@ def read_back(loss_sum: torch.Tensor, n_labels: int, grad_norm: torch.Tensor) ->
     return loss / max(n_labels, 1), norm
 
 
-def optimizer_step(accelerator, optimizer, undo: StepUndo, loss_sum: torch.Tensor, n_labels: int,
+def optimizer_step(accelerator, optimizer, loss_sum: torch.Tensor, n_labels: int,
                    grad_norm: torch.Tensor) -> tuple[bool, float, float]:
-    """Apply the update unless the window's loss or gradients are not finite; returns (applied, mean
-    loss per label token, gradient norm).
-
-    Without a loss scaler the update is queued before the loss and norm are read back, so Python
-    launches the optimizer's kernels while the GPU still runs the backward pass; a non-finite
-    window's update is then undone from the copies `undo` took. Its kernels do see the non-finite
-    gradients, but all they write is the parameters and `optimizer.state`, which the copies restore.
+    """Read the window's loss and gradient norm back, and apply the update unless either is not
+    finite; returns (applied, mean loss per label token, gradient norm).
 
     With fp16 the loss scaler must see every step, skipped or not: clipping has already unscaled the
     gradients, and without `update()` the next window's unscale raises.
     """
-    if accelerator.scaler is None and undo.ready():
-        undo.save()
-        optimizer.step()
-        window_loss, norm = read_back(loss_sum, n_labels, grad_norm)
-        if math.isfinite(window_loss) and math.isfinite(norm):
-            return True, window_loss, norm
-        undo.restore()
-        return False, window_loss, norm
     window_loss, norm = read_back(loss_sum, n_labels, grad_norm)
     if math.isfinite(window_loss) and math.isfinite(norm):
         optimizer.step()  # with fp16: the scaler's step and update
@@ -339,79 +231,54 @@ def optimizer_step(accelerator, optimizer, undo: StepUndo, loss_sum: torch.Tenso
     return False, window_loss, norm
 
 
-def running_shapes(batches: list[dict], graphed: GraphedMicroSteps | None) -> list[tuple[int, int]]:
-    """Rows x tokens of each micro-batch as it runs: as collated, or at its graph's shape."""
-    if graphed is None:
-        return [tuple(b["input_ids"].shape) for b in batches]
-    return [(graphed.rows, graphed.length_for(b)) for b in batches]
-
-
-@contextmanager
-def out_of_memory_hint(shapes: list[tuple[int, int]], cfg: RunConfig, micro_batching: MicroBatching):
-    """Turn a CUDA out-of-memory into one line naming the largest micro-batch (of `shapes`: rows x
-    length) and the knobs that shrink it."""
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        rows, length = max(shapes, key=lambda shape: shape[0] * shape[1])
-        t = cfg.train
-        knobs = [f"set train.micro_batch_tokens below {micro_batching.tokens} (the rows per step stay the same)"
-                 if micro_batching.tokens else f"lower train.micro_batch_size={t.micro_batch_size} and raise "
-                 f"train.grad_accum_steps to keep the rows per step", "lower data.max_length"]
-        if micro_batching.recomputed_layers < micro_batching.layers:
-            knobs.append(f"recompute more layers (now {micro_batching.recomputed_layers} of {micro_batching.layers}: "
-                         f"model.gradient_checkpointing=true, model.checkpointed_layers=N)")
-        raise TrainingError(
-            f"out of GPU memory on a micro-batch of {rows} rows x {length} tokens ({rows * length} tokens); "
-            f"{', '.join(knobs[:-1])}, or {knobs[-1]}") from None
-
-
-def setup_graphed_steps(model, cfg: RunConfig, accelerator, micro_batching: MicroBatching,
-                        data: TrainData) -> GraphedMicroSteps:
-    """Micro-batches of as many full-length rows as the token budget holds (at most a step's rows)."""
-    t = cfg.train
-    length = padded_length(cfg.data.max_length)
-    rows_per_step = t.micro_batch_size * t.grad_accum_steps
-    rows = t.micro_batch_size if micro_batching.tokens is None else micro_batching.tokens // length
-    rows = max(1, min(rows, rows_per_step))
-    accelerator.print(f"CUDA graphs: micro-batches run as {rows} rows x their longest row's length rounded up to "
-                      f"{t.graph_length_multiple} tokens (at most {length})")
-    return GraphedMicroSteps(model, accelerator, rows, length, data.tokenizer.pad_token_id, t.graph_length_multiple)
+def count_bad_step(state: TrainState, window_loss: float, grad_norm: float, t: TrainConfig, run_log: RunLog,
+                   accelerator, run_dir: Path) -> None:
+    """A step whose update was skipped: counted and logged; too many in a row stop the run."""
+    state.bad_steps_in_row += 1
+    state.skipped_steps += 1
+    state.overflow_steps += math.isfinite(window_loss) and accelerator.scaler is not None
+    run_log.write(state.step, {"train/skipped_step": 1, "train/loss_this_step": window_loss,
+                               "train/grad_norm_this_step": grad_norm})
+    accelerator.print(f"step {state.step}: non-finite loss {window_loss} or grad norm {grad_norm}; "
+                      f"update skipped ({state.bad_steps_in_row} in a row)")
+    if state.bad_steps_in_row >= t.max_consecutive_bad_steps:
+        raise TrainingDiverged(
+            f"{state.bad_steps_in_row} optimizer steps in a row had a non-finite loss or gradient (step {state.step}); "
+            f"stopping. Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. "
+            f"Try a lower train.lr or train.max_grad_norm (train.max_consecutive_bad_steps="
+            f"{t.max_consecutive_bad_steps} sets the limit)")
 
 
 def remaining_windows(data: TrainData, epochs: int, epoch: int, window: int, steps_left: int):
-    """(epoch, window index, that epoch's windows) for each of the next `steps_left` optimizer steps,
-    from `window` of `epoch` on: the plan is a pure function, so the steps ahead are known."""
+    """((epoch, window) of the step after it, the window) for each of the next `steps_left` optimizer
+    steps, from `window` of `epoch` on: the plan is a pure function, so the steps ahead are known."""
     for e in range(epoch, epochs):
-        windows = data.windows_of_epoch(e)
+        windows = data.plan.windows(e)
         for w in range(window if e == epoch else 0, len(windows)):
             if steps_left == 0:
                 return
             steps_left -= 1
-            yield e, w, windows
+            yield ((e, w + 1) if w + 1 < len(windows) else (e + 1, 0)), windows[w]
 
 
-def record_graphs_ahead(graphed: GraphedMicroSteps, data: TrainData, cfg: RunConfig, micro_batching: MicroBatching,
-                        state: TrainState, accelerator) -> None:
-    """Records every graph the rest of the run replays before its first step (the steps are planned
-    ahead): a few seconds once, instead of a slow step whenever a new shape first comes up."""
-    upcoming = remaining_windows(data, cfg.train.epochs, state.epoch, state.window, data.total_steps - state.step)
-    batches = (b for _, w, windows in upcoming for b in step_batches(windows[w], data, cfg, micro_batching, graphed))
-    started = time.perf_counter()
-    recorded = graphed.record_ahead(batches)
-    accelerator.print(f"CUDA graphs: recorded {recorded} graphs in {time.perf_counter() - started:.1f} s")
+class Throughput:
+    """Non-pad tokens trained since the last log line, over all processes, and the seconds they took."""
 
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.tokens, self.started = 0, time.perf_counter()
 
-def setup_micro_batching(model, cfg: RunConfig, accelerator) -> MicroBatching:
-    micro_batching = choose_micro_batching(model, cfg, accelerator)
-    if micro_batching is None:
-        raise TrainingError(
-            f"out of GPU memory in the micro-batch probe even for one row of data.max_length={cfg.data.max_length} "
-            f"tokens; lower data.max_length, recompute layers (model.gradient_checkpointing=true), or use a GPU "
-            f"with more memory")
-    accelerator.print(f"rows per optimizer step: {cfg.train.micro_batch_size * cfg.train.grad_accum_steps} per "
-                      f"process, run as {micro_batching.describe()}")
-    return micro_batching
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def restart(self) -> None:
+        self.started = time.perf_counter()
+
+    def take(self) -> tuple[int, float]:
+        tokens = self.accelerator.reduce(torch.tensor(self.tokens, device=self.accelerator.device), "sum").item()
+        seconds = time.perf_counter() - self.started
+        self.tokens, self.started = 0, time.perf_counter()
+        return tokens, seconds
 
 
 # ----------------------------------------------------------------------------- setup
@@ -423,6 +290,8 @@ def make_accelerator(cfg: RunConfig, run_dir: Path):
     accelerator = Accelerator(mixed_precision=mixed_precision_mode(cfg.train.mixed_precision),
                               log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(run_dir))
     check_launch(accelerator.num_processes)
+    if cfg.train.cuda_graphs:
+        check_graph_launch(accelerator)
     return accelerator
 
 
@@ -452,26 +321,10 @@ def setup_data(cfg: RunConfig, accelerator) -> TrainData:
     train_examples = encode_rows(encoder, train_rows, d.train_split)
     eval_examples = encode_rows(encoder, eval_rows, d.eval_split)
     lengths = [len(e.input_ids) for e in train_examples]
-    world, rank = accelerator.num_processes, accelerator.process_index
-    warned: set[int] = set()
-
-    def windows_of_epoch(epoch: int) -> list[list[list[int]]]:
-        plan = plan_batches(lengths, micro_batch_size=t.micro_batch_size, seed=t.seed, epoch=epoch,
-                            length_grouping=t.length_grouping, shuffle=t.shuffle)
-        per_rank = len(plan) // world
-        if per_rank == 0:
-            raise ConfigError(f"data: {len(train_examples)} training rows make {len(plan)} micro-batches, "
-                              f"fewer than the {world} processes")
-        if len(plan) % world and epoch not in warned:
-            warned.add(epoch)
-            # Every rank must take the same number of micro-batches (each gradient sync waits for all).
-            log.warning("epoch %d: the last %d of %d micro-batches are not trained: %d processes share the plan "
-                        "evenly (a multiple of %d micro-batches avoids it)", epoch, len(plan) % world, len(plan),
-                        world, world)
-        mine = plan[rank::world][:per_rank]
-        return [mine[s:s + t.grad_accum_steps] for s in range(0, per_rank, t.grad_accum_steps)]
-
-    steps_per_epoch = [len(windows_of_epoch(e)) for e in range(t.epochs)]
+    plan = EpochPlan(lengths, t.micro_batch_size, t.grad_accum_steps, t.seed, t.length_grouping,
+                     accelerator.num_processes, accelerator.process_index)
+    check_even_split(plan, t.epochs, len(train_examples))
+    steps_per_epoch = [len(plan.windows(e)) for e in range(t.epochs)]
     total_steps = sum(steps_per_epoch) if t.max_steps is None else min(t.max_steps, sum(steps_per_epoch))
     if t.warmup_steps > total_steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds the run's {total_steps} optimizer steps")
@@ -481,8 +334,21 @@ def setup_data(cfg: RunConfig, accelerator) -> TrainData:
     log.info("%d optimizer steps (%s per epoch)", total_steps, steps_per_epoch)
     return TrainData(tokenizer=tokenizer, train_examples=train_examples, eval_examples=eval_examples,
                      stats={"train": train_stats, "eval": eval_stats},
-                     fingerprint=examples_fingerprint(train_examples), windows_of_epoch=windows_of_epoch,
-                     total_steps=total_steps, lengths=lengths)
+                     fingerprint=examples_fingerprint(train_examples), plan=plan, total_steps=total_steps,
+                     lengths=lengths)
+
+
+def check_even_split(plan: EpochPlan, epochs: int, rows: int) -> None:
+    """Every process needs a micro-batch; say which micro-batches an uneven split leaves out."""
+    for epoch in range(epochs):
+        planned = len(plan.micro_batches(epoch))
+        if planned < plan.world:
+            raise ConfigError(f"data: {rows} training rows make {planned} micro-batches, fewer than the "
+                              f"{plan.world} processes")
+        if planned % plan.world:
+            log.warning("epoch %d: the last %d of %d micro-batches are not trained: %d processes share the plan "
+                        "evenly (a multiple of %d micro-batches avoids it)", epoch, planned % plan.world, planned,
+                        plan.world, plan.world)
 
 
 def examples_fingerprint(examples: list[Example]) -> str:
@@ -529,6 +395,19 @@ def use_new_optimizer_settings(optimizer, scheduler, t: TrainConfig) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
+def load_state(cfg: RunConfig, run_dir: Path, accelerator, resume_from: Path | None, changes: dict, model,
+               optimizer, scheduler) -> TrainState:
+    """A fresh state, or the checkpoint's (with model, optimizer and schedule loaded in place)."""
+    if resume_from is None:
+        return TrainState()
+    state = TrainState.from_dict(load_checkpoint(accelerator, resume_from, model, optimizer, scheduler))
+    if changes.get("forced"):
+        use_new_optimizer_settings(optimizer, scheduler, cfg.train)
+    record_resume(cfg, run_dir, accelerator, resume_from, state.step, changes)
+    accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    return state
+
+
 def resume_point(run_dir: Path, resume: bool | str | Path) -> Path | None:
     if resume is True:
         found = latest_checkpoint(run_dir)
@@ -549,6 +428,36 @@ def resume_point(run_dir: Path, resume: bool | str | Path) -> Path | None:
 # ----------------------------------------------------------------------------- evaluation and logging
 
 
+class Validation:
+    """Validation loss at a step: logged, checked finite, kept as the best state (train.keep_best) and
+    reported to `on_validation`."""
+
+    def __init__(self, model, data: TrainData, cfg: RunConfig, accelerator, run_log: RunLog, state: TrainState,
+                 on_validation: Callable[[int, dict], None] | None):
+        self.model, self.data, self.cfg, self.accelerator = model, data, cfg, accelerator
+        self.run_log, self.state, self.on_validation = run_log, state, on_validation
+
+    def __call__(self, step: int) -> None:
+        record = run_validation(self.model, self.data, self.cfg, self.accelerator)
+        self.state.eval_history.append({"step": step, **record})
+        self.run_log.write(step, record)
+        run_dir = Path(self.cfg.log.output_dir)
+        if not math.isfinite(record["val/loss"]):  # finite gradients can still carry the weights off
+            raise TrainingDiverged(
+                f"validation loss is {record['val/loss']} at step {step}; stopping before this state is saved. "
+                f"Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. Try a lower train.lr "
+                f"(now {self.cfg.train.lr:g})")
+        self.accelerator.print(f"step {step}: val loss {record['val/loss']:.4f}, "
+                               f"perplexity {record['val/perplexity']:.2f}")
+        best = self.state.best
+        if self.cfg.train.keep_best and (best is None or record["val/loss"] < best["val/loss"]):
+            self.state.best = {"step": step, "val/loss": record["val/loss"]}
+            if self.accelerator.is_main_process:
+                save_adapter(self.accelerator.unwrap_model(self.model), self.data.tokenizer, self.cfg, run_dir)
+        if self.on_validation is not None:
+            self.on_validation(step, record)
+
+
 def run_validation(model, data: TrainData, cfg: RunConfig, accelerator) -> dict:
     # The bare model: DDP's forward broadcasts buffers, a collective that a rank without an
     # evaluation batch never joins.
@@ -556,7 +465,7 @@ def run_validation(model, data: TrainData, cfg: RunConfig, accelerator) -> dict:
         val_loss = evaluate_loss(accelerator.unwrap_model(model), data.eval_examples, cfg.eval.batch_size,
                                  data.tokenizer.pad_token_id, accelerator)
     except torch.OutOfMemoryError:
-        raise TrainingError(f"out of GPU memory in validation at eval.batch_size={cfg.eval.batch_size} rows of up "
+        raise OutOfMemory(f"out of GPU memory in validation at eval.batch_size={cfg.eval.batch_size} rows of up "
                             f"to data.max_length={cfg.data.max_length} tokens; lower eval.batch_size") from None
     record = {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}
     record.update({k.replace("memory/", "val/"): v for k, v in _memory_stats().items()})
@@ -575,6 +484,21 @@ def train_log_record(state: TrainState, log_every: int, lr: float, grad_norm: fl
     for key, value in memory.items():
         state.peak_memory[key] = max(state.peak_memory.get(key, 0.0), value)
     return {**record, **memory}
+
+
+def finish_run(model, data: TrainData, cfg: RunConfig, accelerator, state: TrainState, speed: dict,
+               run_dir: Path) -> RunResult:
+    """metrics.json and, unless train.keep_best kept one already, the last state as adapter/."""
+    metrics = {**final_metrics(state, data, count_parameters(model)), **speed}
+    if accelerator.is_main_process:
+        if state.best is None:  # without train.keep_best (or no validation ran): the last state
+            save_adapter(accelerator.unwrap_model(model), data.tokenizer, cfg, run_dir)
+        write_metrics(run_dir, metrics)
+    accelerator.wait_for_everyone()  # adapter/ is whole before any rank evaluates it
+    for tracker in accelerator.trackers:  # not end_training(): it ends the process group the evaluation needs
+        tracker.finish()
+    return RunResult(run_dir=run_dir, steps=state.step, train_losses=state.train_losses,
+                     eval_history=state.eval_history, metrics=metrics)
 
 
 def final_metrics(state: TrainState, data: TrainData, params: tuple[int, int]) -> dict:

@@ -77,17 +77,10 @@ def test_reference_recipe_values():
     (minimal(eval={"engine": "vllm"}), "'eval.engine' must be one of ['fast', 'hf'], got 'vllm'"),
     (minimal(eval={"compile": True}), "'eval.compile' must be a string, got True"),
     (minimal(eval={"generate_batch_size": 0}), "'eval.generate_batch_size' must be > 0 or null, got 0"),
-    (minimal(train={"graph_length_multiple": 20}), "'train.graph_length_multiple' must be a positive multiple of 8, "
-                                                   "got 20"),
-    (minimal(train={"graph_length_multiple": 0}), "'train.graph_length_multiple' must be a positive multiple of 8, "
-                                                  "got 0"),
-    (minimal(model={"compile_layers": True, "compile_options": {"fallback_random": 1}}),
-     "'model.compile_options.fallback_random' must be true/false, got 1"),
-    (minimal(model={"compile_layers": True, "compile_options": {"fallback_randon": True}}),
-     "'model.compile_options.fallback_randon' is not an inductor option of torch "),
-    (minimal(model={"compile_options": {"fallback_random": True}}),
-     "'model.compile_options' must be empty when model.compile_layers is false (they apply to compiled layers), "
-     "got {'fallback_random': True}"),
+    (minimal(train={"graph_length_multiple": 64}), "'train.graph_length_multiple' is no longer a setting (CUDA graph "
+                                                   "lengths are multiples of 16 tokens); remove it, got 64"),
+    (minimal(model={"embeddings_on_cpu": True}), "'model.embeddings_on_cpu' is no longer a setting (the embedding "
+                                                 "table stays on the GPU (0.24 GiB on Phi-2)); remove it, got True"),
 ])
 def test_config_errors_name_file_and_key(tmp_path, raw, message):
     path = write(tmp_path, raw)
@@ -168,7 +161,14 @@ def test_config_is_frozen_and_round_trips(tmp_path):
     assert loaded != config_from_dict(minimal(train={"lr": 2e-4}, lora={"target_modules": ["q_proj"]}))
 
 
-def test_inductor_options_load_by_either_spelling(tmp_path):
-    for name in ("fallback_random", "fallback-random"):
-        cfg = load_config(write(tmp_path, minimal(model={"compile_layers": True, "compile_options": {name: True}})))
-        assert cfg.model.compile_options == {name: True}
+def test_retired_settings_at_todays_behaviour_load_as_if_absent(tmp_path):
+    """A run folder's config.json written when these were settings still loads (e.g. for `eval`)."""
+    retired = minimal(model={"compile_options": {}, "embeddings_on_cpu": False},
+                      train={"graph_length_multiple": 16, "shuffle": True},
+                      eval={"compile_min_articles": 200, "cache_implementation": "dynamic"})
+    assert load_config(write(tmp_path, retired)) == config_from_dict(minimal())
+    assert load_config(write(tmp_path, minimal()), ["train.shuffle=true"]) == config_from_dict(minimal())
+    with pytest.raises(ConfigError, match=r"^--set train\.shuffle=false: 'train\.shuffle' is no longer a setting "
+                                          r"\(training rows are always shuffled \(train\.length_grouping groups "
+                                          r"them\)\); remove it, got False$"):
+        load_config(write(tmp_path, minimal()), ["train.shuffle=false"])

@@ -283,12 +283,6 @@ def test_hub_dataset_failure_is_a_clear_error():
         load_rows(cfg, "train[:5]")
 
 
-def test_plan_without_shuffle_keeps_file_order():
-    lengths = [(i * 37) % 120 + 5 for i in range(10)]
-    plan = plan_batches(lengths, micro_batch_size=3, seed=3, epoch=0, length_grouping=False, shuffle=False)
-    assert plan == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
-
-
 def test_parquet_csv_line_numbers_and_a_field_only_some_rows_lack(tmp_path):
     import pandas as pd
 

@@ -131,7 +131,7 @@ def test_each_step_sees_the_same_rows_on_one_or_two_processes(runs):
         for rank in range(world):
             fake = types.SimpleNamespace(num_processes=world, process_index=rank, print=lambda *a, **k: None)
             data = setup_data(cfg, fake)
-            per_rank.append([{i for batch in window for i in batch} for window in data.windows_of_epoch(0)])
+            per_rank.append([{i for batch in window for i in batch} for window in data.plan.windows(0)])
         total = min(data.total_steps, len(per_rank[0]))
         return [set().union(*(rank_windows[step] for rank_windows in per_rank)) for step in range(total)]
 

@@ -304,15 +304,6 @@ def test_rouge_intervals_are_seeded_bootstraps_around_the_mean():
     assert more["high"] - more["low"] < (r["high"] - r["low"]) / 2  # ~1/sqrt(16) as wide
 
 
-def test_static_kv_cache_generates_what_the_dynamic_one_does(base):
-    cfg, tok, encoder, model = base
-    articles = three_articles()
-    dynamic = greedy(model, tok, encoder, articles, max_new_tokens=8, stop_strings=())
-    static = greedy(model, tok, encoder, articles, max_new_tokens=8, stop_strings=(), cache_implementation="static")
-    assert static == dynamic
-    assert [(g.stop_reason, g.new_tokens) for g in static] == [("max_new_tokens", 8)] * 3
-
-
 def test_merged_adapter_evaluates_like_the_separate_one(tiny_run, tmp_path):
     """eval.merge_adapter folds LoRA into the loaded copy: same loss and same greedy summaries; the
     saved adapter stays a separate PEFT adapter."""

@@ -13,13 +13,15 @@ from transformers import AttentionInterface
 
 from summ.config import ConfigError
 from summ.data import IGNORE_INDEX, collate
-from summ.graphed_step import (GRAPH_ATTENTION, GraphedMicroSteps, causal_sdpa, check_graph_launch, graph_attention,
-                               static_inputs, static_summed_loss)
 from summ.loss import forward_summed_loss
 from summ.model import build_model
-from summ.train import accumulate_gradients, step_batches, train
+from summ.speed.graphs import (GRAPH_ATTENTION, GraphedMicroSteps, causal_sdpa, check_graph_launch, graph_attention,
+                               static_inputs, static_summed_loss)
+from summ.speed.micro_batch import MicroBatching, choose_micro_batching
+from summ.speed.step import StepRunner, setup_step_runner
+from summ.train import train
 from tests.conftest import gpu, tiny_config
-from tests.test_train import examples_for, lora_grads, ragged_rows
+from tests.test_train import accumulate, examples_for, lora_grads, ragged_rows
 
 
 def test_static_inputs_pad_rows_length_and_head_positions():
@@ -50,26 +52,11 @@ def test_graph_attention_switches_sdpa_alone_and_restores_it():
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_a_micro_batch_runs_at_its_width_rounded_up_to_the_length_multiple():
+def test_a_micro_batch_runs_at_its_width_rounded_up_to_a_multiple_of_16():
     graphed = GraphedMicroSteps(torch.nn.Linear(1, 1), SimpleNamespace(device=torch.device("cpu")), rows=4,
-                                length=200, pad_id=0, length_multiple=64)
-    widths = {w: graphed.length_for({"input_ids": torch.zeros((2, w))}) for w in (8, 64, 65, 128, 136, 200)}
-    assert widths == {8: 64, 64: 64, 65: 128, 128: 128, 136: 192, 200: 200}
-    graphed = GraphedMicroSteps(torch.nn.Linear(1, 1), SimpleNamespace(device=torch.device("cpu")), rows=4,
-                                length=200, pad_id=0, length_multiple=16)
+                                length=200, pad_id=0)
     widths = {w: graphed.length_for({"input_ids": torch.zeros((2, w))}) for w in (8, 64, 72, 136, 192, 200)}
     assert widths == {8: 16, 64: 64, 72: 80, 136: 144, 192: 192, 200: 200}
-
-
-def test_the_loop_builds_graphs_at_the_configured_length_multiple(tmp_path):
-    from summ.micro_batch import MicroBatching
-    from summ.train import setup_data, setup_graphed_steps
-
-    cfg = tiny_config(tmp_path, train={"graph_length_multiple": 24})
-    host = SimpleNamespace(num_processes=1, process_index=0, print=lambda *a, **k: None, device=torch.device("cpu"))
-    graphed = setup_graphed_steps(torch.nn.Linear(1, 1), cfg, host, MicroBatching(512, 0, 0, "config"),
-                                  setup_data(cfg, host))
-    assert (graphed.length_multiple, graphed.length_for({"input_ids": torch.zeros((1, 30))})) == (24, 48)
 
 
 def test_a_micro_batch_larger_than_the_graph_is_refused():
@@ -116,9 +103,9 @@ def test_a_step_runs_longest_rows_first_in_groups_of_the_graphs_rows(tmp_path):
     for i, e in enumerate(ex):  # row i has 40 + 10 i tokens, its last 5 labelled
         e.input_ids, e.labels = e.input_ids[:40 + 10 * i], e.labels[:40 + 10 * i]
         e.labels[-5:] = e.input_ids[-5:]
-    data = SimpleNamespace(tokenizer=tok, train_examples=ex, lengths=[len(e.input_ids) for e in ex])
-    planned = [[0, 1], [2, 3], [4, 5], [6, 7]]
-    batches = step_batches(planned, data, cfg, SimpleNamespace(tokens=None), SimpleNamespace(rows=3))
+    runner = StepRunner(None, cfg, None, ex, [len(e.input_ids) for e in ex], tok.pad_token_id,
+                        MicroBatching(None, 0, 0, "as stated"), SimpleNamespace(rows=3))
+    batches = runner.batches([[0, 1], [2, 3], [4, 5], [6, 7]])
     for batch, rows in zip(batches, ([7, 6, 5], [4, 3, 2], [1, 0]), strict=True):
         assert torch.equal(batch["input_ids"], collate([ex[i] for i in rows], tok.pad_token_id)["input_ids"])
 
@@ -126,19 +113,20 @@ def test_a_step_runs_longest_rows_first_in_groups_of_the_graphs_rows(tmp_path):
 def test_graphs_are_recorded_ahead_for_the_windows_a_run_has_left(tmp_path):
     """Resumed at step 2 (epoch 0, window 2) of 5, in two epochs of 3 windows: the windows recorded
     ahead are epoch 0's third and epoch 1's first two (the run stops at its total steps)."""
-    from summ.train import TrainState, record_graphs_ahead
+    from summ.train import remaining_windows
 
     cfg = tiny_config(tmp_path, train={"epochs": 2})
     tok, ex = examples_for(cfg, 6)
     windows = {0: [[[0], [1]], [[2], [3]], [[4], [5]]], 1: [[[5], [4]], [[3], [2]], [[1], [0]]]}
-    data = SimpleNamespace(tokenizer=tok, train_examples=ex, lengths=[len(e.input_ids) for e in ex],
-                           windows_of_epoch=windows.get, total_steps=5)
+    data = SimpleNamespace(plan=SimpleNamespace(windows=windows.get))
     seen = []
     graphed = SimpleNamespace(rows=1, record_ahead=lambda batches: len(seen.extend(batches) or seen))
-    record_graphs_ahead(graphed, data, cfg, SimpleNamespace(tokens=None), TrainState(step=2, epoch=0, window=2),
-                        SimpleNamespace(print=lambda *a: None))
-    expected = [step_batches(w, data, cfg, SimpleNamespace(tokens=None), graphed)
-                for w in (windows[0][2], windows[1][0], windows[1][1])]
+    runner = StepRunner(None, cfg, SimpleNamespace(print=lambda *a: None), ex, [len(e.input_ids) for e in ex],
+                        tok.pad_token_id, MicroBatching(None, 0, 0, "as stated"), graphed)
+    steps = list(remaining_windows(data, epochs=2, epoch=0, window=2, steps_left=3))
+    assert [after for after, _ in steps] == [(1, 0), (1, 1), (1, 2)]
+    runner.record_graphs(window for _, window in steps)
+    expected = [runner.batches(w) for w in (windows[0][2], windows[1][0], windows[1][1])]
     assert len(seen) == 6
     for batch, want in zip(seen, [b for w in expected for b in w], strict=True):
         assert torch.equal(batch["input_ids"], want["input_ids"])
@@ -157,18 +145,18 @@ class EagerStandIn:
 
 
 def test_the_loop_normalises_graphed_micro_batches_by_the_windows_label_tokens(tmp_path):
-    """accumulate_gradients through the graph interface: one window of 5 rows as micro-batches of 2
+    """queue_gradients through the graph interface: one window of 5 rows as micro-batches of 2
     fixed-shape rows gives the loss and gradient of the same window run eagerly in one batch."""
     cfg = tiny_config(tmp_path, "llama", model={"attn_implementation": "sdpa"})
     tok, ex = examples_for(cfg, 5)
     accelerator = Accelerator(cpu=True)
     model = build_model(cfg, accelerator.device, torch.float32)
     model.train()
-    eager_loss, eager_tokens = accumulate_gradients(model, [collate(ex, tok.pad_token_id)], accelerator)
+    eager_loss, eager_tokens = accumulate(model, [collate(ex, tok.pad_token_id)], accelerator)
     eager = lora_grads(model)
     model.zero_grad()
     batches = [collate(ex[s:s + 2], tok.pad_token_id) for s in (0, 2, 4)]
-    loss, tokens = accumulate_gradients(model, batches, accelerator, EagerStandIn(model, 2, 128, tok.pad_token_id))
+    loss, tokens = accumulate(model, batches, accelerator, EagerStandIn(model, 2, 128, tok.pad_token_id))
     assert (loss, tokens) == (pytest.approx(eager_loss, rel=1e-6), eager_tokens)
     for name, grad in lora_grads(model).items():
         torch.testing.assert_close(grad, eager[name], rtol=1e-4, atol=1e-6)
@@ -177,25 +165,18 @@ def test_the_loop_normalises_graphed_micro_batches_by_the_windows_label_tokens(t
 @pytest.mark.parametrize("sets, rows", [({}, 8), ({"micro_batch_tokens": 256}, 2),
                                         ({"micro_batch_tokens": 100}, 1), ({"auto_micro_batch": False}, 1)])
 def test_graphs_run_as_many_full_rows_as_the_budget_holds(tmp_path, sets, rows):
-    from summ.micro_batch import choose_micro_batching
-    from summ.train import setup_graphed_steps
-
-    cfg = tiny_config(tmp_path, train={"micro_batch_size": 1, "grad_accum_steps": 8, **sets})
+    cfg = tiny_config(tmp_path, train={"micro_batch_size": 1, "grad_accum_steps": 8, "cuda_graphs": True, **sets})
     accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1, print=lambda *a: None,
                                   unwrap_model=lambda m: m)
     model = build_model(cfg, accelerator.device, torch.float32)
-    data = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0))
-    graphed = setup_graphed_steps(model, cfg, accelerator, choose_micro_batching(model, cfg, accelerator), data)
+    graphed = setup_step_runner(model, cfg, accelerator, [], [], 0).graphed
     assert (graphed.rows, graphed.length) == (rows, 128)
 
 
-def test_cuda_graphs_are_refused_with_packing_and_with_embeddings_on_the_host(tmp_path):
+def test_cuda_graphs_are_refused_with_packing(tmp_path):
     with pytest.raises(ConfigError, match=r"^tiny: 'train.cuda_graphs' must be false with train.packing \(a graph "
                                           r"runs fixed-shape padded micro-batches\), got True$"):
         tiny_config(tmp_path, train={"cuda_graphs": True, "packing": True})
-    with pytest.raises(ConfigError, match=r"^tiny: 'train.cuda_graphs' must be false with model.embeddings_on_cpu "
-                                          r"\(a graph cannot look rows up on the host\), got True$"):
-        tiny_config(tmp_path, train={"cuda_graphs": True}, model={"embeddings_on_cpu": True})
 
 
 def test_cuda_graphs_need_a_gpu_and_one_process(tmp_path):
@@ -215,13 +196,14 @@ def test_cuda_graphs_need_a_gpu_and_one_process(tmp_path):
 # ----------------------------------------------------------------------------- on a CUDA GPU
 
 
-def graphed_and_eager(tmp_path, **model_settings):
+def graphed_and_eager(tmp_path, train_settings=None, **model_settings):
     """Loss and LoRA gradients of one window, eager and through graphs, on the same weights. Its
     three micro-batches make three graphs sharing a pool: two of 128 tokens whose head positions
     round to different counts, recorded ahead, and one of short rows that runs at 64 tokens,
     recorded when first met (after a warm-up run on top of the pool, with gradients already added
     by two replays). The window runs in order, then in reverse."""
-    cfg = tiny_config(tmp_path, "phi", quant=True, model={"attn_implementation": "sdpa", **model_settings})
+    cfg = tiny_config(tmp_path, "phi", quant=True, model={"attn_implementation": "sdpa", **model_settings},
+                      train=train_settings or {})
     tok, ex = examples_for(cfg, 8)
     for e in ex[:3]:  # long summaries: labels on more positions in the first micro-batch
         e.labels[-70:] = e.input_ids[-70:]
@@ -232,26 +214,26 @@ def graphed_and_eager(tmp_path, **model_settings):
     accelerator = Accelerator()
     model = build_model(cfg, accelerator.device, torch.float32)
     model.train()
-    eager_loss, _ = accumulate_gradients(model, batches, accelerator)
+    eager_loss, _ = accumulate(model, batches, accelerator)
     eager = lora_grads(model)
     model.zero_grad(set_to_none=True)
-    graphed = GraphedMicroSteps(model, accelerator, rows=3, length=128, pad_id=tok.pad_token_id, length_multiple=64)
+    graphed = GraphedMicroSteps(model, accelerator, rows=3, length=128, pad_id=tok.pad_token_id)
     assert graphed.record_ahead(batches[:2]) == 2
     results = []
     for window in (batches, batches[::-1]):
         model.zero_grad(set_to_none=False)
-        results.append((accumulate_gradients(model, window, accelerator, graphed)[0], lora_grads(model)))
+        results.append((accumulate(model, window, accelerator, graphed)[0], lora_grads(model)))
     return eager_loss, eager, results, graphed
 
 
 @gpu
 @pytest.mark.parametrize("settings", [{}, {"compile_layers": True}, {"gradient_checkpointing": True},
-                                      {"compile_layers": True, "compile_options": {"fallback_random": True}}],
-                         ids=["4bit", "compiled", "recompute", "compiled-eager-random"])
+                                      {"compile_layers": True, "train_settings": {"cuda_graphs": True}}],
+                         ids=["4bit", "compiled", "recompute", "compiled-for-graphs"])
 def test_graphs_give_the_eager_loss_and_gradient(tmp_path, monkeypatch, settings):
     # A compiled layer that could not run its compiled code while recording fails here instead of
     # being recorded eagerly.
-    monkeypatch.setattr("summ.graphed_step.CAPTURE_STANCE", "fail_on_recompile")
+    monkeypatch.setattr("summ.speed.graphs.CAPTURE_STANCE", "fail_on_recompile")
     eager_loss, eager, results, graphed = graphed_and_eager(tmp_path, **settings)
     assert sorted(length for length, _ in graphed.graphs) == [64, 128, 128]
     for loss, grads in results:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-import summ.micro_batch as mb
-from summ.micro_batch import MicroBatching, choose_micro_batching
+import summ.speed.micro_batch as mb
+from summ.speed.micro_batch import MicroBatching, choose_micro_batching
 from summ.model import build_model
 from tests.conftest import TINY, tiny_config
 

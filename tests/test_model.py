@@ -53,19 +53,13 @@ def test_no_default_targets_for_an_unknown_architecture():
         lora_targets(cfg, "bloom")
 
 
-@pytest.mark.parametrize("upcast", [False, True])
-def test_frozen_weights_stay_in_compute_dtype_unless_asked(tmp_path, upcast):
-    import dataclasses
-
+def test_frozen_weights_stay_in_compute_dtype(tmp_path):
     from summ.model import build_model
     from tests.conftest import tiny_config
 
-    cfg = tiny_config(tmp_path, quant=True)
-    cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, upcast_frozen=upcast))
-    model = build_model(cfg, torch.device("cpu"), torch.bfloat16)
-    frozen = torch.float32 if upcast else torch.bfloat16
-    assert model.get_input_embeddings().weight.dtype == frozen
-    assert model.get_output_embeddings().weight.dtype == frozen
+    model = build_model(tiny_config(tmp_path, quant=True), torch.device("cpu"), torch.bfloat16)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     # 2 layers x (q_proj, k_proj, v_proj, dense) x (lora_A, lora_B)
     assert len(lora) == 16
@@ -141,7 +135,7 @@ def test_checkpointed_layers_must_not_be_negative():
 
 
 def test_norms_keep_a_bf16_stream_under_autocast_and_compute_the_same_values():
-    from summ.model import FusedRMSNorm, StreamDtypeLayerNorm
+    from summ.speed.layers import FusedRMSNorm, StreamDtypeLayerNorm
 
     x = torch.randn(3, 7, 16, dtype=torch.bfloat16)
     layer_norm = torch.nn.LayerNorm(16, dtype=torch.bfloat16)
@@ -156,44 +150,9 @@ def test_norms_keep_a_bf16_stream_under_autocast_and_compute_the_same_values():
     assert out.dtype == out_rms.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
     torch.testing.assert_close(out_rms.float(), expected_rms, atol=0.05, rtol=0.02)
-    # fp32 norm weights (quant.upcast_frozen) keep the original promotion to fp32
+    # fp32 norm weights keep the original promotion to fp32
     rms.weight = torch.nn.Parameter(rms_weight.float())
     assert rms(x).dtype == torch.float32
-
-
-def test_embeddings_on_cpu_train_exactly_as_on_the_device(tmp_path):
-    """The host-memory embedding table is the same function: identical losses over a short run,
-    and the table is outside the module's parameters, so device placement cannot move it."""
-    from summ.model import HostEmbedding, build_model
-    from summ.train import train
-    from tests.conftest import tiny_config
-
-    runs = [train(tiny_config(tmp_path / str(on_cpu), model={
-        "config_overrides": {**tiny_config(tmp_path, "phi").model.config_overrides, "initializer_range": 0.2},
-        "embeddings_on_cpu": on_cpu, "gradient_checkpointing": True})) for on_cpu in (False, True)]
-    assert runs[0].steps == runs[1].steps == 3
-    assert len(runs[0].train_losses) == len(runs[1].train_losses) == 3  # assert_close([], []) would pass
-    torch.testing.assert_close(runs[1].train_losses, runs[0].train_losses, rtol=1e-6, atol=0)
-
-    model = build_model(tiny_config(tmp_path / "m", model={"embeddings_on_cpu": True}), torch.device("cpu"),
-                        torch.float32)
-    embedding = model.get_input_embeddings()
-    assert type(embedding) is HostEmbedding
-    assert list(embedding.parameters()) == [] and list(embedding.buffers()) == []
-    assert embedding.host_weight.device == torch.device("cpu")
-    assert not any("embed_tokens" in name for name in model.state_dict())
-
-
-def test_embeddings_on_cpu_refuses_a_table_tied_to_the_lm_head(tmp_path):
-    from summ.config import ConfigError
-    from summ.model import build_model
-    from tests.conftest import tiny_config
-
-    cfg = tiny_config(tmp_path, "llama", model={"embeddings_on_cpu": True, "config_overrides": {
-        **tiny_config(tmp_path, "llama").model.config_overrides, "tie_word_embeddings": True}})
-    with pytest.raises(ConfigError, match="^model.embeddings_on_cpu: this model ties its input embedding to the "
-                                          "LM head, which must stay on the GPU$"):
-        build_model(cfg, torch.device("cpu"), torch.float32)
 
 
 def test_concurrent_runs_rebuild_a_gguf_model_once(tmp_path, monkeypatch):
@@ -312,9 +271,6 @@ def test_dequantize_for_training_trains_as_the_4bit_model(tmp_path, arch):
     ({"enabled": False, "dequantize_for_training": True},
      "'quant.dequantize_for_training' must be false when quant.enabled is false (there is nothing to dequantize), "
      "got True"),
-    ({"upcast_frozen": True, "dequantize_for_training": True},
-     "'quant.dequantize_for_training' must be false with quant.upcast_frozen (that would hold every frozen weight "
-     "in fp32), got True"),
 ])
 def test_dequantize_for_training_refuses_what_it_cannot_do(quant, message):
     from summ.config import ConfigError

@@ -26,10 +26,9 @@ ARTICLES = [json.loads(line)["document"] for line in open(FIXTURES / "xsum_tiny"
 
 @pytest.fixture(scope="module")
 def quant_run(tmp_path_factory):
-    """A 4-step 4-bit run of a tiny random Phi-2 whose input embedding lives in host memory. The large
-    learning rate moves the adapter far enough that the merged model's outputs differ from the base's."""
+    """A 4-step 4-bit run of a tiny random Phi-2. The large learning rate moves the adapter far enough that the merged model's outputs differ from the base's."""
     run = tmp_path_factory.mktemp("run") / "quant"
-    cfg = tiny_config(run, quant=True, model={"embeddings_on_cpu": True}, train={"max_steps": 4, "lr": 3e-2},
+    cfg = tiny_config(run, quant=True, train={"max_steps": 4, "lr": 3e-2},
                       eval={"generate": False, "max_new_tokens": 8, "generate_batch_size": 2, "stop_strings": ["###"]})
     train(cfg)
     from accelerate.state import AcceleratorState, GradientState
@@ -85,7 +84,6 @@ def test_merge_writes_the_whole_model_in_the_base_dtype(quant_run, tmp_path, cap
     base_folder = random_folder(cfg.model, dtype=torch.float32, seed=cfg.train.seed)
     base_keys = set(safetensors_dtypes(Path(base_folder)))
     written = safetensors_dtypes(merged)
-    assert "model.embed_tokens.weight" in written  # the table HostEmbedding keeps outside the state dict
     assert set(written) == base_keys
     assert set(written.values()) == {"F32"}
     assert json.loads((merged / "config.json").read_text())["dtype"] == "float32"

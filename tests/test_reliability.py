@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from summ.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from summ.run_record import ResumeMismatch
+import summ.speed.step as step_module
+from summ.speed.step import OutOfMemory
 from summ.train import TrainingDiverged, TrainingError, train
 from tests.conftest import FIXTURES, tiny_config
 
@@ -292,7 +294,7 @@ def fp16_accelerator_on_cpu(cfg, run_dir):
 def test_fp16_overflow_steps_are_skipped_counted_and_the_scaler_updated(tmp_path, monkeypatch):
     import summ.train as tr
 
-    real, calls = tr.forward_summed_loss, {"n": 0}
+    real, calls = step_module.forward_summed_loss, {"n": 0}
 
     def overflowing(model, batch, device=None):
         calls["n"] += 1
@@ -300,7 +302,7 @@ def test_fp16_overflow_steps_are_skipped_counted_and_the_scaler_updated(tmp_path
         return InfiniteGradient.apply(value) if calls["n"] in bad else value
 
     monkeypatch.setattr(tr, "make_accelerator", fp16_accelerator_on_cpu)
-    monkeypatch.setattr(tr, "forward_summed_loss", overflowing)
+    monkeypatch.setattr(step_module, "forward_summed_loss", overflowing)
     scales = []
     real_step = tr.optimizer_step
 
@@ -371,9 +373,9 @@ def test_out_of_memory_names_the_micro_batch_and_the_knobs(tmp_path, monkeypatch
     def oom(model, batch, device=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(tr, "forward_summed_loss", oom)
+    monkeypatch.setattr(step_module, "forward_summed_loss", oom)
     cfg = tiny_config(tmp_path / "run", train={"micro_batch_tokens": 256}, eval={"at_end": False})
-    with pytest.raises(TrainingError, match=r"^out of GPU memory on a micro-batch of \d+ rows x \d+ tokens \(\d+ "
+    with pytest.raises(OutOfMemory, match=r"^out of GPU memory on a micro-batch of \d+ rows x \d+ tokens \(\d+ "
                                             r"tokens\); set train.micro_batch_tokens below 256 \(the rows per step "
                                             r"stay the same\), lower data.max_length, or recompute more layers "
                                             r"\(now 0 of 2: model.gradient_checkpointing=true, "
@@ -382,7 +384,7 @@ def test_out_of_memory_names_the_micro_batch_and_the_knobs(tmp_path, monkeypatch
     # Every layer recomputing already: the hint stops at the knobs that are left.
     cfg = tiny_config(tmp_path / "run2", model={"gradient_checkpointing": True}, train={"micro_batch_tokens": 256},
                       eval={"at_end": False})
-    with pytest.raises(TrainingError, match=r"\(the rows per step stay the same\), or lower data.max_length$"):
+    with pytest.raises(OutOfMemory, match=r"\(the rows per step stay the same\), or lower data.max_length$"):
         train(cfg)
 
 
@@ -394,7 +396,7 @@ def test_out_of_memory_in_validation_names_the_evaluation_batch(tmp_path, monkey
 
     monkeypatch.setattr(tr, "evaluate_loss", oom)
     cfg = tiny_config(tmp_path / "run", eval={"batch_size": 4})
-    with pytest.raises(TrainingError, match=r"^out of GPU memory in validation at eval\.batch_size=4 rows of up to "
+    with pytest.raises(OutOfMemory, match=r"^out of GPU memory in validation at eval\.batch_size=4 rows of up to "
                                             r"data\.max_length=128 tokens; lower eval\.batch_size$"):
         train(cfg)
 
@@ -492,8 +494,9 @@ def test_an_old_checkpoint_that_cannot_be_removed_is_named_and_left(tmp_path, mo
 
 def test_a_checkpoint_from_before_a_key_existed_resumes_unless_its_plan_changed_meaning(tmp_path):
     """A resume record written before keys such as train.auto_micro_batch existed compares those keys
-    as their defaults; one whose micro_batch_tokens grouped the data plan by tokens (its old meaning)
-    is refused, since the remaining steps would hold other rows."""
+    as their defaults, and one holding settings summ no longer has resumes where they held today's
+    behaviour; one whose micro_batch_tokens grouped the data plan by tokens (its old meaning) is
+    refused, since the remaining steps would hold other rows."""
     import json as _json
 
     from summ.checkpoint import RESUME_RECORD
@@ -503,11 +506,12 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_unless_its_plan_changed_
     train(cfg)
     record_file = latest_checkpoint(tmp_path / "run") / RESUME_RECORD
     record = _json.loads(record_file.read_text())
-    for section, key in (("train", "auto_micro_batch"), ("train", "packing"), ("model", "compile_layers"),
-                         ("train", "graph_length_multiple"), ("model", "compile_options")):
+    for section, key in (("train", "auto_micro_batch"), ("train", "packing"), ("model", "compile_layers")):
         del record["config"][section][key]
+    # Settings summ no longer has, at the values that give today's behaviour.
+    record["config"]["train"].update(graph_length_multiple=16, shuffle=True)
+    record["config"]["model"].update(compile_options={"fallback_random": True}, embeddings_on_cpu=False)
     record_file.write_text(_json.dumps(record))
-    # Only graph_length_multiple reads as changed (64 -> 16), harmless without graphs.
     assert train(cfg, resume=True).steps == 1
     longer = tiny_config(tmp_path / "run", train={"save_every": 1, "max_steps": 2}, eval={"at_end": False})
     with pytest.raises(ResumeMismatch) as refused:
@@ -517,32 +521,15 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_unless_its_plan_changed_
     assert "auto_micro_batch" not in str(refused.value) and "compile_layers" not in str(refused.value)
     assert "graph_length_multiple" not in str(refused.value)
 
-    # Graphs recorded at lengths in multiples of 64 before the multiple was a key: under graphs a
-    # resume at today's 16 would draw other dropout masks, so it is refused; without graphs the
-    # multiple does nothing and a change of it is harmless.
+    # A retired setting at another value did something today's summ no longer does: refused.
     from summ.run_record import check_resume
 
-    graphed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cuda_graphs=True))
-    record["config"]["train"]["cuda_graphs"] = True
+    record["config"]["train"]["graph_length_multiple"] = 64
     record_file.write_text(_json.dumps(record))
-    with pytest.raises(ResumeMismatch, match=r"train\.graph_length_multiple: 64 -> 16"):
-        check_resume(graphed, record_file.parent, record["world_size"], record["data_fingerprint"], False)
-    kept = dataclasses.replace(graphed, train=dataclasses.replace(graphed.train, graph_length_multiple=64))
-    assert check_resume(kept, record_file.parent, record["world_size"], record["data_fingerprint"], False)["changed"] == {}
-    del record["config"]["train"]["cuda_graphs"]
-    # Inductor options change the compiled layers' dropout masks: refused only when layers compile.
-    record["config"]["model"]["compile_options"] = {"fallback_random": True}
-    record_file.write_text(_json.dumps(record))
-    assert "model.compile_options" in check_resume(cfg, record_file.parent, record["world_size"],
-                                                   record["data_fingerprint"], False)["changed"]
-    record["config"]["model"]["compile_layers"] = True
-    record_file.write_text(_json.dumps(record))
-    with pytest.raises(ResumeMismatch, match=r"model\.compile_layers: True -> False; model\.compile_options: "):
+    with pytest.raises(ResumeMismatch, match=r"train\.graph_length_multiple: 64 is no longer a setting \(CUDA graph "
+                                             r"lengths are multiples of 16 tokens\)"):
         check_resume(cfg, record_file.parent, record["world_size"], record["data_fingerprint"], False)
-    compiled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile_layers=True))
-    with pytest.raises(ResumeMismatch, match=r"model\.compile_options: \{'fallback_random': True\} -> \{\}"):
-        check_resume(compiled, record_file.parent, record["world_size"], record["data_fingerprint"], False)
-    del record["config"]["model"]["compile_options"], record["config"]["model"]["compile_layers"]
+    record["config"]["train"]["graph_length_multiple"] = 16
 
     record["config"]["train"]["micro_batch_tokens"] = 256
     record_file.write_text(_json.dumps(record))

@@ -16,8 +16,16 @@ from summ.checkpoint import latest_checkpoint
 from summ.data import Encoder, collate, encode_rows, load_rows
 from summ.model import build_model, load_tokenizer
 from summ.loss import evaluate_loss
-from summ.train import TrainingDiverged, accumulate_gradients, make_scheduler, train
+import summ.speed.step as step_module
+from summ.speed.step import queue_gradients
+from summ.train import TrainingDiverged, make_scheduler, train
 from tests.conftest import TINY, tiny_config
+
+
+def accumulate(model, batches: list[dict], accelerator, graphed=None) -> tuple[float, int]:
+    """Forward and backward over one window; (its mean loss per label token, its non-pad tokens)."""
+    loss_sum, n_labels, tokens = queue_gradients(model, batches, accelerator, graphed)
+    return loss_sum.item() / max(n_labels, 1), tokens
 
 REPO = Path(__file__).parents[1]
 
@@ -49,10 +57,10 @@ def test_accumulation_normalises_by_window_tokens(tmp_path, arch, quant):
     model = build_model(cfg, accelerator.device, torch.float32)
     model.train()
 
-    accumulate_gradients(model, [collate([e], tok.pad_token_id) for e in ex], accelerator)
+    accumulate(model, [collate([e], tok.pad_token_id) for e in ex], accelerator)
     one_by_one = lora_grads(model)
     model.zero_grad()
-    accumulate_gradients(model, [collate(ex, tok.pad_token_id)], accelerator)
+    accumulate(model, [collate(ex, tok.pad_token_id)], accelerator)
     together = lora_grads(model)
     assert len(together) == 16  # 2 layers x 4 target modules x (lora_A, lora_B)
     for name in together:
@@ -87,17 +95,17 @@ def test_packed_rows_give_the_loss_and_gradient_of_the_padded_batch(tmp_path, ar
     packed = collate_packed(ex, 256, tok.pad_token_id)
     assert packed["input_ids"].shape == (2, 256) and int(packed["attention_mask"].sum()) == 407
     assert packed["position_ids"][1, 89:92].tolist() == [89, 0, 1]
-    padded_loss, _ = accumulate_gradients(model, [collate(ex, tok.pad_token_id)], accelerator)
+    padded_loss, _ = accumulate(model, [collate(ex, tok.pad_token_id)], accelerator)
     padded = lora_grads(model)
     model.zero_grad()
-    packed_loss, _ = accumulate_gradients(model, [packed], accelerator)
+    packed_loss, _ = accumulate(model, [packed], accelerator)
     assert packed_loss == pytest.approx(padded_loss, rel=1e-6)
     for name, grad in lora_grads(model).items():
         torch.testing.assert_close(grad, padded[name], rtol=1e-4, atol=1e-6)
 
     # Without the restarting position ids the rows would attend to each other: a different loss.
     model.zero_grad()
-    crossed, _ = accumulate_gradients(model, [{k: v for k, v in packed.items() if k != "position_ids"}], accelerator)
+    crossed, _ = accumulate(model, [{k: v for k, v in packed.items() if k != "position_ids"}], accelerator)
     assert abs(crossed - padded_loss) > 1e-3
 
 
@@ -111,7 +119,7 @@ def test_compiled_decoder_layers_give_the_same_loss_and_gradient(tmp_path):
         model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile_layers=compiled)),
                             accelerator.device, torch.float32)
         model.train()
-        loss, _ = accumulate_gradients(model, [collate(ex, tok.pad_token_id)], accelerator)
+        loss, _ = accumulate(model, [collate(ex, tok.pad_token_id)], accelerator)
         results.append((loss, lora_grads(model), model))
     assert sum(getattr(m, "_compiled_call_impl", None) is not None for m in results[1][2].modules()) == 2
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
@@ -121,21 +129,22 @@ def test_compiled_decoder_layers_give_the_same_loss_and_gradient(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_layers_with_eager_random_numbers_draw_the_eager_dropout_masks(tmp_path):
-    """model.compile_options {"fallback_random": true}: with dropout on (LoRA 0.3, Phi-2's residual
-    0.1), a compiled step from the same seed gives the eager step's loss and gradients; with inductor's
-    own random numbers it gives another loss."""
+    """Layers compiled for CUDA graphs draw dropout with torch's kernel: with dropout on (LoRA 0.3,
+    Phi-2's residual 0.1), a compiled step from the same seed gives the eager step's loss and
+    gradients; compiled without graphs, with inductor's own random numbers, it gives another loss."""
     overrides = {**TINY["phi"]["overrides"], "resid_pdrop": 0.1}
     cfg = tiny_config(tmp_path, "phi", lora={"r": 4, "alpha": 8, "dropout": 0.3},
                       model={"attn_implementation": "sdpa", "config_overrides": overrides})
     tok, ex = examples_for(cfg, 2)
     accelerator = Accelerator(cpu=True)
     results = []
-    for compiled, options in ((False, {}), (True, {"fallback_random": True}), (True, {})):
-        model_cfg = dataclasses.replace(cfg.model, compile_layers=compiled, compile_options=options)
-        model = build_model(dataclasses.replace(cfg, model=model_cfg), accelerator.device, torch.float32)
+    for compiled, graphs in ((False, False), (True, True), (True, False)):
+        run_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile_layers=compiled),
+                                      train=dataclasses.replace(cfg.train, cuda_graphs=graphs))
+        model = build_model(run_cfg, accelerator.device, torch.float32)
         model.train()
         torch.manual_seed(123)
-        loss, _ = accumulate_gradients(model, [collate(ex, tok.pad_token_id)], accelerator)
+        loss, _ = accumulate(model, [collate(ex, tok.pad_token_id)], accelerator)
         results.append((loss, lora_grads(model)))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
     for name, grad in results[1][1].items():
@@ -179,16 +188,15 @@ def test_train_bs1_ga4_matches_other_ways_to_run_the_same_rows(tmp_path, monkeyp
                                                                micro_batches_per_step):
     """The recipe's optimization (4 rows per step) gives the same steps however its rows are split
     into micro-batches: batch 1 x 4 as stated, one micro-batch, or a token budget."""
-    import summ.train as tr
 
     calls = {"n": 0}
-    real = tr.forward_summed_loss
+    real = step_module.forward_summed_loss
 
     def counted(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tr, "forward_summed_loss", counted)
+    monkeypatch.setattr(step_module, "forward_summed_loss", counted)
     runs = []
     for i, (m, g, how) in enumerate(((1, 4, {"auto_micro_batch": False}), (mbs, ga, execution))):
         # A large init scale and lr make each step move the loss by far more than the tolerance.
@@ -261,11 +269,11 @@ def test_train_eval_train_gradients_stay_exact_in_4bit(tmp_path, arch):
     model = build_model(cfg, accelerator.device, torch.float32)
     batch = [collate(ex, tok.pad_token_id)]
     model.train()
-    accumulate_gradients(model, batch, accelerator)
+    accumulate(model, batch, accelerator)
     before = lora_grads(model)
     model.zero_grad(set_to_none=True)
     evaluate_loss(model, ex, 2, tok.pad_token_id, accelerator)
-    accumulate_gradients(model, batch, accelerator)
+    accumulate(model, batch, accelerator)
     after = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is not None for g in after.values())
     for name in before:
@@ -284,6 +292,9 @@ def test_run_writes_adapter_config_metrics_and_tensorboard(tmp_path):
     assert (metrics["steps"], metrics["trainable_params"]) == (3, 4096)  # 2 layers x 4 modules x r4 x (64+64)
     assert metrics["data"]["train"] == {"read": 12, "used": 12, "skipped": 0, "skipped_by_reason": {},
                                         "first_skipped": [], "duplicate_ids": 0}
+    # 3 steps of 4 rows: each of the 12 rows once, every non-pad token counted.
+    _, examples = examples_for(cfg, 12)
+    assert metrics["tokens_seen"] == sum(len(e.input_ids) for e in examples)
     assert [e["step"] for e in metrics["eval_history"]] == [0, 3]
     assert math.isclose(metrics["final_val_perplexity"], math.exp(metrics["final_val_loss"]), rel_tol=1e-9)
     # One TensorBoard run per training run: the curves and the hyperparameters in one event file, the
@@ -373,13 +384,14 @@ import os, signal, sys
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 os.environ["SUMM_CACHE"] = {cache!r}
 import conftest, run, summ.train as tr
-real_queue, calls = tr.queue_gradients, []
+import summ.speed.step as step_module
+real_queue, calls = step_module.queue_gradients, []
 def queue_gradients(*args, **kwargs):
     calls.append(1)
     if len(calls) == 3:  # a scheduler's SIGTERM arrives during step 3's forward and backward
         os.kill(os.getpid(), signal.{signal})
     return real_queue(*args, **kwargs)
-tr.queue_gradients = queue_gradients
+step_module.queue_gradients = queue_gradients
 conftest.tiny_config({out!r}, **{sections!r}).save({config!r})
 sys.exit(run.main(["--config", {config!r}]))
 """
@@ -412,9 +424,7 @@ def test_a_stop_signal_checkpoints_the_step_and_the_resume_is_exact(tmp_path, na
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
-    import summ.train as tr
-
-    real = tr.forward_summed_loss
+    real = step_module.forward_summed_loss
     calls = {"n": 0}
 
     def poisoned_on(bad_calls):
@@ -425,23 +435,10 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         return loss
 
     # One bad micro-batch (on a CPU a step is one micro-batch): its step is skipped, counted, and the run goes on.
-    # The step was queued before its loss was read back, so it is undone: the adapter and optimizer
-    # state end as they do when the step is checked before it runs (StepUndo never ready).
-    monkeypatch.setattr(tr, "forward_summed_loss", poisoned_on({2}))
-    undone = []
-    monkeypatch.setattr(tr.StepUndo, "restore", lambda self, real=tr.StepUndo.restore: (undone.append(1), real(self)))
-    # bitsandbytes' optimizer: part of its state is a Python int
+    monkeypatch.setattr(step_module, "forward_summed_loss", poisoned_on({2}))
     bnb_8bit = {"save_every": 3, "optimizer": "adamw_8bit"}
     result = train(tiny_config(tmp_path / "one", eval={"at_end": False}, log={"log_every": 3}, train=bnb_8bit))
-    assert result.metrics["skipped_steps"] == 1 and result.steps == 3 and undone == [1]
-    calls["n"] = 0
-    with monkeypatch.context() as checked_first:
-        checked_first.setattr(tr.StepUndo, "ready", lambda self: False)
-        train(tiny_config(tmp_path / "checked", eval={"at_end": False}, log={"log_every": 3}, train=bnb_8bit))
-    assert undone == [1]
-    for name in ("adapter/adapter_model.safetensors", "optimizer.pt"):
-        undone_run, checked_run = (tmp_path / run / "checkpoints" / "step-0000003" / name for run in ("one", "checked"))
-        assert undone_run.read_bytes() == checked_run.read_bytes(), name
+    assert result.metrics["skipped_steps"] == 1 and result.steps == 3
     assert math.isnan(result.train_losses[1]) and all(math.isfinite(x) for x in result.train_losses[::2])
     lines = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     logged = {x["step"]: x for x in lines if "train/loss" in x}
@@ -452,7 +449,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     # Every step bad from step 2 on: stop at step 3, the second bad one in a row. A skipped step
     # applies no update, so the checkpoint written after step 2 still holds finite step-1 weights.
     calls["n"] = 0
-    monkeypatch.setattr(tr, "forward_summed_loss", poisoned_on(set(range(2, 100))))
+    monkeypatch.setattr(step_module, "forward_summed_loss", poisoned_on(set(range(2, 100))))
     cfg = tiny_config(tmp_path / "many", train={"epochs": 3, "save_every": 1, "max_consecutive_bad_steps": 2})
     with pytest.raises(TrainingDiverged, match=r"2 optimizer steps in a row .*\(step 3\).*step-0000002"):
         train(cfg)

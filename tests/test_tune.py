@@ -49,10 +49,9 @@ def test_shipped_searches_fit_their_configs(search, base):
      "'search.space.train.lrr': the value 1 gives an invalid config (unknown key 'train.lrr'; expected one of"),
     ({"train.max_steps": {"grid": [1, 2]}},
      "'search.space.train.max_steps': set by the search itself (max_steps, eval_every), not searchable"),
-    ({"model.compile_options": {"choice": [{}, {"fallback_randon": True}]}},
-     "'search.space.model.compile_options': the value {\"fallback_randon\": true} gives an invalid config "
-     "('model.compile_options' must be empty when model.compile_layers is false (they apply to compiled layers), "
-     "got {'fallback_randon': True})"),
+    ({"model.checkpointed_layers": {"choice": [None, -1]}},
+     "'search.space.model.checkpointed_layers': the value -1 gives an invalid config "
+     "('model.checkpointed_layers' must be >= 0 or null (all layers), got -1)"),
 ])
 def test_a_bad_search_space_fails_before_ray_starts(tmp_path, space, message):
     import ray

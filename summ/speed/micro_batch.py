@@ -19,13 +19,12 @@ import torch
 from summ.config import RunConfig
 from summ.data import padded_length
 from summ.loss import forward_summed_loss
-from summ.model import decoder_layers, limit_checkpointing
+from summ.speed.layers import decoder_layers, limit_checkpointing
 
 log = logging.getLogger(__name__)
 
 # Held during the probe so that the budget it finds leaves room for what training adds later: the
-# optimizer state (created at the first step), StepUndo's copies of the adapter and that state (about
-# 63 MB for Phi-2's LoRA) and allocator fragmentation across shapes.
+# optimizer state (created at the first step) and allocator fragmentation across shapes.
 PROBE_HEADROOM_BYTES = 512 * 2**20
 
 
