@@ -20,7 +20,7 @@ from summ.rouge import rouge_cell
 from summ.runs import ReportError, read_input
 from tests.conftest import FIXTURES
 
-SMOL = Path(__file__).parent.parent / "benchmarks" / "measured" / "2026-12-02-h200" / "smol"
+SMOL = FIXTURES / "smol_run"  # a real SmolLM2 run (one H200), its predictions cut to the first 6 rows
 HEADER = ("| run | role | train.lr | train loss | val loss | perplexity | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum "
           "| eval rows | stopped by itself | repeats a trigram | train time | tokens/s | peak GPU GiB |")
 CSV_HEADER = ["name", "role", "kind", "folder", "train.lr", "train_loss", "val_loss", "perplexity",
