@@ -83,7 +83,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     rp = sub.add_parser("report", help="compare runs and searches: tables, plots, published results, LEAD")
     rp.add_argument("paths", nargs="+", help="run folders and search folders")
     rp.add_argument("--out", required=True, help="folder for report.md, results.csv and the plots")
-    rp.add_argument("--baseline", help="the run to show as the baseline")
+    rp.add_argument("--baseline", help="the row to show as the baseline: a run folder, its zero_shot/ or lead/ "
+                                       "folder, or a row name (default: a zero-shot or LEAD row scored on the "
+                                       "best run's rows)")
     rp.add_argument("--best", help="the run to show as the best")
 
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
@@ -205,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             from summ.compare import write_comparison
 
-            write_comparison(args.paths, args.out, baseline=args.baseline, best=args.best)
+            written = write_comparison(args.paths, args.out, baseline=args.baseline, best=args.best)
+            if written["baseline_note"]:
+                print(f"warning: {written['baseline_note']}", file=sys.stderr)
             print(f"report: {Path(args.out) / 'report.md'}")
         elif args.command == "eval" and args.baseline:
             from summ.lead import evaluate_lead

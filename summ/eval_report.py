@@ -85,7 +85,7 @@ def write_report(path: Path, metrics: dict, rows: list[dict], generations: list[
         "",
         f"- ended with EOS: {stops['eos']} ({stops['eos'] / n:.1%})",
         f"- ended at a stop string {g['stop_strings']}: {stops['stop_string']} ({stops['stop_string'] / n:.1%})",
-        f"- of those, stopped by itself after some text: "
+        "- of those, stopped by itself after some text: "
         + (f"{stopped} ({stopped / n:.1%}); empty: {stops['eos'] + stops['stop_string'] - stopped}"
            if stopped is not None else "n/a"),
         f"- **hit max_new_tokens={g['max_new_tokens']} without stopping: {stops['max_new_tokens']} "
