@@ -185,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--resume-changed: only applies with --resume")
             result = train(config, resume=args.resume, accept_changes=args.resume_changed)
             say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # once per launch
-            say(f"trained: {result.steps} steps, final val loss {result.metrics['final_val_loss']}, "
-                f"outputs in {result.run_dir}")
+            val, rows = result.metrics["final_val_loss"], result.metrics["data"]["eval"]["used"]
+            # To the digits training prints at each validation, naming the step and rows it is of.
+            last = (f"last val loss {val:.4f} (step {result.eval_history[-1]['step']}, {rows} "
+                    f"{config.data.eval_split} rows)") if val is not None else "no validation"
+            say(f"trained: {result.steps} steps, {last}, outputs in {result.run_dir}")
             if config.eval.generate:
                 from summ.evaluate import evaluate_run
 
