@@ -33,7 +33,7 @@ SEARCH_DIR ?= runs/search-demo
 search-demo: install
 	rm -rf $(SEARCH_DIR)
 	$(BIN)/python run.py tune --config configs/demo.json --search configs/search_demo.json --set log.output_dir=$(SEARCH_DIR)
-	BEST=$$($(BIN)/python -c "import json; print(json.load(open('$(SEARCH_DIR)/search.json'))['best_trial'])") && \
+	BEST=$$($(BIN)/python -c "import json, os; print(os.path.join('$(SEARCH_DIR)', json.load(open('$(SEARCH_DIR)/search.json'))['best_trial']))") && \
 	$(BIN)/python run.py eval --run $$BEST --zero-shot --set eval.generate_rows=16 --set data.max_eval_rows=16 && \
 	$(BIN)/python run.py eval --run $$BEST --baseline lead --set eval.generate_rows=16 --set data.max_eval_rows=16
 	$(BIN)/python run.py report $(SEARCH_DIR) --out $(SEARCH_DIR)/report

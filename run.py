@@ -83,7 +83,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     rp = sub.add_parser("report", help="compare runs and searches: tables, plots, published results, LEAD")
     rp.add_argument("paths", nargs="+", help="run folders and search folders")
     rp.add_argument("--out", required=True, help="folder for report.md, results.csv and the plots")
-    rp.add_argument("--baseline", help="the run to show as the baseline")
+    rp.add_argument("--baseline", help="the row to show as the baseline: a run folder, its zero_shot/ or lead/ "
+                                       "folder, or a row name (default: a zero-shot or LEAD row scored on the "
+                                       "best run's rows)")
     rp.add_argument("--best", help="the run to show as the best")
 
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
@@ -184,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--resume-changed: only applies with --resume")
             result = train(config, resume=args.resume, accept_changes=args.resume_changed)
             say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # once per launch
-            say(f"trained: {result.steps} steps, final val loss {result.metrics['final_val_loss']}, "
-                f"outputs in {result.run_dir}")
+            val, rows = result.metrics["final_val_loss"], result.metrics["data"]["eval"]["used"]
+            # To the digits training prints at each validation, naming the step and rows it is of.
+            last = (f"last val loss {val:.4f} (step {result.eval_history[-1]['step']}, {rows} "
+                    f"{config.data.eval_split} rows)") if val is not None else "no validation"
+            say(f"trained: {result.steps} steps, {last}, outputs in {result.run_dir}")
             if config.eval.generate:
                 from summ.evaluate import evaluate_run
 
@@ -206,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             from summ.compare import write_comparison
 
-            write_comparison(args.paths, args.out, baseline=args.baseline, best=args.best)
+            written = write_comparison(args.paths, args.out, baseline=args.baseline, best=args.best)
+            if written["baseline_note"]:
+                print(f"warning: {written['baseline_note']}", file=sys.stderr)
             print(f"report: {Path(args.out) / 'report.md'}")
         elif args.command == "eval" and args.baseline:
             from summ.lead import evaluate_lead

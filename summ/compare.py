@@ -35,7 +35,7 @@ def write_comparison(paths: list[str | Path], out_dir: str | Path, *, baseline: 
     if not entries:
         raise ReportError(f"nothing to compare: no run in {[str(p) for p, _ in inputs]} has training or "
                           f"evaluation results")
-    base_entry, best_entry = assign_roles(entries, baseline, best)
+    base_entry, best_entry, baseline_note = assign_roles(entries, baseline, best)
     if out_dir.exists() and not out_dir.is_dir():
         raise ReportError(f"{out_dir}: exists and is not a folder; --out needs a folder")
     if importlib.util.find_spec("matplotlib") is None:
@@ -46,10 +46,10 @@ def write_comparison(paths: list[str | Path], out_dir: str | Path, *, baseline: 
                                                        if searches else [])
     # Everything read (articles included) before the first write.
     lines = report_lines(entries, hyperparameters, [str(p) for p, _ in inputs], searches, runs, base_entry,
-                         best_entry, figure_names)
+                         best_entry, figure_names, out_dir, baseline_note)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = csv_rows(entries, hyperparameters)
+    rows = csv_rows(entries, hyperparameters, out_dir)
     write_atomic(out_dir / "results.csv", csv_text(rows, hyperparameters))
     write_atomic(out_dir / "report.md", "\n".join(lines).rstrip("\n") + "\n")
     figures = {"rouge.png": plot_rouge(entries, families, out_dir / "rouge.png"),
@@ -59,4 +59,4 @@ def write_comparison(paths: list[str | Path], out_dir: str | Path, *, baseline: 
         figures["search_objective.png"] = plot_search_objective(searches, out_dir / "search_objective.png")
     return {"out_dir": str(out_dir), "files": ["report.md", "results.csv", *figures], "figures": figures,
             "rows": rows, "baseline": base_entry.name if base_entry else None,
-            "best": best_entry.name if best_entry else None}
+            "best": best_entry.name if best_entry else None, "baseline_note": baseline_note}

@@ -16,7 +16,7 @@ from summ.runs import Search, as_number
 DPI = 100
 LOSS_FIGSIZE = (10.0, 5.5)
 ROUGE_FIGSIZE = (11.0, 5.5)
-OBJECTIVE_PANEL = (4.5, 3.5)
+OBJECTIVE_PANEL = (5.0, 4.0)
 
 
 def _pyplot():
@@ -124,29 +124,78 @@ def _log_scale(key: str, values: list[float]) -> bool:
         key.split(".")[-1].endswith("lr") or max(positive) / min(positive) > 10)
 
 
+def _categories(search: Search, key: str) -> list[str] | None:
+    """The labels of a key searched over listed values ("choice", "grid"), in the order listed, then any
+    other value a trial holds; None for a range ("uniform", "loguniform") whose values are all numbers.
+    A choice of [1, 2] is two categories, not an axis from 1 to 2 with nothing between."""
+    spec = search.space.get(key)
+    form, listed = next(iter(spec.items())) if isinstance(spec, dict) and len(spec) == 1 else (None, None)
+    values = [t.get(key, "") for t in search.trials]
+    if form in ("loguniform", "uniform") and all(as_number(v) is not None for v in values):
+        return None
+    if form is None and values and all(as_number(v) is not None for v in values):
+        return None
+    labels = [_category(v) for v in (listed if isinstance(listed, list) else [])]
+    return list(dict.fromkeys(labels + [_category(v) for v in values]))
+
+
+def _category(value) -> str:
+    """A listed value and the same value read back from trials.csv as one label (2, "2", 2.0 -> "2")."""
+    number = as_number(value)
+    if number is not None and not isinstance(value, bool):
+        return f"{number:g}"
+    return str(value)
+
+
 def _objective_panel(ax, search: Search, key: str) -> None:
-    """One searched key: the objective of each scored trial against its value, the best one ringed."""
-    scored = [t for t in search.trials if search.objective(t) is not None]
-    numbers = [as_number(t.get(key)) for t in scored]
-    if scored and all(v is not None for v in numbers):
-        xs = numbers
-        if _log_scale(key, xs):
+    """One searched key: every trial at its value. Trials that ran their budget are filled dots, stopped
+    ones hollow; a trial without the objective (stopped before ROUGE, or failed) is an x below the
+    others; the best one is ringed. A range is shown whole, so the samples read against it."""
+    from matplotlib.ticker import MaxNLocator
+
+    categories = _categories(search, key)
+    if categories is None:
+        xs = [as_number(t.get(key)) for t in search.trials]
+        form, bounds = next(iter(search.space.get(key, {"": None}).items()))
+        if _log_scale(key, xs + (bounds if form == "loguniform" else [])):
             ax.set_xscale("log")
-    else:  # categorical values: one position per distinct value, in order of appearance
-        labels = list(dict.fromkeys(t.get(key, "") for t in scored))
-        xs = [labels.index(t.get(key, "")) for t in scored]
-        ax.set_xticks(range(len(labels)), labels)
-    ys = [search.objective(t) for t in scored]
-    ax.scatter(xs, ys, color="tab:blue")
-    for x, y, t in zip(xs, ys, scored):
-        if t["trial_id"] == search.best_trial:
-            ax.scatter([x], [y], s=160, facecolors="none", edgecolors="tab:red", linewidths=2, label="best")
-            ax.legend(fontsize="small")
-    ax.set_xlabel(key)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        if form in ("loguniform", "uniform") and isinstance(bounds, list) and len(bounds) == 2:
+            low, high = min(bounds + xs), max(bounds + xs)
+            pad = (high / low) ** 0.04 if form == "loguniform" else (high - low) * 0.04
+            ax.set_xlim(*((low / pad, high * pad) if form == "loguniform" else (low - pad, high + pad)))
+        ax.tick_params(axis="x", labelrotation=30)
+    else:
+        xs = [categories.index(_category(t.get(key, ""))) for t in search.trials]
+        ax.set_xticks(range(len(categories)), categories)
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+    scores = [search.objective(t) for t in search.trials]
+    known = [y for y in scores if y is not None]
+    low, high = (min(known), max(known)) if known else (0.0, 0.0)
+    missing_y = low - 0.15 * ((high - low) or abs(low) * 0.05 or 1.0)
+    drawn = set()
+
+    def mark(x, y, label, **style):
+        ax.scatter([x], [y], label=None if label in drawn else label, zorder=3, **style)
+        drawn.add(label)
+
+    for x, y, t in zip(xs, scores, search.trials):
+        if y is None:
+            mark(x, missing_y, f"no {search.column} ({t['status']})", marker="x", color="tab:gray")
+        elif t["status"] == "completed":
+            mark(x, y, "ran its budget", color="tab:blue")
+        else:
+            mark(x, y, t["status"], facecolors="none", edgecolors="tab:orange", linewidths=1.5)
+        if t["trial_id"] == search.best_trial and y is not None:
+            mark(x, y, "best", s=160, facecolors="none", edgecolors="tab:red", linewidths=2)
+    if None in scores and known:  # the x marks sit below this line: their height is no score
+        ax.axhline((missing_y + low) / 2, color="tab:gray", linestyle=":", linewidth=1)
+    ax.set_xlabel(key + (" (listed values)" if categories is not None else ""))
     ax.set_ylabel(f"{search.column} ({search.mode})")
-    ax.set_title(search.path.name, fontsize="medium")
-    if not scored:
-        ax.text(0.5, 0.5, "no trial has an objective", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"{search.path.name}: {len(search.trials)} trials", fontsize="medium")
+    if not search.trials:
+        ax.text(0.5, 0.5, "no trials", ha="center", va="center", transform=ax.transAxes)
 
 
 def plot_search_objective(searches: list[Search], path: Path) -> list[int]:
@@ -161,4 +210,12 @@ def plot_search_objective(searches: list[Search], path: Path) -> list[int]:
                 _objective_panel(axes[row][col], search, search.keys[col])
             else:
                 axes[row][col].axis("off")
+    # One legend below the panels (every panel marks the same trials), clear of the points.
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=min(len(legend), 4),
+                   fontsize="small")
     return _save(fig, path)

@@ -5,7 +5,7 @@ error analysis and each search's trials, as markdown lines.
 from __future__ import annotations
 
 from summ.comparison_rows import Entry
-from summ.comparison_table import escape, markdown_table
+from summ.comparison_table import escape, markdown_table, relative_to
 from summ.errors import excerpt
 from summ.eval_report import error_summary_lines
 from summ.files import json_records
@@ -103,24 +103,26 @@ def _sample_lines(baseline: Entry | None, best: Entry | None) -> list[str]:
     return lines + [""]
 
 
-def _errors_lines(best: Entry | None) -> list[str]:
+def _errors_lines(best: Entry | None, out_dir) -> list[str]:
     lines = ["## Error analysis of the best run", ""]
     errors = (best.metrics or {}).get("errors") if best is not None else None
     if not errors or not errors.get("n"):
         return lines + [f"No error analysis: {best.name if best else 'no best run'} has no \"errors\" in its "
                         f"eval_metrics.json.", ""]
-    return lines + [f"{best.name}, {errors['n']} examples ({best.eval_dir / 'errors.jsonl'} per example).", "",
+    return lines + [f"{best.name}, {errors['n']} examples ({relative_to(best.eval_dir / 'errors.jsonl', out_dir)} "
+                    f"per example).", "",
                     *error_summary_lines(errors)]
 
 
-def _search_lines(search: Search) -> list[str]:
+def _search_lines(search: Search, out_dir) -> list[str]:
     shown = [c for c in ("steps", "best_val_loss", "last_val_loss", "rougeLsum", "wall_s", "peak_gib")
              if c in (search.trials[0] if search.trials else {})]
     headers = ["trial", "status", *search.keys, *shown, "row above", "best"]
     lines = [f"## Search `{search.path.name}`", "",
              f"{len(search.trials)} trials; objective {search.metric} ({search.mode}imize, column "
              f"`{search.column}`); best trial: {search.best_trial if search.best_trial is not None else 'none'}"
-             + (f" (its config: {search.path / 'best.json'})" if (search.path / "best.json").is_file() else "")
+             + (f" (its config: {relative_to(search.path / 'best.json', out_dir)})"
+                if (search.path / "best.json").is_file() else "")
              + ".", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for t in search.trials:
@@ -134,12 +136,27 @@ def _search_lines(search: Search) -> list[str]:
     return lines + [""]
 
 
+def _train_loss_text(entries: list[Entry]) -> str:
+    """What the train loss column is the mean of, in steps (each run's log.log_every, capped by its steps)."""
+    steps = sorted({e.values["train_loss_steps"] for e in entries
+                    if e.kind == "run" and e.values.get("train_loss_steps") is not None})
+    if not steps:
+        return "train loss: none logged"
+    span = (f"{steps[0]} optimizer step" + ("s" if steps[0] > 1 else "")) if len(steps) == 1 else \
+        f"{'/'.join(map(str, steps))} optimizer steps by run (results.csv `train_loss_steps`)"
+    return (f"train loss (last log window): the mean loss of the last {span}, as log.jsonl's last `train/loss` "
+            f"(metrics.json's `last_step_train_loss` is the last step alone)")
+
+
 def report_lines(entries: list[Entry], hyperparameters: list[str], inputs: list[str], searches: list[Search],
-                 runs: list[RunFolder], baseline: Entry | None, best: Entry | None, figures: list[str]) -> list[str]:
+                 runs: list[RunFolder], baseline: Entry | None, best: Entry | None, figures: list[str],
+                 out_dir, baseline_note: str = "") -> list[str]:
     """report.md, line by line. Reads the sample's article (the run's data) when predictions.jsonl
-    lacks it, so it runs before anything is written."""
-    lines = ["# Comparison", "", "Inputs: " + ", ".join(f"`{p}`" for p in inputs) + ".", "",
+    lacks it, so it runs before anything is written. Paths are written relative to `out_dir`."""
+    lines = ["# Comparison", "", "Inputs: " + ", ".join(f"`{relative_to(p, out_dir)}`" for p in inputs) + ".", "",
              f"Baseline: {baseline.name if baseline else 'none'}; best: {best.name if best else 'none'}.", ""]
+    if baseline_note:
+        lines += [baseline_note, ""]
     if hyperparameters:
         lines += ["Config keys shown: those that differ between the runs (`log.*` left out).", ""]
     elif len(runs) > 1:
@@ -147,10 +164,13 @@ def report_lines(entries: list[Entry], hyperparameters: list[str], inputs: list[
     lines += markdown_table(entries, hyperparameters)
     lines += [
         "",
-        "ROUGE F1 mean [95% bootstrap interval] on the eval rows; val loss and perplexity on the summary + EOS "
-        "tokens; train loss: the last logged value; train time and tokens/s: the training steps as log.jsonl "
-        "timed them (evaluation excluded); peak GPU memory allocated while training. –: does not apply to the "
-        "row; n/a: not recorded.",
+        "ROUGE F1 mean [95% bootstrap interval] on the eval rows; val loss: mean per summary + EOS token over "
+        "the val loss rows (of split), from the row's evaluation (eval_metrics.json), else training's last "
+        "validation (metrics.json / log.jsonl), the same figure for an adapter of the last step; perplexity: "
+        f"exp(val loss); {_train_loss_text(entries)}; stopped by itself: EOS or a stop string after some text "
+        "(an empty summary does not count); train time and tokens/s: the training steps as log.jsonl timed them "
+        "(evaluation excluded); peak GPU memory allocated while training. –: does not apply to the row; n/a: "
+        "not recorded.",
         "",
     ]
     rows_used = {(e.values["eval_rows"], (e.metrics or {}).get("split")) for e in entries if e.metrics}
@@ -159,8 +179,8 @@ def report_lines(entries: list[Entry], hyperparameters: list[str], inputs: list[
                   "is not directly comparable.", ""]
     lines += _published_lines(*published_families(runs))
     lines += _sample_lines(baseline, best)
-    lines += _errors_lines(best)
+    lines += _errors_lines(best, out_dir)
     for search in searches:
-        lines += _search_lines(search)
+        lines += _search_lines(search, out_dir)
     lines += ["## Plots", ""] + [f"- `{name}`" for name in figures] + [""]
     return lines

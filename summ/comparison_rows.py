@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from summ.config import flat_config
+from summ.errors import stopped_by_itself_count
+from summ.files import json_records
 from summ.rouge import ROUGE_KEYS
 from summ.runs import EVAL_SUBDIRS, ReportError, RunFolder, as_number
 
@@ -39,6 +41,38 @@ class Entry:
     @property
     def label(self) -> str:
         return f"{self.name} ({self.role})" if self.role else self.name
+
+    def predictions(self) -> list[dict] | None:
+        """predictions.jsonl's records, None where there is none."""
+        path = self.eval_dir / "predictions.jsonl"
+        return list(json_records(path)) if path.is_file() else None
+
+    def scored_rows(self) -> tuple | None:
+        """What the row's ROUGE was measured on: (split, generated rows, loss rows, the ids of
+        predictions.jsonl); None without an evaluation. Loss rows and ids are None where not recorded."""
+        m = self.metrics
+        if m is None:
+            return None
+        predictions = self.predictions()
+        ids = tuple(str(p.get("id")) for p in predictions) if predictions is not None else None
+        return m.get("split"), m.get("generated_rows"), m.get("loss_rows"), ids
+
+    def rows_text(self) -> str:
+        m = self.metrics or {}
+        loss = m.get("loss_rows")
+        return f"{m.get('generated_rows', '?')} {m.get('split', '?')} rows" + (
+            f", loss on {loss}" if loss is not None and loss != m.get("generated_rows") else "")
+
+
+def same_rows(a: Entry, b: Entry) -> bool:
+    """Whether two rows were scored on the same articles: the same split and row counts, and the same
+    ids where both kept predictions.jsonl. (LEAD computes no loss: its loss rows are not compared.)"""
+    ra, rb = a.scored_rows(), b.scored_rows()
+    if ra is None or rb is None or ra[:2] != rb[:2]:
+        return False
+    if None not in (ra[2], rb[2]) and ra[2] != rb[2]:
+        return False
+    return None in (ra[3], rb[3]) or ra[3] == rb[3]
 
 
 def config_text(config: dict) -> dict[str, str]:
@@ -75,8 +109,11 @@ def _values(entry: Entry) -> dict:
     """The table's numbers for one row; None where the run did not record them."""
     m, run = entry.metrics or {}, entry.run
     train = run.train or {}
-    values = {"eval_rows": m.get("generated_rows"), "stopped_by_itself_share": m.get("stopped_by_itself_share"),
-              "repeats_trigram_share": m.get("errors", {}).get("repeats_trigram_share")}
+    stopped = stopped_by_itself_count(m, entry.predictions()) if entry.kind != "lead" and m else None
+    values = {"eval_rows": m.get("generated_rows"),
+              "stopped_by_itself_share": stopped / max(m["generated_rows"], 1) if stopped is not None else None,
+              "repeats_trigram_share": m.get("errors", {}).get("repeats_trigram_share"),
+              "loss_rows": None}
     for key in ROUGE_KEYS:
         values[key] = m["rouge"][key] if "rouge" in m else None
     if entry.kind == "run":
@@ -85,16 +122,41 @@ def _values(entry: Entry) -> dict:
         # A trial the scheduler stopped has no metrics.json: its last logged validation is its loss.
         validated = [r for r in run.log if as_number(r.get("val/loss")) is not None]
         last = validated[-1] if validated else {}
-        values["val_loss"] = m.get("val_loss", train.get("final_val_loss", last.get("val/loss")))
-        values["perplexity"] = m.get("val_perplexity", train.get("final_val_perplexity", last.get("val/perplexity")))
-        logged = [r["train/loss"] for r in run.log if as_number(r.get("train/loss")) is not None]
-        # The last logged value is a mean over log.log_every steps, steadier than the last step alone.
-        values["train_loss"] = logged[-1] if logged else train.get("final_train_loss")
+        if "val_loss" in m:
+            values["val_loss"], values["perplexity"] = m["val_loss"], m.get("val_perplexity")
+            values["loss_rows"] = _loss_rows(m.get("loss_rows"), m.get("split"))
+        else:
+            values["val_loss"] = train.get("final_val_loss", last.get("val/loss"))
+            values["perplexity"] = train.get("final_val_perplexity", last.get("val/perplexity"))
+            used = (train.get("data", {}).get("eval") or {}).get("used", train.get("eval_rows"))
+            data = run.config.get("data") if isinstance(run.config.get("data"), dict) else {}
+            split = data.get("eval_split")
+            values["loss_rows"] = _loss_rows(used, split) if values["val_loss"] is not None else None
+        values["train_loss"], values["train_loss_steps"] = _train_loss(run, train)
         values["train_seconds"], values["tokens_per_s"] = _log_totals(run.log)
         values["peak_gib"] = train.get("memory/peak_allocated_gib")
     elif entry.kind == "zero-shot":
         values["val_loss"], values["perplexity"] = m.get("val_loss"), m.get("val_perplexity")
+        values["loss_rows"] = _loss_rows(m.get("loss_rows"), m.get("split"))
     return values
+
+
+def _loss_rows(rows, split) -> str | None:
+    return f"{rows} {split}" if rows is not None and split else None
+
+
+def _train_loss(run: RunFolder, train: dict) -> tuple[float | None, int | None]:
+    """The last logged training loss and how many optimizer steps it is the mean of: log.jsonl's last
+    `train/loss`, the mean over the last log.log_every steps (steadier than one step alone). Without a
+    log, metrics.json's loss of the last step (`last_step_train_loss`; `final_train_loss` before)."""
+    logged = [r for r in run.log if as_number(r.get("train/loss")) is not None]
+    if logged:
+        log_config = run.config.get("log") if isinstance(run.config.get("log"), dict) else {}
+        every = log_config.get("log_every")
+        steps = min(every, logged[-1]["step"]) if isinstance(every, int) and every > 0 else None
+        return logged[-1]["train/loss"], steps
+    last = train.get("last_step_train_loss", train.get("final_train_loss"))
+    return last, 1 if last is not None else None
 
 
 def _lead_k(metrics: dict) -> int | str:
@@ -169,23 +231,39 @@ def _pick(entries: list[Entry], spec: str | Path, option: str) -> Entry:
                       f"zero_shot/ or lead/ folder, or one of {[e.name for e in entries]}")
 
 
-def assign_roles(entries: list[Entry], baseline=None, best=None) -> tuple[Entry | None, Entry | None]:
-    """The baseline (default: the zero-shot row of the best run, else of the first run, else of any
-    run, then the same for LEAD rows) and the best row (default: the fine-tuned row with the lowest
-    validation loss)."""
+def assign_roles(entries: list[Entry], baseline=None, best=None) -> tuple[Entry | None, Entry | None, str]:
+    """The baseline, the best row, and a sentence on how the baseline relates to the best.
+
+    Best (default): the fine-tuned row with the lowest validation loss. Baseline (default): a zero-shot
+    row scored on the same rows as the best (its own run's first), else a LEAD row on those rows; a
+    row scored on other rows is never taken silently: without one on the same rows there is no
+    baseline, and the sentence says why. A baseline the user names is kept, and the sentence says
+    when its rows differ from the best's."""
     best_entry = _pick(entries, best, "--best") if best is not None else min(
         (e for e in entries if e.kind == "run" and e.values["val_loss"] is not None),
         key=lambda e: e.values["val_loss"], default=None)
+    note = ""
     if baseline is not None:
         base_entry = _pick(entries, baseline, "--baseline")
+        if best_entry is not None and None not in (base_entry.metrics, best_entry.metrics) \
+                and not same_rows(base_entry, best_entry):
+            note = (f"{base_entry.name} ({base_entry.rows_text()}) and {best_entry.name} "
+                    f"({best_entry.rows_text()}) were not scored on the same rows: their ROUGE is not directly "
+                    f"comparable.")
+    elif best_entry is not None and best_entry.metrics is not None:
+        candidates = [e for kind in ("zero-shot", "lead") for own in (True, False) for e in entries
+                      if e.kind == kind and (e.run is best_entry.run) == own]
+        base_entry = next((e for e in candidates if same_rows(e, best_entry)), None)
+        if base_entry is None and candidates:
+            note = (f"No baseline: no zero-shot or LEAD row was scored on the rows of {best_entry.name} "
+                    f"({best_entry.rows_text()}; {', '.join(f'{e.name}: {e.rows_text()}' for e in candidates)}); "
+                    f"evaluate one on those rows or name one with --baseline.")
     else:
-        first = next((e.run for e in entries if e.kind == "run"), entries[0].run if entries else None)
-        preferred = [best_entry.run if best_entry is not None else None, first, None]
-        base_entry = next((e for kind in ("zero-shot", "lead") for run in preferred for e in entries
-                           if e.kind == kind and (run is None or e.run is run)), None)
+        # No evaluated best row to compare with: the first run's zero-shot row shows where the model started.
+        base_entry = next((e for kind in ("zero-shot", "lead") for e in entries if e.kind == kind), None)
     if base_entry is not None and base_entry is best_entry:
         raise ReportError(f"--baseline and --best both name {base_entry.name}; pick two different rows")
     for e, role in ((base_entry, "baseline"), (best_entry, "best")):
         if e is not None:
             e.role = role
-    return base_entry, best_entry
+    return base_entry, best_entry, note

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+from pathlib import Path
 
 from summ.comparison_rows import Entry, config_cell
 from summ.rouge import ROUGE_KEYS, ROUGE_NAMES, rouge_cell
 
 # (column, report.md header, kinds of row it applies to)
 METRIC_COLUMNS = (
-    ("train_loss", "train loss", ("run",)),
+    ("train_loss", "train loss (last log window)", ("run",)),
     ("val_loss", "val loss", ("run", "zero-shot")),
     ("perplexity", "perplexity", ("run", "zero-shot")),
+    ("loss_rows", "val loss rows", ("run", "zero-shot")),
     *((key, ROUGE_NAMES[key], ("run", "zero-shot", "lead")) for key in ROUGE_KEYS),
     ("eval_rows", "eval rows", ("run", "zero-shot", "lead")),
     ("stopped_by_itself_share", "stopped by itself", ("run", "zero-shot")),
@@ -24,7 +27,7 @@ METRIC_COLUMNS = (
     ("tokens_per_s", "tokens/s", ("run",)),
     ("peak_gib", "peak GPU GiB", ("run",)),
 )
-_FORMATS = {"train_loss": "{:.4f}", "val_loss": "{:.4f}", "perplexity": "{:.2f}", "eval_rows": "{}",
+_FORMATS = {"train_loss": "{:.4f}", "val_loss": "{:.4f}", "perplexity": "{:.2f}", "loss_rows": "{}", "eval_rows": "{}",
             "stopped_by_itself_share": "{:.1%}", "repeats_trigram_share": "{:.1%}", "tokens_per_s": "{:,.0f}",
             "peak_gib": "{:.2f}"}
 
@@ -76,18 +79,26 @@ def markdown_table(entries: list[Entry], hyperparameters: list[str]) -> list[str
     return lines
 
 
+def relative_to(path: str | Path, folder: str | Path) -> str:
+    """`path` as the report's files write it: relative to the report folder, so a report moved together
+    with the runs it compares (a search folder holding its report/) still points at them."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(folder).resolve())).as_posix()
+
+
 def csv_columns(hyperparameters: list[str]) -> list[str]:
     columns = ["name", "role", "kind", "folder", *hyperparameters]
     for column, _, _ in METRIC_COLUMNS:
         columns += [column, f"{column}_low", f"{column}_high"] if column in ROUGE_KEYS else [column]
+        if column == "train_loss":
+            columns.append("train_loss_steps")
     return columns
 
 
-def csv_rows(entries: list[Entry], hyperparameters: list[str]) -> list[dict]:
+def csv_rows(entries: list[Entry], hyperparameters: list[str], out_dir: str | Path) -> list[dict]:
     rows = []
     for e in entries:
         row = {"name": e.name, "role": e.role, "kind": e.kind,
-               "folder": str(e.run.path if e.kind == "run" else e.eval_dir)}
+               "folder": relative_to(e.run.path if e.kind == "run" else e.eval_dir, out_dir)}
         for key in hyperparameters:
             value = config_cell(e, key)
             row[key] = "" if value in (None, "n/a") else value
@@ -98,6 +109,8 @@ def csv_rows(entries: list[Entry], hyperparameters: list[str]) -> list[dict]:
                     row[column + suffix] = "" if value is None else value[part]
             else:
                 row[column] = "" if value is None else value
+        steps = e.values.get("train_loss_steps") if e.kind == "run" else None
+        row["train_loss_steps"] = "" if steps is None else steps
         rows.append(row)
     return rows
 

@@ -271,6 +271,11 @@ RETIRED_KEYS = {
 
 # A config file may carry a "search" section for `run.py tune`; it is not part of a run's config.
 SEARCH_SECTION = "search"
+# A config file with this top-level key true (a search's best.json) holds paths relative to its own
+# folder: log.output_dir always, and model / data paths that start with "./" or "../". Without it,
+# relative paths are relative to the working directory, as the recipes in configs/ expect.
+PATHS_RELATIVE_TO_FILE = "paths_relative_to_file"
+_PATH_KEYS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "dataset"), ("log", "output_dir"))
 
 _SECTION_CLASSES = {
     "model": ModelConfig, "quant": QuantConfig, "lora": LoraConfig, "data": DataConfig,
@@ -306,7 +311,24 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{source}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object with sections {sorted(_SECTION_CLASSES)}")
+    relative = raw.pop(PATHS_RELATIVE_TO_FILE, False)
+    if not isinstance(relative, bool):
+        raise ConfigError(f"{source}: '{PATHS_RELATIVE_TO_FILE}' must be true/false, got {relative!r}")
+    if relative:
+        raw = _paths_from(raw, path.resolve().parent)
     return config_from_dict(raw, source, overrides)
+
+
+def _paths_from(raw: dict, folder: Path) -> dict:
+    """The config's relative paths resolved against `folder` (see PATHS_RELATIVE_TO_FILE)."""
+    for section, key in _PATH_KEYS:
+        values = raw.get(section)
+        value = values.get(key) if isinstance(values, dict) else None
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        if key == "output_dir" or value.startswith(("./", "../")):
+            values[key] = str((folder / value).resolve())
+    return raw
 
 
 def config_from_dict(raw: dict, source: str = "<dict>", overrides=()) -> RunConfig:

@@ -236,6 +236,31 @@ def analyze_example(article: str, reference: str, prediction: str, *, stop_reaso
     }
 
 
+def stopped_by_itself(stop_reason: str, prediction: str) -> bool:
+    """The model ended its summary itself: EOS or a stop string, after some text. A stop string as
+    the first thing it writes (a zero-shot model opening with "###") is an empty summary, not a stop."""
+    return stop_reason in ("eos", "stop_string") and bool(prediction.strip())
+
+
+def stopped_by_itself_count(metrics: dict, predictions: list[dict] | None = None) -> int | None:
+    """How many of an evaluation's summaries stopped by themselves (`stopped_by_itself`), from its
+    eval_metrics.json, or from its predictions.jsonl records when they cover every generated row.
+    An older eval_metrics.json counted every EOS or stop string, empty summaries included; from its stop
+    reasons and empty count the figure is exact only when no summary was empty or none ran to
+    max_new_tokens, else None (unknown)."""
+    if isinstance(metrics.get("stopped_by_itself"), int):
+        return metrics["stopped_by_itself"]
+    n = metrics.get("generated_rows")
+    if predictions is not None and len(predictions) == n:
+        return sum(stopped_by_itself(p.get("stop_reason", ""), p.get("prediction", "")) for p in predictions)
+    stops, empty = metrics.get("stop_reasons"), metrics.get("errors", {}).get("empty")
+    if not isinstance(stops, dict) or not isinstance(empty, int):
+        return None
+    if empty == 0 or stops.get("max_new_tokens") == 0:
+        return stops.get("eos", 0) + stops.get("stop_string", 0) - empty
+    return None
+
+
 def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else 0.0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from summ.errors import LENGTH_BUCKETS, excerpt, worst_examples
+from summ.errors import LENGTH_BUCKETS, excerpt, stopped_by_itself_count, worst_examples
 from summ.files import write_atomic
 from summ.rouge import ROUGE_KEYS, ROUGE_LONG_NAMES, rouge_cell
 
@@ -34,6 +34,11 @@ def error_summary_lines(e: dict) -> list[str]:
     ]
 
 
+def _stopped_share(metrics: dict) -> str:
+    count = stopped_by_itself_count(metrics)
+    return "n/a" if count is None else f"{count / max(metrics['generated_rows'], 1):.1%}"
+
+
 def write_report(path: Path, metrics: dict, rows: list[dict], generations: list[dict], scores: list[dict],
                  analyses: list[dict], other: dict | None = None, worst_k: int = 5) -> None:
     m = metrics
@@ -46,8 +51,9 @@ def write_report(path: Path, metrics: dict, rows: list[dict], generations: list[
         "",
         "| metric | value |",
         "|---|---|",
-        f"| validation loss (summary + EOS tokens) | {m['val_loss']:.4f} |",
-        f"| perplexity | {m['val_perplexity']:.2f} |",
+        f"| validation loss (mean per summary + EOS token, {m['loss_rows']} `{m['split']}` rows) | "
+        f"{m['val_loss']:.4f} |",
+        f"| perplexity (of that loss) | {m['val_perplexity']:.2f} |",
     ]
     lines += [f"| {ROUGE_LONG_NAMES[k]} F1, mean [95% bootstrap CI] | {rouge_cell(m['rouge'][k])} |"
               for k in ROUGE_KEYS]
@@ -67,17 +73,21 @@ def write_report(path: Path, metrics: dict, rows: list[dict], generations: list[
         for k in ROUGE_KEYS:
             b, t = base["rouge"][k]["mean"], tuned["rouge"][k]["mean"]
             lines.append(f"| {ROUGE_LONG_NAMES[k]} | {b:.2f} | {t:.2f} | {t - b:+.2f} |")
-        lines.append(f"| stopped by itself | {base['stopped_by_itself_share']:.1%} | "
-                     f"{tuned['stopped_by_itself_share']:.1%} | |")
+        lines.append(f"| stopped by itself (EOS or stop string after some text) | {_stopped_share(base)} | "
+                     f"{_stopped_share(tuned)} | |")
         lines.append("")
 
     g, stops = m["generation"], m["stop_reasons"]
     n = max(m["generated_rows"], 1)
+    stopped = stopped_by_itself_count(m)
     lines += [
         "## Stopping",
         "",
         f"- ended with EOS: {stops['eos']} ({stops['eos'] / n:.1%})",
         f"- ended at a stop string {g['stop_strings']}: {stops['stop_string']} ({stops['stop_string'] / n:.1%})",
+        "- of those, stopped by itself after some text: "
+        + (f"{stopped} ({stopped / n:.1%}); empty: {stops['eos'] + stops['stop_string'] - stopped}"
+           if stopped is not None else "n/a"),
         f"- **hit max_new_tokens={g['max_new_tokens']} without stopping: {stops['max_new_tokens']} "
         f"({stops['max_new_tokens'] / n:.1%})**",
         "",

@@ -19,7 +19,7 @@ from transformers import LogitsProcessorList
 
 from summ.config import EvalConfig, RunConfig
 from summ.data import Encoder, encode_rows, load_rows
-from summ.errors import aggregate_errors, analyze_example
+from summ.errors import aggregate_errors, analyze_example, stopped_by_itself
 from summ.files import write_atomic, write_json
 from summ.generate import GreedyDecoder, left_padded, longest_first
 from summ.loss import evaluate_loss
@@ -248,8 +248,14 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
         # the memory probe allowed); return them so generation batches are sized from what is free.
         gc.collect()
         torch.cuda.empty_cache()
-    model = load_for_inference(cfg, accelerator.device, dtype, adapter_dir, merge=ev.merge_adapter)
-    val_loss = evaluate_loss(model, examples, ev.batch_size, tokenizer.pad_token_id, accelerator)
+    model = load_for_inference(cfg, accelerator.device, dtype, adapter_dir, merge=False)
+    # The loss of the model as training validated it: the adapter beside the weights, under the same
+    # autocast. Folding it in first rounds the merged weights (in bf16), and the figure drifts from
+    # training's last validation in the 4th decimal.
+    with accelerator.autocast():
+        val_loss = evaluate_loss(model, examples, ev.batch_size, tokenizer.pad_token_id, accelerator)
+    if ev.merge_adapter and adapter_dir is not None and not getattr(model, "is_loaded_in_4bit", False):
+        model = model.merge_and_unload()  # faster generation; the saved adapter is untouched
     # Each rank summarizes every num_processes-th row; all ranks get every summary, in input order.
     mine = range(accelerator.process_index, len(gen_rows), accelerator.num_processes)
     generations, speed = generate_summaries(model, tokenizer, encoder, [gen_rows[i]["article"] for i in mine], ev,
@@ -262,6 +268,7 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
     analyses = [analyze_example(r["article"], r["summary"], g.text, stop_reason=g.stop_reason,
                                 template_markers=markers) for r, g in zip(gen_rows, generations)]
     stop_counts = {k: sum(g.stop_reason == k for g in generations) for k in ("eos", "stop_string", "max_new_tokens")}
+    stopped = sum(stopped_by_itself(g.stop_reason, g.text) for g in generations)
     metrics = {
         "model": cfg.model.name_or_path, "adapter": str(adapter_dir) if adapter_dir else None,
         "zero_shot": zero_shot, "split": cfg.data.eval_split, "loss_rows": len(examples),
@@ -269,7 +276,8 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
         "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)),
         "rouge": aggregate(scores, n_resamples=ev.bootstrap_resamples, seed=cfg.train.seed),
         "stop_reasons": stop_counts,
-        "stopped_by_itself_share": 1 - stop_counts["max_new_tokens"] / max(len(generations), 1),
+        # EOS or a stop string after some text (summ.errors.stopped_by_itself); empty summaries do not count.
+        "stopped_by_itself": stopped, "stopped_by_itself_share": stopped / max(len(generations), 1),
         "generation": {"adapter_merged": adapter_dir is not None and not hasattr(model, "peft_config"),
                        "base_in_4bit": cfg.quant.enabled and not ev.dequantize_for_generation,
                        "max_new_tokens": ev.max_new_tokens, "min_new_tokens": ev.min_new_tokens,
@@ -294,7 +302,7 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
             if (baseline_dir / "eval_metrics.json").is_file() else None
         write_report(out_dir / "eval_report.md", metrics, gen_rows, [asdict(g) for g in generations], scores,
                      analyses, other=baseline)
-    log.info("eval (%s): val loss %.4f, ROUGE-1/2/L/Lsum %s, %d of %d stopped by themselves", out_dir.name,
-             val_loss, "/".join(f"{metrics['rouge'][k]['mean']:.2f}" for k in ROUGE_KEYS),
-             len(generations) - stop_counts["max_new_tokens"], len(generations))
+    log.info("eval (%s): val loss %.4f on %d %s rows, ROUGE-1/2/L/Lsum %s, %d of %d stopped by themselves "
+             "after some text", out_dir.name, val_loss, len(examples), cfg.data.eval_split,
+             "/".join(f"{metrics['rouge'][k]['mean']:.2f}" for k in ROUGE_KEYS), stopped, len(generations))
     return metrics

@@ -55,6 +55,7 @@ class Search:
     mode: str
     column: str  # the trials.csv column holding the objective
     keys: list[str]  # searched config keys
+    space: dict  # search.json's space: key -> {form: values}
     trials: list[dict]  # trials.csv rows
     runs: dict[str, RunFolder]  # trial_id -> its run folder, where it has one
     best_trial: str | None
@@ -148,13 +149,19 @@ def _read_search(path: Path) -> Search:
     else:  # as `run.py tune` chooses: the best objective among the trials that ran their whole budget
         done = [t for t in trials if t["status"] == "completed" and as_number(t.get(column)) is not None]
         best = (min if mode == "min" else max)(done, key=lambda t: as_number(t[column]))["trial_id"] if done else None
-    return Search(path=path, metric=metric, mode=mode, column=column, keys=keys, trials=trials, runs=runs,
-                  best_trial=best)
+    return Search(path=path, metric=metric, mode=mode, column=column, keys=keys, space=space, trials=trials,
+                  runs=runs, best_trial=best)
 
 
 def _under(folder: Path, path: str) -> Path:
-    """`path` as written in a search's files: absolute, or relative to the search folder."""
-    return (folder / path).resolve()
+    """`path` as written in a search's files: relative to the search folder, or absolute (searches made
+    before paths were stored relative). An absolute trial folder that is gone, in a search folder that
+    was moved since, is found under the folder's own trials/."""
+    written = (folder / path).resolve()
+    moved = folder.resolve() / "trials" / written.name
+    if Path(path).is_absolute() and not written.exists() and moved.is_dir():
+        return moved
+    return written
 
 
 def read_input(path: str | Path) -> RunFolder | Search:

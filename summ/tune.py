@@ -14,7 +14,8 @@ The search space is the config file's "search" section (or a file of its own):
 
 Writes into log.output_dir: trials/<trial>/ (each trial's run folder), ray/ (Ray's results, what
 `--resume` restores), trials.csv, trials.md, search.json and best.json (a complete config that
-`run.py --config best.json` trains from as is).
+`run.py --config best.json` trains from as is). Paths in these files inside the search folder are
+written relative to it, so the folder keeps working after a move or in a copy of the clone.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from summ.config import (SEARCH_SECTION, ConfigError, RunConfig, build_section, config_from_dict,
-                         looks_like_local_path)
+from summ.config import (PATHS_RELATIVE_TO_FILE, SEARCH_SECTION, ConfigError, RunConfig, build_section,
+                         config_from_dict, looks_like_local_path)
 from summ.files import write_atomic, write_json
 from summ.run_lock import hold_run_folder
 
@@ -338,7 +339,8 @@ def trial_rows(grid, search: SearchConfig, out_dir: Path) -> list[dict]:
         rows.append({"trial_id": trial_id, **{k: result.config.get(k) for k in search.space}, "status": status,
                      "steps": steps, "best_val_loss": min(losses) if losses else None,
                      "last_val_loss": losses[-1] if losses else None, "rougeLsum": result.metrics.get("rougeLsum"),
-                     "wall_s": result.metrics.get("time_total_s"), "peak_gib": peak, "run_dir": str(run_dir)})
+                     "wall_s": result.metrics.get("time_total_s"), "peak_gib": peak,
+                     "run_dir": relative_inside(run_dir, out_dir)})
     return sorted(rows, key=lambda r: r["trial_id"])
 
 
@@ -349,6 +351,13 @@ def best_trial(rows: list[dict], search: SearchConfig) -> dict | None:
     if not done:
         return None
     return (min if METRICS[search.metric] == "min" else max)(done, key=lambda r: r[key])
+
+
+def relative_inside(path: str | Path, folder: Path) -> str:
+    """`path` as the search folder's files store it: relative to `folder` when inside it (so a moved
+    folder still finds it), else absolute."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
 
 
 def write_search_outputs(out_dir: Path, base: dict, search: SearchConfig, rows: list[dict], best: dict | None) -> None:
@@ -368,7 +377,8 @@ def write_search_outputs(out_dir: Path, base: dict, search: SearchConfig, rows: 
                                 for c in columns[:-1]) + " |" for r in rows]
     if best:
         lines += ["", f"Best: trial {best['trial_id']} (" + ", ".join(f"{k}={cell(best[k])}" for k in search.space)
-                  + f"); `python run.py --config {out_dir / 'best.json'}` trains it on the full budget."]
+                  + "); `python run.py --config <this folder>/best.json` trains it on the full budget, "
+                    "into <this folder>/best/."]
     else:
         lines += ["", "No trial completed its budget: no best config."]
     write_atomic(out_dir / "trials.md", "\n".join(lines) + "\n")
@@ -381,5 +391,8 @@ def write_search_outputs(out_dir: Path, base: dict, search: SearchConfig, rows: 
             section, _, name = key.partition(".")
             raw.setdefault(section, {})[name] = best[key]
         raw["log"]["output_dir"] = str(out_dir / "best")
-        best_cfg = config_from_dict(raw, "best")
-        write_json(out_dir / "best.json", best_cfg.to_dict())
+        best_cfg = config_from_dict(raw, "best").to_dict()
+        # Read back against best.json's own folder (summ.config.load_config): a moved search trains
+        # into its own best/, not the folder it was made in.
+        best_cfg["log"]["output_dir"] = "best"
+        write_json(out_dir / "best.json", {PATHS_RELATIVE_TO_FILE: True, **best_cfg})

@@ -20,10 +20,12 @@ from summ.rouge import rouge_cell
 from summ.runs import ReportError, read_input
 from tests.conftest import FIXTURES
 
-SMOL = Path(__file__).parent.parent / "benchmarks" / "measured" / "2026-12-02-h200" / "smol"
-HEADER = ("| run | role | train.lr | train loss | val loss | perplexity | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum "
-          "| eval rows | stopped by itself | repeats a trigram | train time | tokens/s | peak GPU GiB |")
-CSV_HEADER = ["name", "role", "kind", "folder", "train.lr", "train_loss", "val_loss", "perplexity",
+SMOL = FIXTURES / "smol_run"  # a real SmolLM2 run (one H200), its predictions cut to the first 6 rows
+HEADER = ("| run | role | train.lr | train loss (last log window) | val loss | perplexity | val loss rows | ROUGE-1 "
+          "| ROUGE-2 | ROUGE-L | ROUGE-Lsum | eval rows | stopped by itself | repeats a trigram | train time | tokens/s "
+          "| peak GPU GiB |")
+CSV_HEADER = ["name", "role", "kind", "folder", "train.lr", "train_loss", "train_loss_steps", "val_loss", "perplexity",
+              "loss_rows",
               "rouge1", "rouge1_low", "rouge1_high", "rouge2", "rouge2_low", "rouge2_high",
               "rougeL", "rougeL_low", "rougeL_high", "rougeLsum", "rougeLsum_low", "rougeLsum_high",
               "eval_rows", "stopped_by_itself_share", "repeats_trigram_share", "train_seconds", "tokens_per_s",
@@ -74,9 +76,10 @@ def trial_run(dest: Path, lr: float, val_losses: list[float]) -> None:
                     "train/tokens": 5000, "train/seconds": 5.0, "train/skipped_steps": 0})
         log.append({"step": step, "val/loss": val, "val/perplexity": float(np.exp(val))})
     write_jsonl(dest / "log.jsonl", log)
-    (dest / "metrics.json").write_text(json.dumps({"steps": 10 * len(val_losses), "final_train_loss": val_losses[-1] - 0.1,
-                                                   "final_val_loss": val_losses[-1],
-                                                   "final_val_perplexity": float(np.exp(val_losses[-1]))}))
+    (dest / "metrics.json").write_text(json.dumps({
+        "steps": 10 * len(val_losses), "total_steps": 10 * len(val_losses),
+        "last_step_train_loss": val_losses[-1] - 0.1, "final_val_loss": val_losses[-1], "final_val_perplexity": float(np.exp(val_losses[-1])),
+        "final_val_step": 10 * len(val_losses), "final_val_rows": 6, "data": {"eval": {"used": 6}}}))
 
 
 def search_folder(dest: Path) -> Path:
@@ -110,7 +113,7 @@ def png(path: Path) -> np.ndarray:
 
 def test_report_of_runs_baselines_and_a_search(inputs, tmp_path):
     smol, fast, search, lead = inputs
-    out = tmp_path / "report"
+    out = smol.parent / "report"  # beside its inputs, as a report kept with the runs it compares
     result = write_comparison([smol, fast, search], out)
 
     assert sorted(p.name for p in out.iterdir()) == ["loss_curves.png", "report.md", "results.csv", "rouge.png",
@@ -128,25 +131,32 @@ def test_report_of_runs_baselines_and_a_search(inputs, tmp_path):
     assert [r["role"] for r in rows] == ["best", "baseline", "", "", "", ""]
     assert [r["train.lr"] for r in rows] == ["0.0005", "", "", "0.001", "0.0001", "0.001"]
     assert [r["kind"] for r in rows] == ["run", "zero-shot", "lead", "run", "run", "run"]
+    # Folders relative to the report folder: a report moved with its inputs still finds them.
+    assert [r["folder"] for r in rows] == ["../smol", "../smol/zero_shot", "../smol/lead", "../fast",
+                                           "../lr-sweep/trials/0", "../lr-sweep/trials/1"]
     assert float(rows[2]["rougeLsum"]) == lead["rouge"]["rougeLsum"]["mean"]
     assert rows[2]["val_loss"] == "" and rows[2]["train_seconds"] == ""
     assert float(rows[3]["val_loss"]) == pytest.approx(2.5455337406295357 + 0.2)
-    # Trials: the last logged train loss, val loss from metrics.json, 3 log windows of 5 s and 5000 tokens.
-    assert [float(rows[4][c]) for c in ("train_loss", "val_loss", "train_seconds", "tokens_per_s")] == \
-        pytest.approx([2.8, 2.9, 15.0, 1000.0])
+    # Trials: the last logged train loss (the mean of log.log_every = 2 steps), val loss from metrics.json,
+    # 3 log windows of 5 s and 5000 tokens.
+    assert [float(rows[4][c]) for c in ("train_loss", "train_loss_steps", "val_loss", "train_seconds",
+                                        "tokens_per_s")] == pytest.approx([2.8, 2, 2.9, 15.0, 1000.0])
     assert rows[4]["peak_gib"] == "" and rows[4]["rouge1"] == ""
 
     report = (out / "report.md").read_text()
     lines = report.splitlines()
     assert HEADER in lines
-    assert ("| smol | best | 0.0005 | 2.5470 | 2.5455 | 12.75 | 27.17 [26.14, 28.20] | 6.53 [5.89, 7.24] | "
-            "20.23 [19.45, 21.11] | 20.23 [19.45, 21.11] | 500 | 98.8% | n/a | 35.6 s | 26,300 | 5.66 |") in lines
-    assert ("| zero-shot smol | baseline | – | – | 3.2778 | 26.52 | 7.01 [6.07, 8.00] | 1.00 [0.74, 1.27] | "
-            "5.11 [4.40, 5.80] | 5.11 [4.42, 5.81] | 500 | 98.2% | n/a | – | – | – |") in lines
+    assert ("| smol | best | 0.0005 | 2.5470 | 2.5455 | 12.75 | 500 validation | 27.17 [26.14, 28.20] | "
+            "6.53 [5.89, 7.24] | 20.23 [19.45, 21.11] | 20.23 [19.45, 21.11] | 500 | 98.8% | n/a | 35.6 s | 26,300 "
+            "| 5.66 |") in lines
+    # Its eval_metrics.json predates the rule that an empty summary did not stop by itself; 312 of its 500
+    # summaries are empty and 9 ran to max_new_tokens, so its share cannot be told: n/a, not 98.2%.
+    assert ("| zero-shot smol | baseline | – | – | 3.2778 | 26.52 | 500 validation | 7.01 [6.07, 8.00] | "
+            "1.00 [0.74, 1.27] | 5.11 [4.40, 5.80] | 5.11 [4.42, 5.81] | 500 | n/a | n/a | – | – | – |") in lines
     lead_cells = " | ".join(rouge_cell(lead["rouge"][k]) for k in ("rouge1", "rouge2", "rougeL", "rougeLsum"))
-    assert f"| LEAD-1 |  | – | – | – | – | {lead_cells} | 6 | – | – | – | – | – |" in lines
-    assert "| lr-sweep/0 |  | 0.0001 | 2.8000 | 2.9000 | 18.17 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 15.0 s | 1,000 | n/a |" \
-        in lines
+    assert f"| LEAD-1 |  | – | – | – | – | – | {lead_cells} | 6 | – | – | – | – | – |" in lines
+    assert ("| lr-sweep/0 |  | 0.0001 | 2.8000 | 2.9000 | 18.17 | 6 validation | n/a | n/a | n/a | n/a | n/a | n/a "
+            "| n/a | 15.0 s | 1,000 | n/a |") in lines
 
     # Published XSum figures, labelled as such.
     assert "| BART-large | 45.14 | 22.27 | 37.25 | fairseq examples/bart/README.md |" in lines
@@ -179,10 +189,12 @@ def test_report_of_runs_baselines_and_a_search(inputs, tmp_path):
     assert "| 1 | completed | 0.001 | 30 | 2.8 | 2.85 | n/a | 60.2 | 5.1 | lr-sweep/1 | yes |" in lines
     assert "| 2 | error | 0.01 | n/a | n/a | n/a | n/a | 3 | n/a | none (no run folder) |  |" in lines
     assert ("3 trials; objective val_loss (minimize, column `last_val_loss`); best trial: 1 "
-            f"(its config: {search / 'best.json'}).") in lines
+            "(its config: ../lr-sweep/best.json).") in lines
+    assert "smol, 500 examples (../smol/eval/errors.jsonl per example)." in lines
+    assert "Inputs: `../smol`, `../fast`, `../lr-sweep`." in lines
 
     expected_sizes = {"rouge.png": [1100, 550], "loss_curves.png": [1000, 550], "search_curves.png": [1000, 550],
-                      "search_objective.png": [450, 350]}
+                      "search_objective.png": [500, 400]}
     assert result["figures"] == expected_sizes
     for name, (width, height) in expected_sizes.items():
         pixels = png(out / name)
@@ -349,3 +361,153 @@ def test_a_trial_stopped_early_shows_its_last_validation(tmp_path):
     result = write_comparison([tmp_path / "stopped"], tmp_path / "out")
     [row] = result["rows"]
     assert float(row["val_loss"]) == 2.9 and float(row["perplexity"]) == pytest.approx(np.exp(2.9))
+
+
+def test_a_moved_search_folder_reports_and_its_best_json_trains_into_itself(tmp_path, capsys):
+    """The search's files hold paths relative to the folder: after a move to another parent, the report
+    reads every trial and best.json trains into the moved folder, not where the search ran."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import run as cli
+    from summ.tune import SearchConfig, relative_inside, write_search_outputs
+
+    made = tmp_path / "made" / "sweep"
+    trial_run(made / "trials" / "0", 1e-4, [3.2, 3.0, 2.9])
+    trial_run(made / "trials" / "1", 1e-3, [3.1, 2.8, 2.85])
+    base = json.loads((made / "trials" / "0" / "config.json").read_text())
+    base["log"]["output_dir"] = str(made)
+    rows = [{"trial_id": t, "train.lr": lr, "status": "completed", "steps": 30, "best_val_loss": best,
+             "last_val_loss": last, "rougeLsum": None, "wall_s": 60.0, "peak_gib": None,
+             "run_dir": relative_inside(made / "trials" / t, made)}  # as trial_rows writes them
+            for t, lr, best, last in (("0", 1e-4, 2.9, 2.9), ("1", 1e-3, 2.8, 2.85))]
+    write_search_outputs(made, base, SearchConfig(space={"train.lr": {"loguniform": [1e-4, 1e-2]}}), rows, rows[1])
+
+    moved = tmp_path / "elsewhere" / "kept"
+    moved.parent.mkdir()
+    shutil.move(made, moved)
+    with open(moved / "trials.csv", newline="") as f:
+        assert [r["run_dir"] for r in csv.DictReader(f)] == ["trials/0", "trials/1"]
+    assert json.loads((moved / "search.json").read_text())["best_trial"] == "trials/1"
+    best = json.loads((moved / "best.json").read_text())
+    assert (best["paths_relative_to_file"], best["log"]["output_dir"]) == (True, "best")
+    assert best["data"]["dataset"] == str(FIXTURES / "xsum_tiny")  # outside the folder: absolute
+    # `run.py train --config moved/best.json` trains into the moved folder, from any working directory.
+    assert cli.run_config(cli.parse(["train", "--config", str(moved / "best.json")])).log.output_dir == \
+        str(moved / "best")
+    assert load_config(moved / "best.json", ["log.output_dir=runs/x"]).log.output_dir == "runs/x"
+
+    assert cli.main(["report", str(moved), "--out", str(moved / "report")]) == 0
+    lines = (moved / "report" / "report.md").read_text().splitlines()
+    assert "2 trials; objective val_loss (minimize, column `last_val_loss`); best trial: 1 " \
+           "(its config: ../best.json)." in lines
+    assert "| 1 | completed | 0.001 | 30 | 2.8 | 2.85 | n/a | 60 | n/a | kept/1 | yes |" in lines
+    assert not made.exists()
+
+
+def test_an_older_search_folder_with_absolute_paths_still_reads_after_a_move(inputs, tmp_path):
+    old = search_folder(tmp_path / "old" / "sweep")  # trial 1 and best_trial written absolute
+    moved = tmp_path / "moved"
+    shutil.move(old, moved)
+    search = read_input(moved)
+    assert sorted(search.runs) == ["0", "1"] and search.best_trial == "1"
+    assert search.runs["1"].path == moved / "trials" / "1"
+
+
+def test_the_default_baseline_is_scored_on_the_best_runs_rows(tmp_path, capsys):
+    """A zero-shot row of other rows (a search trial's 16, against the best run's 500) is not taken as
+    the baseline; named with --baseline it is kept, with the difference said in one line."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import run as cli
+
+    demo = smol_copy(tmp_path / "demo", 4e-4)
+    shutil.rmtree(demo / "zero_shot")
+    trial = smol_copy(tmp_path / "trial", 1e-3, val_shift=0.2)
+    metrics = json.loads((trial / "zero_shot" / "eval_metrics.json").read_text())
+    metrics.update(generated_rows=16, loss_rows=16)
+    (trial / "zero_shot" / "eval_metrics.json").write_text(json.dumps(metrics))
+
+    result = write_comparison([demo, trial], tmp_path / "out")
+    assert (result["baseline"], result["best"]) == (None, "demo")
+    note = ("No baseline: no zero-shot or LEAD row was scored on the rows of demo (500 validation rows; "
+            "zero-shot trial: 16 validation rows); evaluate one on those rows or name one with --baseline.")
+    assert result["baseline_note"] == note
+    assert note in (tmp_path / "out" / "report.md").read_text().splitlines()
+
+    named = write_comparison([demo, trial], tmp_path / "named", baseline=trial / "zero_shot")
+    assert (named["baseline"], named["best"]) == ("zero-shot trial", "demo")
+    warning = ("zero-shot trial (16 validation rows) and demo (500 validation rows) were not scored on the same "
+               "rows: their ROUGE is not directly comparable.")
+    assert named["baseline_note"] == warning
+    assert cli.main(["report", str(demo), str(trial), "--out", str(tmp_path / "cli"),
+                     "--baseline", str(trial / "zero_shot")]) == 0
+    assert capsys.readouterr().err == f"warning: {warning}\n"
+
+    # The same rows in another run's folder are a baseline (its own run's zero-shot first, had it one).
+    metrics.update(generated_rows=500, loss_rows=500)
+    (trial / "zero_shot" / "eval_metrics.json").write_text(json.dumps(metrics))
+    again = write_comparison([demo, trial], tmp_path / "again")
+    assert (again["baseline"], again["best"], again["baseline_note"]) == ("zero-shot trial", "demo", "")
+
+
+def test_stopped_by_itself_counts_summaries_with_text_only(tmp_path):
+    """A zero-shot model that opens with the stop string wrote an empty summary: it did not stop by itself."""
+    from summ.errors import stopped_by_itself, stopped_by_itself_count
+
+    run = smol_copy(tmp_path / "smol", 5e-4)
+    predictions = read_jsonl(run / "zero_shot" / "predictions.jsonl")
+    assert [(p["stop_reason"], bool(p["prediction"])) for p in predictions] == \
+        [("stop_string", True), ("stop_string", True), ("stop_string", False), ("stop_string", False),
+         ("stop_string", True), ("stop_string", True)]
+    metrics = json.loads((run / "zero_shot" / "eval_metrics.json").read_text())
+    metrics.update(generated_rows=6)  # the 6 rows its predictions.jsonl keeps
+    (run / "zero_shot" / "eval_metrics.json").write_text(json.dumps(metrics))
+    result = write_comparison([run], tmp_path / "out")
+    assert [r["stopped_by_itself_share"] for r in result["rows"] if r["kind"] == "zero-shot"] == [4 / 6]
+
+    assert (stopped_by_itself("eos", "A summary."), stopped_by_itself("stop_string", "  "),
+            stopped_by_itself("max_new_tokens", "A summary that ran on")) == (True, False, False)
+    # Written by an evaluation now: the count itself.
+    assert stopped_by_itself_count({"stopped_by_itself": 11, "generated_rows": 16}) == 11
+    # An older eval_metrics.json: exact from its stop reasons when nothing was empty, or nothing ran on.
+    older = {"generated_rows": 16, "stop_reasons": {"eos": 0, "stop_string": 15, "max_new_tokens": 1},
+             "errors": {"empty": 0}}
+    assert stopped_by_itself_count(older) == 15
+    older["errors"]["empty"] = 5
+    assert stopped_by_itself_count(older) is None  # was the run-on summary one of the 5 empty ones?
+    older["stop_reasons"].update(stop_string=16, max_new_tokens=0)
+    assert stopped_by_itself_count(older) == 11
+
+
+def test_the_objective_plot_shows_every_trial_and_listed_values_as_categories(tmp_path):
+    """A choice of [1, 2] is two ticks (not an axis from 1.9 to 2.1); a trial the scheduler stopped before
+    ROUGE is drawn below the scored ones; a sampled range is drawn whole."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from summ.comparison_plots import _objective_panel
+
+    search = tmp_path / "search-demo"
+    for trial, lr, losses in (("a", 3e-4, [3.0, 2.8]), ("b", 7e-4, [2.9, 2.6]), ("c", 1.2e-4, [3.1])):
+        trial_run(search / "trials" / trial, lr, losses)
+    (search / "search.json").write_text(json.dumps({
+        "metric": "rougeLsum", "mode": "max", "best_trial": "trials/b",
+        "space": {"train.grad_accum_steps": {"choice": [1, 2]}, "train.weight_decay": {"uniform": [0.0, 0.1]}}}))
+    (search / "trials.csv").write_text(
+        "trial_id,train.grad_accum_steps,train.weight_decay,status,steps,best_val_loss,last_val_loss,rougeLsum,"
+        "wall_s,peak_gib,run_dir\n"
+        "a,2,0.0412,completed,6,2.8,2.8,17.1,60,,trials/a\n"
+        "b,2,0.0466,completed,6,2.6,2.6,18.3,61,,trials/b\n"
+        "c,1,0.0439,stopped early,2,3.1,3.1,,20,,trials/c\n")
+    read = read_input(search)
+    fig, (choice, uniform) = plt.subplots(1, 2)
+    _objective_panel(choice, read, "train.grad_accum_steps")
+    _objective_panel(uniform, read, "train.weight_decay")
+    assert [t.get_text() for t in choice.get_xticklabels()] == ["1", "2"]
+    assert choice.get_xlim() == (-0.5, 1.5)
+    points = [tuple(c.get_offsets()[0]) for c in choice.collections]
+    assert points == [(1.0, 17.1), (1.0, 18.3), (1.0, 18.3), (0.0, 17.1 - 0.15 * (18.3 - 17.1))]
+    assert choice.get_legend_handles_labels()[1] == ["ran its budget", "best", "no rougeLsum (stopped early)"]
+    low, high = uniform.get_xlim()
+    assert low < 0.0 and high > 0.1
+    plt.close(fig)

@@ -1,5 +1,6 @@
 import contextlib
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -282,6 +283,36 @@ def test_evaluate_writes_predictions_report_and_gain(tiny_run):
     assert "## Gain from fine-tuning" in report
     assert "hit max_new_tokens=8 without stopping" in report
     assert "worst examples by ROUGE-Lsum" in report
+
+
+def test_every_loss_says_what_it_is_and_the_eval_loss_is_trainings_last_validation_in_bf16(tmp_path):
+    """In bf16 the evaluation's validation loss is training's last one to the last digit (the adapter beside
+    the weights, under training's autocast; merging it first rounded the loss off in the 4th decimal);
+    metrics.json names the last step's train loss and the last validation's step and rows; log.jsonl's
+    train/loss is the mean over log.log_every steps."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    run = tmp_path / "bf16"
+    cfg = tiny_config(run, train={"mixed_precision": "bf16", "max_steps": 3},
+                      eval={"max_new_tokens": 4, "generate_rows": 2, "bootstrap_resamples": 10},
+                      log={"log_every": 2})
+    cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, compute_dtype="bfloat16"))
+    assert cfg.eval.merge_adapter
+    result = train(cfg)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    m = evaluate_run(cfg, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert m["val_loss"] == metrics["final_val_loss"]
+    assert m["generation"]["adapter_merged"] is True  # generation still runs on the merged weights
+    assert "final_train_loss" not in metrics
+    assert metrics["last_step_train_loss"] == result.train_losses[-1]
+    assert (metrics["final_val_step"], metrics["final_val_rows"], m["loss_rows"]) == (3, 6, 6)
+    logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "train/loss" in r] == [2, 3]
+    assert logged[-2]["train/loss"] == pytest.approx(sum(result.train_losses[-2:]) / 2, rel=1e-12)
+    report = (run / "eval" / "eval_report.md").read_text().splitlines()
+    assert f"| validation loss (mean per summary + EOS token, 6 `validation` rows) | {m['val_loss']:.4f} |" in report
 
 
 def test_rouge_intervals_are_seeded_bootstraps_around_the_mean():

@@ -4,6 +4,7 @@ loop, ASHA stops the trial that trails, best.json trains as is, and a finished s
 import dataclasses
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -109,7 +110,6 @@ def ray_local():
 
 @pytest.mark.slow  # Ray and four short trainings: ~25 s; CI runs it with make test-slow
 def test_two_trials_asha_stops_the_trailing_one_and_best_trains(tmp_path, ray_local):
-    from summ.config import config_from_dict
     from summ.train import train
 
     out = tmp_path / "search"
@@ -128,15 +128,31 @@ def test_two_trials_asha_stops_the_trailing_one_and_best_trains(tmp_path, ray_lo
     assert len((out / "trials.csv").read_text().splitlines()) == 3
     assert (out / "trials" / rows[3e-3]["trial_id"] / "adapter" / "adapter_config.json").is_file()
 
+    assert [line.split(",")[-1] for line in (out / "trials.csv").read_text().splitlines()[1:]] == \
+        [f"trials/{r['trial_id']}" for r in result["trials"]]
+    assert json.loads((out / "search.json").read_text())["best_trial"] == f"trials/{rows[3e-3]['trial_id']}"
     best = json.loads((out / "best.json").read_text())
-    assert best["train"]["lr"] == 3e-3 and best["log"]["output_dir"] == str(out / "best")
-    cfg = config_from_dict({**best, "train": {**best["train"], "max_steps": 1}}, "best.json")
-    assert train(cfg).steps == 1
+    assert best["train"]["lr"] == 3e-3 and best["log"]["output_dir"] == "best" and best["paths_relative_to_file"]
 
     # A finished search restores without running its trials again.
     again = run_search(base_raw(out), search, "cfg.json", resume=True)
     assert [(r["trial_id"], r["status"]) for r in again["trials"]] == \
         [(r["trial_id"], r["status"]) for r in result["trials"]]
+
+    # Moved to another parent, the folder reports, and best.json trains into the moved folder.
+    sys.path.insert(0, str(REPO))
+    import run as cli
+
+    moved = tmp_path / "elsewhere" / "kept"
+    moved.parent.mkdir()
+    shutil.move(out, moved)
+    assert cli.main(["report", str(moved), "--out", str(moved / "report")]) == 0
+    lines = (moved / "report" / "report.md").read_text().splitlines()
+    assert any(line.startswith(f"| {rows[1e-6]['trial_id']} | stopped early | 1e-06 | 1 |") for line in lines)
+    cfg = load_config(moved / "best.json", ["train.max_steps=1"])
+    assert cfg.log.output_dir == str(moved / "best")
+    assert train(cfg).steps == 1
+    assert (moved / "best" / "metrics.json").is_file() and not out.exists()
 
 
 @pytest.mark.slow
