@@ -319,7 +319,7 @@ def run_ours(args, model: str, runner: str) -> dict:
                 "recompute": result.metrics["recompute"],
                 "recomputed_layers": result.metrics["recomputed_layers"], "micro_batch": describe(cfg, result.metrics),
                 "accumulation": cfg.train.grad_accum_steps,
-                "dtype": mixed_precision_mode(cfg.train.mixed_precision), "final_train_loss": result.train_losses[-1]}
+                "dtype": mixed_precision_mode(cfg.train.mixed_precision), "last_step_train_loss": result.train_losses[-1]}
 
 
 OUR_RUNNERS = ("recipe", "recipe_t4", "ours", "ours_t4")

@@ -244,21 +244,4 @@ def save_adapter(model, tokenizer, cfg: RunConfig, run_dir: Path) -> Path:
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
-    write_json(Path(run_dir) / "metrics.json", described_metrics(metrics))
-
-
-def described_metrics(metrics: dict) -> dict:
-    """metrics.json's figures under names that say what they are. The training loss kept is the last
-    optimizer step's alone (`last_step_train_loss`; `final_train_loss` in older runs), not log.jsonl's
-    `train/loss`, which is the mean over log.log_every steps; the last validation records its step
-    and rows beside its loss."""
-    out = dict(metrics)
-    if "final_train_loss" in out:
-        out["last_step_train_loss"] = out.pop("final_train_loss")
-    history = out.get("eval_history") or []
-    if history and out.get("final_val_loss") is not None:
-        out["final_val_step"] = history[-1].get("step")
-        rows = (out.get("data") or {}).get("eval", {}).get("used")
-        if rows is not None:
-            out["final_val_rows"] = rows
-    return out
+    write_json(Path(run_dir) / "metrics.json", metrics)

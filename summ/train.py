@@ -502,11 +502,14 @@ def finish_run(model, data: TrainData, cfg: RunConfig, accelerator, state: Train
 
 
 def final_metrics(state: TrainState, data: TrainData, params: tuple[int, int]) -> dict:
+    """metrics.json. The training loss is the last optimizer step's alone (log.jsonl's `train/loss` is
+    the mean over log.log_every steps); the last validation names its step and rows."""
     last_eval = state.eval_history[-1] if state.eval_history else {}
     return {
         "steps": state.step, "total_steps": data.total_steps,
-        "final_train_loss": state.train_losses[-1] if state.train_losses else None,
+        "last_step_train_loss": state.train_losses[-1] if state.train_losses else None,
         "final_val_loss": last_eval.get("val/loss"), "final_val_perplexity": last_eval.get("val/perplexity"),
+        "final_val_step": last_eval.get("step"), "final_val_rows": data.stats["eval"].kept,
         "eval_history": state.eval_history, "skipped_steps": state.skipped_steps,
         "overflow_steps": state.overflow_steps, "tokens_seen": state.tokens_seen,
         "adapter_step": state.best["step"] if state.best else state.step,
