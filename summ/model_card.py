@@ -166,7 +166,8 @@ def model_card(cfg: RunConfig, run_dir: str | Path, base: dict, kind: str = "ada
         f"rows), validated on `{d.eval_split}` ({used['eval'] if used['eval'] is not None else 'n/a'} rows) |",
         f"| recipe | LoRA r {lora.r} / alpha {lora.alpha} / dropout {lora.dropout} on "
         f"{', '.join(lora.target_modules or targets)}; "
-        f"{'4-bit ' + cfg.quant.quant_type if cfg.quant.enabled else 'base in ' + cfg.quant.compute_dtype}; "
+        f"{'4-bit ' + cfg.quant.quant_type + ' base' if cfg.quant.enabled else 'base not quantized'}, compute dtype "
+        f"{cfg.quant.compute_dtype}; "
         f"{metrics.get('steps', 'n/a')} steps of {t.micro_batch_size} x {t.grad_accum_steps} rows; {t.optimizer}, "
         f"lr {t.lr}, {t.lr_scheduler}; prompt `{d.prompt_format}`, max length {d.max_length} tokens |",
         f"| validation loss | {_figure(metrics.get('final_val_loss'))} (perplexity "
