@@ -4,6 +4,8 @@
     python run.py eval --run runs/xsum [--zero-shot] [--set eval.num_beams=4]
     python run.py predict --run runs/xsum --text-file article.txt   (or --jsonl FILE, or stdin)
     python run.py predict --run runs/xsum --merge merged/ [--dtype bfloat16] [--force]   # adapter folded in
+    python run.py export --run runs/xsum --out merged/ [--dtype float32] [--force]   # the same, for serving
+    python run.py export --run runs/demo --out base/ --base-only   # the base a GGUF or random run's adapter needs
     python run.py eval --run runs/xsum --baseline lead         # LEAD-1 (XSum) / LEAD-3 (CNN/DM) on the same rows
     python run.py tune --config configs/demo.json [--search search.json] [--address ADDR] [--resume]
     python run.py report runs/a runs/search-b ... --out report/ [--baseline RUN --best RUN]
@@ -25,7 +27,7 @@ from pathlib import Path
 # tokens of Phi-2 generation, 4-6 GiB reserved but unusable under a 15 GiB cap).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-COMMANDS = ("train", "eval", "predict", "tune", "report")
+COMMANDS = ("train", "eval", "predict", "export", "tune", "report")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -73,6 +75,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
     trust_remote_code(pr)
     overrides(pr)
 
+    ex = sub.add_parser("export", help="a merged model folder for transformers, vLLM or TGI (or the adapter's base)")
+    ex.add_argument("--run", required=True, help="a trained run folder")
+    ex.add_argument("--out", required=True, help="the folder to write")
+    ex.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                    help="dtype of the merged weights (default: the base model's own; float32 for random weights)")
+    ex.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    ex.add_argument("--base-only", action="store_true",
+                    help="write the base model the adapter attaches to (a GGUF rebuild, random weights or a "
+                         "package's folder), not the merged model")
+    trust_remote_code(ex)
+    overrides(ex)
+
     tu = sub.add_parser("tune", help="search hyperparameters with Ray Tune (pip install -e '.[tune]')")
     tu.add_argument("--config", required=True, help="a JSON config; its \"search\" section is the search space")
     tu.add_argument("--search", help="a JSON file holding the search section instead of the config's")
@@ -111,7 +125,7 @@ def run_config(args):
     else:
         source = Path(args.run) / "config.json"
     config = load_config(source, args.overrides)
-    if args.command in ("eval", "predict"):
+    if args.command in ("eval", "predict", "export"):
         check_inference_args(args, config, source)
     return config
 
@@ -139,6 +153,12 @@ def check_inference_args(args, config, source: Path) -> None:
 
     from summ.predict import MISSING_ADAPTER_HINT
 
+    if args.command == "export":
+        if args.base_only and args.dtype:
+            raise ConfigError("--dtype: --base-only copies the base weights as they are; leave --dtype out")
+        if not args.base_only:
+            require_adapter(Path(args.run) / "adapter", MISSING_ADAPTER_HINT)
+        return
     require_adapter(Path(args.run) / "adapter", MISSING_ADAPTER_HINT)
     if not args.merge:  # merge_adapter checks its target itself, before loading anything
         for flag, value in (("--force", args.force), ("--dtype", args.dtype)):
@@ -222,6 +242,16 @@ def main(argv: list[str] | None = None) -> int:
             metrics = evaluate_lead(config, run_dir)
             rouge = " ".join(f"{k} {v['mean']:.2f}" for k, v in metrics["rouge"].items())
             print(f"{metrics['baseline']}: {rouge}; files: {run_dir / 'lead'}")
+        elif args.command == "export":
+            from summ.predict import export_base, merge_adapter
+
+            if args.base_only:
+                print(f"base model written to {export_base(config, args.run, args.out, force=args.force)}")
+            else:
+                folder, dtype = merge_adapter(config, args.run, args.out, dtype=args.dtype, force=args.force,
+                                              flag="--out")
+                print(f"merged model written to {folder} ({str(dtype).removeprefix('torch.')}); serving: "
+                      f"{folder / 'README.md'}")
         elif args.command == "eval":
             from summ.evaluate import evaluate_run
 

@@ -23,6 +23,7 @@ from summ.errors import aggregate_errors, analyze_example, stopped_by_itself
 from summ.files import write_atomic, write_json
 from summ.generate import GreedyDecoder, left_padded, longest_first
 from summ.loss import evaluate_loss
+from summ.model_card import refresh_model_card
 from summ.model import load_for_inference, load_tokenizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
 from summ.repetition import SummaryOnlyRepetition
@@ -302,6 +303,8 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
             if (baseline_dir / "eval_metrics.json").is_file() else None
         write_report(out_dir / "eval_report.md", metrics, gen_rows, [asdict(g) for g in generations], scores,
                      analyses, other=baseline)
+        if adapter_dir is not None and name is None:  # the adapter's model card shows its ROUGE from now on
+            refresh_model_card(run_dir)
     log.info("eval (%s): val loss %.4f on %d %s rows, ROUGE-1/2/L/Lsum %s, %d of %d stopped by themselves "
              "after some text", out_dir.name, val_loss, len(examples), cfg.data.eval_split,
              "/".join(f"{metrics['rouge'][k]['mean']:.2f}" for k in ROUGE_KEYS), stopped, len(generations))

@@ -1,20 +1,24 @@
-"""Summaries for new articles with a trained adapter, and merging the adapter into a plain model."""
+"""Summaries for new articles with a trained adapter, merging the adapter into a plain model for
+serving, and a copy of the base model the adapter attaches to."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from summ.config import RunConfig
+from summ.config import ConfigError, RunConfig
 from summ.data import DataError, Encoder, read_jsonl
 from summ.evaluate import Generation, generate_summaries
-from summ.files import atomic_folder, not_utf8
+from summ.files import atomic_folder, not_utf8, write_json
 from summ.model import load_for_inference, load_tokenizer
+from summ.model_card import write_model_card
+from summ.portable import base_model_record, write_portable_files
 from summ.precision import DTYPES, resolve_compute_dtype
-from summ.sources import pretrained_folder
+from summ.sources import pretrained_folder, random_folder
 
 
 def read_articles(*, text_file: str | None = None, jsonl: str | None = None, field: str = "article") -> list[dict]:
@@ -67,17 +71,18 @@ def summarize(cfg: RunConfig, run_dir: str | Path | None, articles: list[str]) -
     return generations
 
 
-def check_merge_target(out_dir: str | Path, run_dir: str | Path, force: bool = False) -> None:
+def check_merge_target(out_dir: str | Path, run_dir: str | Path, force: bool = False, flag: str = "--merge") -> None:
     """Refuse to replace a folder the user may still need: a non-empty one unless `force`, and
-    never the run the adapter is read from. Nothing is loaded or written here."""
+    never the run the adapter is read from. Nothing is loaded or written here. `flag` is the option
+    that named the folder."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--merge {out}: exists and is not a folder")
+        raise FileExistsError(f"{flag} {out}: exists and is not a folder")
     resolved, run = out.resolve(), Path(run_dir).resolve()
     if resolved == run or resolved in run.parents:
-        raise FileExistsError(f"--merge {out}: would replace the run folder {run_dir} that holds the adapter")
+        raise FileExistsError(f"{flag} {out}: would replace the run folder {run_dir} that holds the adapter")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"--merge {out}: folder exists and is not empty; pass --force to replace it")
+        raise FileExistsError(f"{flag} {out}: folder exists and is not empty; pass --force to replace it")
 
 
 def base_dtype(cfg: RunConfig) -> torch.dtype:
@@ -97,14 +102,15 @@ def base_dtype(cfg: RunConfig) -> torch.dtype:
 
 
 def merge_adapter(cfg: RunConfig, run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
-                  force: bool = False) -> tuple[Path, torch.dtype]:
+                  force: bool = False, flag: str = "--merge") -> tuple[Path, torch.dtype]:
     """Fold the adapter into the base weights and save a plain transformers model (safetensors) for
-    serving without peft; returns the folder and the dtype written: `dtype` (a DTYPES name) or the
-    base model's own.
+    serving without peft, with the tokenizer (the trained prompt as its chat template), the run's
+    decoding as generation_config.json, prompt.json and a model card; returns the folder and the
+    dtype written: `dtype` (a DTYPES name) or the base model's own.
 
     Merging into 4-bit weights would round the update away, so the base is loaded unquantized, on
     the CPU (a merge needs no accelerator and host memory is the larger), and merged in float32."""
-    check_merge_target(out_dir, run_dir, force)
+    check_merge_target(out_dir, run_dir, force, flag)
     target = DTYPES[dtype] if dtype is not None else base_dtype(cfg)
     # Plain transformers modules are what a reader of the saved model expects.
     plain = replace(cfg, model=replace(cfg.model, fused_ops=False))
@@ -116,10 +122,42 @@ def merge_adapter(cfg: RunConfig, run_dir: str | Path, out_dir: str | Path, *, d
                                missing_hint=MISSING_ADAPTER_HINT)
     model = model.float().merge_and_unload().to(target)
     tokenizer = load_tokenizer(cfg)
+    written = str(target).removeprefix("torch.")
     with atomic_folder(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        write_portable_files(tmp, cfg, tokenizer, model.generation_config)
+        write_json(tmp / "base_model.json", base_model_record(cfg, _base_folder(cfg)))
+        write_model_card(cfg, run_dir, tmp, kind="merged", dtype=written)
     return Path(out_dir), target
+
+
+def _base_folder(cfg: RunConfig) -> str:
+    """The folder the base weights load from here (built by summ for GGUF and random weights)."""
+    if cfg.model.init == "random":
+        # Built in the run's compute dtype, as summ.model.load_base_model builds it.
+        dtype = resolve_compute_dtype(cfg.quant.compute_dtype, _device())
+        return random_folder(cfg.model, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16,
+                             seed=cfg.train.seed)
+    return pretrained_folder(cfg.model)
+
+
+def export_base(cfg: RunConfig, run_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
+    """A copy of the base weights the adapter attaches to, with the base's tokenizer: for a machine
+    where the adapter's base_model_name_or_path (a GGUF rebuild, random weights, a package's folder)
+    does not exist. A hub id or a folder the config names needs no copy and is refused."""
+    check_merge_target(out_dir, run_dir, force, "--out")
+    record = base_model_record(cfg, "")
+    if not record["local_folder_only"]:
+        raise ConfigError(f"--base-only: the base is {cfg.model.name_or_path}, which transformers loads as it "
+                              f"is; no copy is needed")
+    source = Path(_base_folder(cfg))
+    with atomic_folder(out_dir) as tmp:
+        for item in source.iterdir():
+            if item.is_file():
+                shutil.copy2(item, tmp / item.name)
+        if not (tmp / "tokenizer_config.json").is_file():
+            load_tokenizer(cfg).save_pretrained(tmp)
+    return Path(out_dir)
 
 
 def _device() -> torch.device:

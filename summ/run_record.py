@@ -7,7 +7,8 @@
     log.jsonl          one line per logged step (training, validation, skipped steps)
     tensorboard/       the same curves for TensorBoard
     checkpoints/       step-NNNNNNN/ folders (adapter, optimizer, scheduler, RNG, train state)
-    adapter/           the trained LoRA in PEFT format, with the tokenizer and prompt.json
+    adapter/           the trained LoRA in PEFT format, with what plain transformers + peft need to run it
+                       as predict does (summ.portable) and a model card (summ.model_card)
     metrics.json       the final figures of the run
 """
 
@@ -24,8 +25,9 @@ from pathlib import Path
 
 from summ.checkpoint import read_resume_record
 from summ.config import RETIRED_KEYS, ConfigError, RunConfig, flat_config
-from summ.data import prompt_template
 from summ.files import WriteError, atomic_folder, write_atomic, write_json
+from summ.model_card import refresh_model_card, write_model_card
+from summ.portable import base_model_record, prompt_record, set_base_model, write_portable_files
 
 log = logging.getLogger(__name__)
 
@@ -131,17 +133,6 @@ def record_resume(cfg: RunConfig, run_dir: Path, accelerator, checkpoint: Path, 
         f.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
-def prompt_record(cfg: RunConfig, tokenizer) -> dict:
-    """The prompt exactly as training built it: the whitespace after the prompt belongs to the completion,
-    so a server that rebuilds the prompt from this file sees the tokens the model was trained on."""
-    template = prompt_template(cfg.data, tokenizer)
-    return {"template": template.text, "prompt_format": cfg.data.prompt_format,
-            "prompt": template.head + "{article}" + template.prompt_tail,
-            "completion": template.completion_prefix + "{summary}" + (tokenizer.eos_token or ""),
-            "eos_token": tokenizer.eos_token, "max_length": cfg.data.max_length,
-            "article_is_truncated_to_fit": True}
-
-
 def environment() -> dict:
     versions = {}
     for name in _PACKAGES:
@@ -235,13 +226,18 @@ def _hparams(cfg: RunConfig) -> dict:
 
 
 def save_adapter(model, tokenizer, cfg: RunConfig, run_dir: Path) -> Path:
-    """The trained adapter in PEFT format, with the tokenizer and the prompt it was trained on."""
+    """The trained adapter in PEFT format, with the tokenizer (its chat template the trained prompt),
+    the prompt, the run's decoding, where the base comes from, and a model card."""
     with atomic_folder(Path(run_dir) / "adapter") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "prompt.json", prompt_record(cfg, tokenizer))
+        loaded_from = json.loads((tmp / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+        set_base_model(tmp, base_model_record(cfg, loaded_from))
+        write_portable_files(tmp, cfg, tokenizer, getattr(model, "generation_config", None))
+        write_model_card(cfg, run_dir, tmp)
     return Path(run_dir) / "adapter"
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
+    """metrics.json, and the adapter's model card again with its figures."""
     write_json(Path(run_dir) / "metrics.json", metrics)
+    refresh_model_card(run_dir)

@@ -61,8 +61,9 @@ def prompt_ids(cfg) -> torch.Tensor:
 
 
 def greedy_ids(model, ids: torch.Tensor) -> list[int]:
+    # stop_strings: the merged folder's generation config holds the run's, which need a tokenizer.
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                         pad_token_id=50256, temperature=None, top_p=None, top_k=None)
+                         pad_token_id=50256, temperature=None, top_p=None, top_k=None, stop_strings=None)
     return out[0, ids.shape[1]:].tolist()
 
 
