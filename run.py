@@ -194,13 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     from summ.files import WriteError
     from summ.runs import ReportError
     from summ.speed.step import OutOfMemory
-    from summ.train import Preempted, TrainingError
+    from summ.training import Preempted, TrainingError
     from summ.tune import ClusterUnreachable
 
     try:
         config = run_config(args)
         if args.command == "train":
-            from summ.train import train
+            from summ.training import train
 
             if args.resume_changed and not args.resume:
                 raise ConfigError("--resume-changed: only applies with --resume")
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{config.data.eval_split} rows)") if val is not None else "no validation"
             say(f"trained: {result.steps} steps, {last}, outputs in {result.run_dir}")
             if config.eval.generate:
-                from summ.evaluate import evaluate_run
+                from summ.evaluation import evaluate_run
 
                 evaluate_run(config, result.run_dir)
                 say(f"report: {result.run_dir / 'eval' / 'eval_report.md'}")
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"merged model written to {folder} ({str(dtype).removeprefix('torch.')}); serving: "
                       f"{folder / 'README.md'}")
         elif args.command == "eval":
-            from summ.evaluate import evaluate_run
+            from summ.evaluation import evaluate_run
 
             run_dir = Path(args.run) if args.run else Path(config.log.output_dir)
             metrics = evaluate_run(config, run_dir, zero_shot=args.zero_shot, name=args.name)

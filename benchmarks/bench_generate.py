@@ -4,7 +4,7 @@
     python benchmarks/bench_generate.py --tiny                                       # CPU, seconds
 
 Each (model, dataset) pair is summarized by each variant, one process per variant, on the same
-articles with the same adapter, through `summ.evaluate.generate_summaries` (what `run.py eval`,
+articles with the same adapter, through `summ.evaluation.generate_summaries` (what `run.py eval`,
 training's final evaluation and `predict` call):
 
   plain        engine "hf": `model.generate`, LoRA unmerged, dynamic cache, text stop strings
@@ -102,9 +102,9 @@ def run(args, model_name: str, dataset: str, variant: str) -> dict:
     import torch
     from peft import get_peft_model
 
-    import summ.evaluate as summ_evaluate
+    import summ.evaluation as summ_evaluate
     from summ.data import Encoder, load_rows
-    from summ.evaluate import generate_summaries
+    from summ.evaluation import generate_summaries
     from summ.model import dequantize_4bit, load_base_model, load_tokenizer, peft_lora_config
     from summ.precision import resolve_compute_dtype
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_scaling.py --models phi2 tinyllama --processes 1 2 --data-xsum DIR --data-cnn DIR
     ACCELERATE_USE_CPU=1 python benchmarks/bench_scaling.py --tiny --processes 1 2 --no-dropout   # CPU, gloo
 
-For each model and process count P it trains with `summ.train.train()` under `accelerate launch
+For each model and process count P it trains with `summ.training.train()` under `accelerate launch
 --multi_gpu --num_processes P` (P = 1: a plain process), with bench_train.py's settings of our loop
 ("ours": train.micro_batch_size rows per process and step, run as micro-batches of a token budget;
 random weights from the real configs, the same rows) and the same global batch: every optimizer step
@@ -55,7 +55,7 @@ def settings(args, model: str, processes: int) -> tuple[str, ...]:
 
 def run_child(args, model: str, processes: int) -> dict:
     """One rank of one measurement; rank 0 also reads the run's log (written by rank 0 only)."""
-    from summ.train import train
+    from summ.training import train
 
     out_dir = Path(args.run_dir)
     cfg = run_config(args, model, out_dir, settings(args, model, processes))

@@ -23,7 +23,7 @@ prepare_model_for_kbit_training, gradient checkpointing, paged_adamw_8bit):
   tuned      batch 16 x accumulation 1 (16 rows per step), dynamic padding, bf16 (what a careful user sets)
   tuned_liger_packed  tuned, padding-free (DataCollatorWithFlattening) and, for Llama-family models
              on a GPU, Liger-Kernel (use_liger_kernel=True): what a user who knows the ecosystem picks
-and summ.train.train() itself:
+and summ.training.train() itself:
   recipe     the config as shipped (configs/xsum.json, configs/cnn_dailymail.json): batch 1 x
              accumulation 8, the same 8 rows per step as the reference, run in the micro-batches the
              memory probe chooses (train.auto_micro_batch)
@@ -98,7 +98,7 @@ def run_config(args, model: str, out_dir: Path, extra: tuple[str, ...] = ()):
         f"data.max_train_rows={args.rows}", "data.max_eval_rows=1",
         f"train.max_steps={args.warmup + args.steps}", "train.warmup_steps=0", "train.save_every=100000",
         "eval.at_start=false", "eval.at_end=false", "eval.eval_every=0", "eval.generate=false",
-        f"log.output_dir={out_dir}", "log.log_every=1", "log.tensorboard=false", "log.progress_bar=false",
+        f"log.output_dir={out_dir}", "log.log_every=1", "log.trackers=[]", "log.progress_bar=false",
     ]
     if tiny:
         sets += ["model.config_overrides=" + json.dumps(TINY_OVERRIDES[model]), *TINY_SETS]
@@ -136,7 +136,7 @@ def encoded_rows(cfg):
 
 
 def one_process():
-    """What the library's setup helpers read of an accelerator (`summ.train.setup_data`,
+    """What the library's setup helpers read of an accelerator (`summ.training.setup_data`,
     `summ.speed.step.setup_step_runner`), for one process on the host: no model or GPU is set up."""
     from types import SimpleNamespace
 
@@ -303,7 +303,7 @@ def run_ours(args, model: str, runner: str) -> dict:
 
     from summ.files import json_records
     from summ.precision import mixed_precision_mode
-    from summ.train import train
+    from summ.training import train
 
     with tempfile.TemporaryDirectory() as tmp:
         if runner.split(":", 1)[0] in ("recipe_t4", "ours_t4"):

@@ -7,7 +7,7 @@ no model loads and no GPU is needed, so the shapes of a graphed run can be weigh
 For each way to fill an optimizer step (`recipe`: the config's micro_batch_size x grad_accum_steps
 rows, as shipped; N: N rows per step in one planned micro-batch, as `bench_train.py`'s `ours` plans
 them) and each graph size (rows per graph, i.e. a token budget of rows x data.max_length), it plans
-one epoch as the loop does (`summ.train.setup_data`), groups each step's rows into graphs as
+one epoch as the loop does (`summ.training.setup_data`), groups each step's rows into graphs as
 `train.cuda_graphs` does (`summ.speed.step.setup_step_runner`, `StepRunner.batches`,
 `GraphedMicroSteps.inputs_for`) and prints the share of the graphs' tokens that are real (not
 padding) and how many graphs the epoch records (lengths x head position counts). Graph lengths are
@@ -59,7 +59,7 @@ def length_multiple(multiple: int):
 
 def measure(args, steps_of: str, graph_rows: int, multiple: int) -> dict:
     from summ.speed.step import setup_step_runner
-    from summ.train import setup_data
+    from summ.training import setup_data
 
     cfg = shape_config(args, steps_of, graph_rows)
     host = one_process()

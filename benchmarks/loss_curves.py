@@ -17,11 +17,11 @@ for a budget of your own), which leaves each step's gradient, and so its loss, u
 
   hf_trainer   HF Trainer with prepare_model_for_kbit_training (fp32 embeddings, lm_head, norms),
                padding to max_length, full-sequence logits: the reference recipe
-  ours         summ.train.train() as shipped: frozen weights in the compute dtype, fused GELU /
+  ours         summ.training.train() as shipped: frozen weights in the compute dtype, fused GELU /
                norms with a bf16 residual stream, LM head on labelled positions only; `--set`
                adds levers (e.g. model.checkpointed_layers, model.compile_layers)
   ours_stock_modules
-               summ.train.train() with transformers' own modules (model.fused_ops=false); its frozen
+               summ.training.train() with transformers' own modules (model.fused_ops=false); its frozen
                weights stay in the compute dtype (the HF Trainer's are fp32), so in bf16 the two
                still differ by that
 
@@ -58,7 +58,7 @@ def curve_config(args, out_dir: Path, extra: tuple[str, ...] = ()):
             f"train.micro_batch_size={args.micro_batch}", f"train.grad_accum_steps={args.accumulation}",
             "train.length_grouping=false", f"train.max_steps={args.steps}", f"train.warmup_steps={args.warmup}",
             "train.save_every=100000", "eval.at_start=false", "eval.at_end=false", "eval.eval_every=0",
-            "eval.generate=false", f"log.output_dir={out_dir}", "log.tensorboard=false", "log.progress_bar=false",
+            "eval.generate=false", f"log.output_dir={out_dir}", "log.trackers=[]", "log.progress_bar=false",
             "model.config_overrides=" + json.dumps(overrides)]
     if args.seed is not None:
         sets.append(f"train.seed={args.seed}")
@@ -73,9 +73,9 @@ def curve_config(args, out_dir: Path, extra: tuple[str, ...] = ()):
 
 
 def planned_rows(cfg):
-    """Our loop's training data (`summ.train.setup_data`) and the rows its steps train, in order:
+    """Our loop's training data (`summ.training.setup_data`) and the rows its steps train, in order:
     what train() plans, and what the HF Trainer is given."""
-    from summ.train import remaining_windows, setup_data
+    from summ.training import remaining_windows, setup_data
 
     data = setup_data(cfg, one_process())
     order = [i for _, window in remaining_windows(data, cfg.train.epochs, 0, 0, data.total_steps)
@@ -129,7 +129,7 @@ def run_hf_trainer(args) -> list[float]:
 
 
 def run_ours(args, runner: str) -> list[float]:
-    from summ.train import train
+    from summ.training import train
 
     extra = ("model.fused_ops=false",) if runner == "ours_stock_modules" else tuple(args.overrides)
     if args.tiny:

@@ -4,7 +4,7 @@
     python benchmarks/profile_kernels.py --model tinyllama --data-cnn DIR --tokens 8192 --trace out/trace.json
     python benchmarks/profile_kernels.py --tiny      # CPU, seconds; keeps the script working
 
-Runs `summ.train.train()` as bench_train.py does (random weights from the real config, real row
+Runs `summ.training.train()` as bench_train.py does (random weights from the real config, real row
 lengths), each optimizer step one micro-batch of up to `--tokens` tokens: the step holds as many
 rows as the budget holds at data.max_length (train.micro_batch_size = tokens // max_length,
 train.grad_accum_steps=1; a `--set` of either wins), so shorter rows leave it partly empty and a
@@ -78,7 +78,7 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from summ.data import padded_length
-    from summ.train import train
+    from summ.training import train
 
     cap_memory(args.cap_gib)
     on_gpu = torch.cuda.is_available()
@@ -169,7 +169,7 @@ def host_split(args, cfg, rows: int, tokens: int) -> int:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     import summ.speed.step as speed_step
-    import summ.train as loop
+    import summ.training as loop
 
     spent: dict[str, float] = defaultdict(float)
     marks: list[float] = []
@@ -212,7 +212,7 @@ def host_split(args, cfg, rows: int, tokens: int) -> int:
         setattr(owner, name, replacement)
     handle = register_optimizer_step_post_hook(step_hook)
     try:
-        from summ.train import train
+        from summ.training import train
 
         train(cfg)
     finally:

@@ -13,11 +13,11 @@ Writes under --out:
                               https://pytorch.org/memory_viz (drag the file in)
   memory_timeline.png         on a GPU: allocated memory across the step (needs matplotlib)
 
-The run is set up as `summ.train.train()` sets it up (`setup_data`, `setup_model`,
+The run is set up as `summ.training.train()` sets it up (`setup_data`, `setup_model`,
 `summ.speed.step.setup_step_runner`), and the measured step is the loop's own: the runner's
 forward and backward over the plan's first optimizer step (train.micro_batch_size x
 train.grad_accum_steps rows; with length grouping the plan's longest micro-batch among them), then
-clipping and `summ.train.optimizer_step`. Its rows run in the micro-batches the loop runs: of the
+clipping and `summ.training.optimizer_step`. Its rows run in the micro-batches the loop runs: of the
 token budget (`--tokens` or train.micro_batch_tokens), of the budget the loop's memory probe chooses
 on a GPU (train.auto_micro_batch; on a CPU the whole step), as planned with
 train.auto_micro_batch=false, or as CUDA graphs (train.cuda_graphs). It is the second step on those
@@ -109,7 +109,7 @@ def main() -> int:
     args.steps, args.warmup = 1, 0
 
     from summ.speed.step import OutOfMemory, setup_step_runner
-    from summ.train import make_accelerator, optimizer_step, setup_data, setup_model
+    from summ.training import make_accelerator, optimizer_step, setup_data, setup_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def main() -> int:
     other_frozen = [p for p in params if not p.requires_grad and id(p) not in quantized_ids]
 
     def one_step() -> None:
-        """One optimizer step as summ.train.train() takes it (less the schedule and the bookkeeping)."""
+        """One optimizer step as summ.training.train() takes it (less the schedule and the bookkeeping)."""
         model.train()
         loss_sum, n_labels, _ = runner.forward_backward(first_step)
         grad_norm = accelerator.clip_grad_norm_(lora, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)

@@ -49,7 +49,7 @@ def load_config(source: str | Path | dict | RunConfig, overrides: dict | list[st
 
 def train(cfg: RunConfig, *, resume: bool | str = False) -> Path:
     """Fine-tune as `run.py train` does (without its evaluation: call `evaluate`); returns the run folder."""
-    from summ.train import train as train_run
+    from summ.training import train as train_run
 
     return Path(train_run(_checked(cfg), resume=resume).run_dir)
 
@@ -59,7 +59,7 @@ def evaluate(run: str | Path, *, zero_shot: bool = False, name: str | None = Non
     """Score the run's adapter (or the base, `zero_shot`) as `run.py eval` does, into run/eval (or
     run/zero_shot, or run/`name`, e.g. for another decoding in `overrides`); returns eval_metrics.json's
     figures."""
-    from summ.evaluate import evaluate_run
+    from summ.evaluation import evaluate_run
     from summ.model import require_adapter
 
     cfg = _run_config(run, overrides, trust_remote_code)

@@ -227,7 +227,10 @@ class EvalConfig:
 class LogConfig:
     output_dir: str = "runs/default"
     log_every: int = 10
-    tensorboard: bool = True
+    # Where the curves and hyperparameters go besides log.jsonl, through Accelerate's trackers:
+    # "tensorboard" (the run folder's tensorboard/), "mlflow" (MLFLOW_TRACKING_URI),
+    # "wandb" (WANDB_MODE=offline without a network). [] for log.jsonl alone.
+    trackers: tuple = ("tensorboard",)
     progress_bar: bool = True
 
 
@@ -256,6 +259,9 @@ def flat_config(config: dict) -> dict:
             if isinstance(values, dict) for key, value in values.items()}
 
 
+# log.trackers: Accelerate's tracker names summ logs to.
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
 # Settings summ no longer has, with the value that gives today's behaviour: a config (or a run's saved
 # config.json) holding one at that value loads as if it were absent; any other value is refused.
 RETIRED_KEYS = {
@@ -267,6 +273,7 @@ RETIRED_KEYS = {
     "train.shuffle": ((True,), "training rows are always shuffled (train.length_grouping groups them)"),
     "eval.compile_min_articles": ((200,), "evaluations of fewer than 200 articles run uncompiled"),
     "eval.cache_implementation": (("dynamic",), "engine 'hf' grows its KV cache; engine 'fast' has a static one"),
+    "log.tensorboard": ((True,), "log.trackers lists the trackers: [\"tensorboard\"] by default, [] for none"),
 }
 
 # A config file may carry a "search" section for `run.py tune`; it is not part of a run's config.
@@ -521,6 +528,8 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
         fail("eval.top_p", "in (0, 1]")
     if e.min_new_tokens > e.max_new_tokens:
         fail("eval.min_new_tokens", f"<= eval.max_new_tokens ({e.max_new_tokens})")
+    if len(set(log.trackers)) != len(log.trackers) or not set(log.trackers) <= set(TRACKERS):
+        fail("log.trackers", f"a list of distinct names from {list(TRACKERS)}")
     if any(not s for s in e.stop_strings):
         fail("eval.stop_strings", "a list of non-empty strings")
     if not 0 <= d.max_bad_row_share <= 1:

@@ -10,7 +10,7 @@ rows are independent, and text is cut at EOS and at the first stop string exactl
 No repeated n-grams and the repetition penalty (summ.repetition: over the summary only) run inside
 the captured step.
 
-Beam search and sampling stay on `model.generate` (see summ.evaluate).
+Beam search and sampling stay on `model.generate` (see summ.evaluation).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The LEAD-k baseline: the article's first k sentences as its summary.
 
 News puts the key facts first, so LEAD is the floor every summarizer must beat, and it costs no
-model: the same rows and the same ROUGE as `summ.evaluate.evaluate_run`, written beside its output
+model: the same rows and the same ROUGE as `summ.evaluation.evaluate_run`, written beside its output
 in `<run>/lead/`.
 """
 

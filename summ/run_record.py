@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import platform
@@ -177,23 +178,52 @@ class RunLog:
             else:
                 write_atomic(self.file, "".join(line + "\n" for line in self.file.read_text().splitlines()
                                                 if _step_of(line) is not None and _step_of(line) <= resumed_at))
-        if cfg.log.tensorboard:
-            # purge_step hides earlier events at and after it: those the resumed run writes again, or
-            # all of an earlier attempt's for a fresh run.
-            init_kwargs = {"tensorboard": {"purge_step": 0 if resumed_at is None else resumed_at + 1}}
-            accelerator.init_trackers("tensorboard", init_kwargs=init_kwargs)
-            if accelerator.is_main_process:
-                write_hparams(accelerator.get_tracker("tensorboard", unwrap=True), _hparams(cfg))
+        self.trackers = start_trackers(cfg, Path(run_dir), resumed_at) if accelerator.is_main_process else []
 
     def write(self, step: int, values: dict) -> None:
-        if self.accelerator.trackers:
-            self.accelerator.log(values, step=step)
+        for tracker in self.trackers:
+            tracker.log(values, step=step)
         if self.accelerator.is_main_process:
             try:
                 with open(self.file, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": step, **values}) + "\n")
             except OSError as e:  # a full disk: the run stops with its last checkpoint, not a traceback
                 raise WriteError(f"could not append to {self.file}: {e.strerror or e}") from e
+
+
+    def finish(self) -> None:
+        for tracker in self.trackers:
+            tracker.finish()
+
+
+def check_trackers(cfg: RunConfig) -> None:
+    """A tracker whose package is missing fails before the run folder is made."""
+    for name, package in (("mlflow", "mlflow"), ("wandb", "wandb")):
+        if name in cfg.log.trackers and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"log.trackers: '{name}' needs the {package} package (pip install -e '.[{name}]')")
+
+
+def start_trackers(cfg: RunConfig, run_dir: Path, resumed_at: int | None) -> list:
+    """Accelerate's trackers named in log.trackers, started, holding the run's hyperparameters."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    trackers = []
+    for name in cfg.log.trackers:
+        if name == "tensorboard":
+            # purge_step hides earlier events at and after it: those the resumed run writes again, or
+            # all of an earlier attempt's for a fresh run.
+            tracker = TensorBoardTracker("tensorboard", run_dir, purge_step=0 if resumed_at is None else resumed_at + 1)
+        elif name == "mlflow":  # MLFLOW_EXPERIMENT_NAME, MLFLOW_TRACKING_URI and MLFLOW_RUN_ID apply
+            tracker = MLflowTracker(experiment_name="summ", run_name=run_dir.name)
+        else:  # WANDB_PROJECT, WANDB_MODE and the other WANDB_* variables apply
+            tracker = WandBTracker("summ", name=run_dir.name, dir=str(run_dir))
+        tracker.start()
+        if name == "tensorboard":
+            write_hparams(tracker.writer, _hparams(cfg))
+        else:
+            tracker.store_init_configuration(_hparams(cfg))
+        trackers.append(tracker)
+    return trackers
 
 
 def _step_of(line: str) -> int | None:

@@ -1,5 +1,5 @@
 """Hyperparameter search over a recipe with Ray Tune. Each trial is the real training loop
-(`summ.train.train`) with its overrides; it reports validation loss at every evaluation, ASHA
+(`summ.training.train`) with its overrides; it reports validation loss at every evaluation, ASHA
 stops the trials that fall behind, and the survivors can be scored by ROUGE-Lsum at the end.
 
     python run.py tune --config configs/demo.json [--search search.json] [--address ADDR] [--resume]
@@ -195,7 +195,7 @@ def run_trial(params: dict, base: dict, search_dict: dict, out_dir: str) -> None
     from ray import tune
 
     from summ.checkpoint import latest_checkpoint
-    from summ.train import train
+    from summ.training import train
 
     search = SearchConfig(**search_dict)
     run_dir = Path(out_dir) / "trials" / tune.get_context().get_trial_id()
@@ -209,7 +209,7 @@ def run_trial(params: dict, base: dict, search_dict: dict, out_dir: str) -> None
 
     result = train(cfg, resume=latest_checkpoint(run_dir) is not None, on_validation=report)
     if search.metric == "rougeLsum":
-        from summ.evaluate import evaluate_run
+        from summ.evaluation import evaluate_run
 
         metrics = evaluate_run(cfg, result.run_dir)
         tune.report({**last, "rougeLsum": metrics["rouge"]["rougeLsum"]["mean"],

@@ -52,7 +52,7 @@ def tiny_config(output_dir, arch: str = "phi", quant: bool = False, **sections):
         "train": {"seed": 0, "epochs": 1, "micro_batch_size": 2, "grad_accum_steps": 2, "optimizer": "adamw",
                   "lr": 1e-3, "warmup_steps": 0, "mixed_precision": "no", "save_every": 1000},
         "eval": {"eval_every": 0, "batch_size": 4, "at_start": False, "at_end": True},
-        "log": {"output_dir": str(output_dir), "log_every": 1, "tensorboard": False, "progress_bar": False},
+        "log": {"output_dir": str(output_dir), "log_every": 1, "trackers": [], "progress_bar": False},
     }
     for section, values in sections.items():
         raw[section].update(values)

@@ -312,7 +312,7 @@ def test_unusable_folders_are_refused_before_anything_is_written(inputs, tmp_pat
 
 
 def test_compare_imports_no_torch_or_matplotlib():
-    code = ("import sys, summ.compare; print(sorted(m for m in ('torch', 'matplotlib', 'summ.train', 'summ.model',"
+    code = ("import sys, summ.compare; print(sorted(m for m in ('torch', 'matplotlib', 'summ.training', 'summ.model',"
             " 'summ.data') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

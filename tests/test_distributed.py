@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from summ.train import setup_data
+from summ.training import setup_data
 from tests.conftest import tiny_config
 
 # Every test here starts processes (half a minute for the two runs, seconds per refused launch):
@@ -49,7 +49,7 @@ def write_config(path: Path, out_dir: Path, train: dict) -> Path:
     raw["data"].update(max_train_rows=16, max_eval_rows=4)
     raw["train"].update(max_steps=3, **train)
     raw["eval"].update(generate=True, generate_rows=4, max_new_tokens=8)
-    raw["log"].update(tensorboard=False, log_every=1)
+    raw["log"].update(trackers=[], log_every=1)
     assert raw["lora"]["dropout"] == 0.0 and raw["model"]["config_overrides"]["resid_pdrop"] == 0.0
     path.write_text(json.dumps(raw, indent=1))
     return path

@@ -8,10 +8,10 @@ import torch
 
 from summ.config import EvalConfig
 from summ.data import Encoder
-from summ.evaluate import Generation, evaluate_run, finish_generation, generate_summaries, template_markers
+from summ.evaluation import Generation, evaluate_run, finish_generation, generate_summaries, template_markers
 from summ.model import load_for_inference, load_tokenizer
 from summ.rouge import ROUGE_KEYS, aggregate, score_pairs
-from summ.train import train
+from summ.training import train
 from tests.conftest import FIXTURES, tiny_config
 
 ARTICLES = [json.loads(line)["document"] for line in open(FIXTURES / "xsum_tiny" / "validation.jsonl")][:3]

@@ -9,7 +9,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from summ.data import Encoder
-from summ.evaluate import finish_generation
+from summ.evaluation import finish_generation
 from summ.generate import CHECK_EVERY, GreedyDecoder, stop_candidates
 from summ.model import load_base_model, load_tokenizer, peft_lora_config
 from summ.repetition import SummaryOnlyRepetition
@@ -48,7 +48,7 @@ def lora_model(request, tmp_path_factory):
 def reference_ids(model, tok, prompts, stop_strings=(), min_new_tokens=0, eos=None, no_repeat_ngram_size=0,
                   repetition_penalty=1.0) -> list[list[int]]:
     """`model.generate` on each prompt alone (no padding at all): new ids, padded to NEW. The
-    repetition rules run as summ.evaluate hands them to `generate`: over the summary only."""
+    repetition rules run as summ.evaluation hands them to `generate`: over the summary only."""
     rows = []
     for p in prompts:
         ids = torch.tensor([p])
@@ -139,7 +139,7 @@ def test_batch_size_from_the_memory_budget():
     positions (512 of prompt, 64 new) make 180 MiB per row, plus prefill activations and logits."""
     from transformers import AutoConfig
 
-    from summ.evaluate import rows_that_fit
+    from summ.evaluation import rows_that_fit
 
     phi2 = AutoConfig.from_pretrained(FIXTURES / "phi-2")
     per_row = 2 * 32 * 2560 * 576 * 2 + 4 * 512 * 10240 * 2 + 4 * 51200

@@ -19,7 +19,7 @@ from summ.speed.graphs import (GRAPH_ATTENTION, GraphedMicroSteps, causal_sdpa, 
                                static_inputs, static_summed_loss)
 from summ.speed.micro_batch import MicroBatching, choose_micro_batching
 from summ.speed.step import StepRunner, setup_step_runner
-from summ.train import train
+from summ.training import train
 from tests.conftest import gpu, tiny_config
 from tests.test_train import accumulate, examples_for, lora_grads, ragged_rows
 
@@ -113,7 +113,7 @@ def test_a_step_runs_longest_rows_first_in_groups_of_the_graphs_rows(tmp_path):
 def test_graphs_are_recorded_ahead_for_the_windows_a_run_has_left(tmp_path):
     """Resumed at step 2 (epoch 0, window 2) of 5, in two epochs of 3 windows: the windows recorded
     ahead are epoch 0's third and epoch 1's first two (the run stops at its total steps)."""
-    from summ.train import remaining_windows
+    from summ.training import remaining_windows
 
     cfg = tiny_config(tmp_path, train={"epochs": 2})
     tok, ex = examples_for(cfg, 6)

@@ -83,6 +83,6 @@ def test_lead_imports_no_model_code():
     import subprocess
     import sys
 
-    code = "import sys, summ.lead; print(sorted(m for m in ('summ.train', 'summ.model') if m in sys.modules))"
+    code = "import sys, summ.lead; print(sorted(m for m in ('summ.training', 'summ.model') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

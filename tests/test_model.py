@@ -248,7 +248,7 @@ def test_dequantize_for_training_trains_as_the_4bit_model(tmp_path, arch):
     import bitsandbytes as bnb
 
     from summ.model import build_model
-    from summ.train import train
+    from summ.training import train
     from tests.conftest import tiny_config
 
     def config(out, held: bool):

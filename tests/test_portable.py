@@ -17,7 +17,7 @@ from summ.model_card import extract_code
 from summ.portable import base_model_record
 from summ.predict import summarize
 from summ.sources import random_folder
-from summ.train import train
+from summ.training import train
 from tests.conftest import FIXTURES, tiny_config
 
 REPO = Path(__file__).parents[1]

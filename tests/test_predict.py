@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from summ.predict import MISSING_ADAPTER_HINT, base_dtype, summarize
 from summ.sources import random_folder
-from summ.train import train
+from summ.training import train
 from tests.conftest import FIXTURES, tiny_config
 
 REPO = Path(__file__).parents[1]

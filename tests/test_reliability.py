@@ -17,7 +17,7 @@ from summ.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from summ.run_record import ResumeMismatch
 import summ.speed.step as step_module
 from summ.speed.step import OutOfMemory
-from summ.train import TrainingDiverged, TrainingError, train
+from summ.training import TrainingDiverged, TrainingError, train
 from tests.conftest import FIXTURES, tiny_config
 
 REPO = Path(__file__).parents[1]
@@ -169,7 +169,7 @@ def finished_run(tmp_path_factory):
     """A 3-step run with a checkpoint after every step; tests copy it before resuming."""
     root = tmp_path_factory.mktemp("finished")
     cfg = tiny_config(root / "run", train={"save_every": 1, "keep_last": 5}, eval={"at_end": False},
-                      log={"tensorboard": True})
+                      log={"trackers": ["tensorboard"]})
     result = train(cfg)
     return root / "run", result
 
@@ -183,7 +183,7 @@ def copy_run(finished_run, tmp_path) -> Path:
 def resume_from_step_1(run_dir, accept_changes=False, **sections):
     cfg = tiny_config(run_dir, train={"save_every": 1, "keep_last": 5, **sections.pop("train", {})},
                       eval={"at_end": False, **sections.pop("eval", {})},
-                      log={"tensorboard": True, **sections.pop("log", {})}, **sections)
+                      log={"trackers": ["tensorboard"], **sections.pop("log", {})}, **sections)
     return train(cfg, resume=run_dir / "checkpoints" / "step-0000001", accept_changes=accept_changes)
 
 
@@ -200,7 +200,7 @@ def test_resume_that_changes_the_math_is_refused_with_each_difference(finished_r
 def test_resume_that_changes_tensor_shapes_is_refused_even_when_forced(finished_run, tmp_path, monkeypatch):
     """LoRA rank 4 -> 8: the checkpoint's matrices cannot load; refused in one line naming the key,
     before any model loads, with --resume-changed too."""
-    import summ.train as tr
+    import summ.training as tr
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -259,7 +259,7 @@ def test_cli_resume_mismatch_is_a_one_line_error(finished_run, tmp_path, capsys)
     run_dir = copy_run(finished_run, tmp_path)
     config = tmp_path / "config.json"
     tiny_config(run_dir, train={"save_every": 1, "keep_last": 5}, eval={"at_end": False},
-                log={"tensorboard": True}).save(config)
+                log={"trackers": ["tensorboard"]}).save(config)
     assert run.main(["--config", str(config), "--set", "train.weight_decay=0.1", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "changed since the checkpoint: train.weight_decay: 0.0 -> 0.1" in err and err.count("\n") == 1
@@ -292,7 +292,7 @@ def fp16_accelerator_on_cpu(cfg, run_dir):
 
 
 def test_fp16_overflow_steps_are_skipped_counted_and_the_scaler_updated(tmp_path, monkeypatch):
-    import summ.train as tr
+    import summ.training as tr
 
     real, calls = step_module.forward_summed_loss, {"n": 0}
 
@@ -368,7 +368,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
 
 
 def test_out_of_memory_names_the_micro_batch_and_the_knobs(tmp_path, monkeypatch):
-    import summ.train as tr
+    import summ.training as tr
 
     def oom(model, batch, device=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -389,7 +389,7 @@ def test_out_of_memory_names_the_micro_batch_and_the_knobs(tmp_path, monkeypatch
 
 
 def test_out_of_memory_in_validation_names_the_evaluation_batch(tmp_path, monkeypatch):
-    import summ.train as tr
+    import summ.training as tr
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -419,7 +419,7 @@ def test_resume_into_a_new_folder_gives_it_a_complete_record(finished_run, tmp_p
     run_dir = copy_run(finished_run, tmp_path)
     elsewhere = tmp_path / "continued"
     cfg = tiny_config(elsewhere, train={"save_every": 1, "keep_last": 5}, eval={"at_end": False},
-                      log={"tensorboard": True})
+                      log={"trackers": ["tensorboard"]})
     train(cfg, resume=run_dir / "checkpoints" / "step-0000002")
     assert sorted(p.name for p in elsewhere.iterdir() if p.suffix in (".json", ".jsonl")) == [
         "config.json", "environment.json", "log.jsonl", "metrics.json", "prompt.json", "resumes.jsonl"]
@@ -428,7 +428,7 @@ def test_resume_into_a_new_folder_gives_it_a_complete_record(finished_run, tmp_p
 
 
 def test_a_fresh_run_keeps_an_earlier_attempts_log_beside_its_own(tmp_path, monkeypatch):
-    import summ.train as tr
+    import summ.training as tr
 
     def crash(*args, **kwargs):
         raise TrainingError("stopped before the first checkpoint")

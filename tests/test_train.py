@@ -13,12 +13,13 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from summ.checkpoint import latest_checkpoint
+from summ.config import ConfigError
 from summ.data import Encoder, collate, encode_rows, load_rows
 from summ.model import build_model, load_tokenizer
 from summ.loss import evaluate_loss
 import summ.speed.step as step_module
 from summ.speed.step import queue_gradients
-from summ.train import TrainingDiverged, make_scheduler, train
+from summ.training import TrainingDiverged, make_scheduler, train
 from tests.conftest import TINY, tiny_config
 
 
@@ -284,7 +285,7 @@ def test_run_writes_adapter_config_metrics_and_tensorboard(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(tmp_path / "run", quant=True, log={"tensorboard": True}, eval={"at_start": True})
+    cfg = tiny_config(tmp_path / "run", quant=True, log={"trackers": ["tensorboard"]}, eval={"at_start": True})
     result = train(cfg)
     run = tmp_path / "run"
     assert json.loads((run / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
@@ -332,6 +333,37 @@ def test_run_writes_adapter_config_metrics_and_tensorboard(tmp_path):
     assert result.run_dir == run
 
 
+def test_mlflow_and_tensorboard_get_the_curves_and_hyperparameters_of_log_jsonl(tmp_path, monkeypatch):
+    """log.trackers through Accelerate's trackers, MLflow offline in a local file store."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for the opt-in to a local file store
+    cfg = tiny_config(tmp_path / "run", log={"trackers": ["mlflow", "tensorboard"]}, eval={"at_start": True})
+    train(cfg)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("summ").experiment_id])
+    assert run.info.run_name == "run"
+    assert run.data.params["train.lr"] == str(cfg.train.lr)
+    for key in ("val/loss", "train/loss"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert history == [(x["step"], pytest.approx(x[key], rel=1e-6)) for x in logged if key in x]
+    assert len(list((tmp_path / "run").glob("tensorboard/events.out.tfevents.*"))) == 1
+
+
+def test_a_tracker_without_its_package_is_refused_before_the_run_folder(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    cfg = tiny_config(tmp_path / "run", log={"trackers": ["wandb"]})
+    with pytest.raises(ConfigError, match=r"^log\.trackers: 'wandb' needs the wandb package "
+                                          r"\(pip install -e '\.\[wandb\]'\)$"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_existing_run_is_never_overwritten(tmp_path):
     cfg = tiny_config(tmp_path, train={"save_every": 1})
     train(cfg)
@@ -343,7 +375,7 @@ KILL_SCRIPT = r"""
 import os, signal, sys
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 os.environ["SUMM_CACHE"] = {cache!r}
-import conftest, summ.train as tr
+import conftest, summ.training as tr
 real_rename = os.rename
 def rename(src, dst):
     if str(dst).endswith("step-0000004"):   # die half-way through saving checkpoint 4
@@ -383,7 +415,7 @@ SIGNAL_SCRIPT = r"""
 import os, signal, sys
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 os.environ["SUMM_CACHE"] = {cache!r}
-import conftest, run, summ.train as tr
+import conftest, run, summ.training as tr
 import summ.speed.step as step_module
 real_queue, calls = step_module.queue_gradients, []
 def queue_gradients(*args, **kwargs):
@@ -503,7 +535,7 @@ def test_a_learning_rate_that_blows_the_weights_up_stops_at_the_next_validation(
 def test_keep_best_leaves_the_lowest_validation_loss_in_adapter(tmp_path, monkeypatch):
     """train.keep_best: validation losses 3.0, 2.5, 2.8, 2.9 at steps 0-3; adapter/ is step 1's state
     (the checkpoint of that step holds the same weights), the last state stays in checkpoints/."""
-    import summ.train as tr
+    import summ.training as tr
 
     losses = iter([3.0, 2.5, 2.8, 2.9])
     monkeypatch.setattr(tr, "evaluate_loss", lambda *args, **kwargs: next(losses))

@@ -110,7 +110,7 @@ def ray_local():
 
 @pytest.mark.slow  # Ray and four short trainings: ~25 s; CI runs it with make test-slow
 def test_two_trials_asha_stops_the_trailing_one_and_best_trains(tmp_path, ray_local):
-    from summ.train import train
+    from summ.training import train
 
     out = tmp_path / "search"
     # One trial at a time, the better learning rate first: ASHA keeps it and stops the other at its

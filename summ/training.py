@@ -30,7 +30,7 @@ from summ.optimizer import make_optimizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
 from summ.preemption import StopSignals
 from summ.run_lock import hold_run_folder
-from summ.run_record import (RunLog, check_resume, record_resume, save_adapter, write_metrics,
+from summ.run_record import (RunLog, check_resume, check_trackers, record_resume, save_adapter, write_metrics,
                               write_run_record)
 from summ.speed.graphs import check_graph_launch
 from summ.speed.step import OutOfMemory, setup_step_runner
@@ -143,6 +143,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
     # Inputs first, before any folder is made or model loaded: bad input fails in seconds.
     data = setup_data(cfg, accelerator)
     check_model_settings(cfg)
+    check_trackers(cfg)
     changes = check_resume(cfg, resume_from, accelerator.num_processes, data.fingerprint, accept_changes)
     if accelerator.is_main_process:
         hold_run_folder(run_dir, "training")
@@ -202,7 +203,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
             if received:
                 raise Preempted(received, step, latest_checkpoint(run_dir))
     progress.close()
-    return finish_run(model, data, cfg, accelerator, state, runner.metrics(), run_dir)
+    return finish_run(model, data, cfg, accelerator, state, runner.metrics(), run_log)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -287,8 +288,7 @@ class Throughput:
 def make_accelerator(cfg: RunConfig, run_dir: Path):
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=mixed_precision_mode(cfg.train.mixed_precision),
-                              log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(run_dir))
+    accelerator = Accelerator(mixed_precision=mixed_precision_mode(cfg.train.mixed_precision), project_dir=str(run_dir))
     check_launch(accelerator.num_processes)
     if cfg.train.cuda_graphs:
         check_graph_launch(accelerator)
@@ -487,16 +487,16 @@ def train_log_record(state: TrainState, log_every: int, lr: float, grad_norm: fl
 
 
 def finish_run(model, data: TrainData, cfg: RunConfig, accelerator, state: TrainState, speed: dict,
-               run_dir: Path) -> RunResult:
+               run_log: RunLog) -> RunResult:
     """metrics.json and, unless train.keep_best kept one already, the last state as adapter/."""
+    run_dir = Path(cfg.log.output_dir)
     metrics = {**final_metrics(state, data, count_parameters(model)), **speed}
     if accelerator.is_main_process:
         if state.best is None:  # without train.keep_best (or no validation ran): the last state
             save_adapter(accelerator.unwrap_model(model), data.tokenizer, cfg, run_dir)
         write_metrics(run_dir, metrics)
     accelerator.wait_for_everyone()  # adapter/ is whole before any rank evaluates it
-    for tracker in accelerator.trackers:  # not end_training(): it ends the process group the evaluation needs
-        tracker.finish()
+    run_log.finish()  # not accelerator.end_training(): it ends the process group the evaluation needs
     return RunResult(run_dir=run_dir, steps=state.step, train_losses=state.train_losses,
                      eval_history=state.eval_history, metrics=metrics)
 
