@@ -220,13 +220,39 @@ def gather_in_order(accelerator, indices: list[int], items: list, total: int) ->
     return ordered
 
 
+def decoding_settings(ev: EvalConfig) -> dict:
+    return {"max_new_tokens": ev.max_new_tokens, "min_new_tokens": ev.min_new_tokens, "num_beams": ev.num_beams,
+            "length_penalty": ev.length_penalty, "do_sample": ev.do_sample,
+            "no_repeat_ngram_size": ev.no_repeat_ngram_size, "repetition_penalty": ev.repetition_penalty,
+            "repetition_scope": ev.repetition_scope, "stop_strings": list(ev.stop_strings)}
+
+
+def write_evaluation(out_dir: Path, run_dir: Path, metrics: dict, gen_rows: list[dict], generations: list,
+                     scores: list[dict], analyses: list[dict]) -> None:
+    """predictions.jsonl, errors.jsonl, eval_metrics.json and eval_report.md (beside the run's other
+    evaluation, zero-shot or trained, when there is one)."""
+    from summ.eval_report import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "predictions.jsonl", "".join(
+        json.dumps({"id": r["id"], "reference": r["summary"], "prediction": g.text, "stop_reason": g.stop_reason,
+                    "new_tokens": g.new_tokens, **{k: sc[k] for k in ROUGE_KEYS}}, ensure_ascii=False) + "\n"
+        for r, g, sc in zip(gen_rows, generations, scores)))
+    write_atomic(out_dir / "errors.jsonl", "".join(
+        json.dumps({"id": r["id"], **a}, ensure_ascii=False) + "\n" for r, a in zip(gen_rows, analyses)))
+    write_json(out_dir / "eval_metrics.json", metrics)
+    baseline_dir = run_dir / (EVAL_DIR if metrics["zero_shot"] else ZERO_SHOT_DIR)
+    baseline = json.loads((baseline_dir / "eval_metrics.json").read_text()) \
+        if (baseline_dir / "eval_metrics.json").is_file() else None
+    write_report(out_dir / "eval_report.md", metrics, gen_rows, [asdict(g) for g in generations], scores,
+                 analyses, other=baseline)
+
+
 def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False, name: str | None = None) -> dict:
     """Score the run's adapter (or, with `zero_shot`, the base model) on data.eval_split and write
     predictions.jsonl, errors.jsonl, eval_metrics.json and eval_report.md into run_dir/eval (or
     run_dir/zero_shot, or run_dir/`name`: a second decoding kept beside the first)."""
     from accelerate import Accelerator
-
-    from summ.eval_report import write_report
 
     run_dir = Path(run_dir)
     out_dir = run_dir / (name or (ZERO_SHOT_DIR if zero_shot else EVAL_DIR))
@@ -281,28 +307,12 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
         "stopped_by_itself": stopped, "stopped_by_itself_share": stopped / max(len(generations), 1),
         "generation": {"adapter_merged": adapter_dir is not None and not hasattr(model, "peft_config"),
                        "base_in_4bit": cfg.quant.enabled and not ev.dequantize_for_generation,
-                       "max_new_tokens": ev.max_new_tokens, "min_new_tokens": ev.min_new_tokens,
-                       "num_beams": ev.num_beams, "length_penalty": ev.length_penalty, "do_sample": ev.do_sample,
-                       "no_repeat_ngram_size": ev.no_repeat_ngram_size, "repetition_penalty": ev.repetition_penalty,
-                       "repetition_scope": ev.repetition_scope,
-                       "stop_strings": list(ev.stop_strings), **speed},
+                       **decoding_settings(ev), **speed},
         "errors": aggregate_errors(analyses),
     }
 
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_dir / "predictions.jsonl", "".join(
-            json.dumps({"id": r["id"], "reference": r["summary"], "prediction": g.text, "stop_reason": g.stop_reason,
-                        "new_tokens": g.new_tokens, **{k: sc[k] for k in ROUGE_KEYS}}, ensure_ascii=False) + "\n"
-            for r, g, sc in zip(gen_rows, generations, scores)))
-        write_atomic(out_dir / "errors.jsonl", "".join(
-            json.dumps({"id": r["id"], **a}, ensure_ascii=False) + "\n" for r, a in zip(gen_rows, analyses)))
-        write_json(out_dir / "eval_metrics.json", metrics)
-        baseline_dir = run_dir / (EVAL_DIR if zero_shot else ZERO_SHOT_DIR)
-        baseline = json.loads((baseline_dir / "eval_metrics.json").read_text()) \
-            if (baseline_dir / "eval_metrics.json").is_file() else None
-        write_report(out_dir / "eval_report.md", metrics, gen_rows, [asdict(g) for g in generations], scores,
-                     analyses, other=baseline)
+        write_evaluation(out_dir, run_dir, metrics, gen_rows, generations, scores, analyses)
         if adapter_dir is not None and name is None:  # the adapter's model card shows its ROUGE from now on
             refresh_model_card(run_dir)
     log.info("eval (%s): val loss %.4f on %d %s rows, ROUGE-1/2/L/Lsum %s, %d of %d stopped by themselves "

@@ -202,6 +202,15 @@ def model_card(cfg: RunConfig, run_dir: str | Path, base: dict, kind: str = "ada
         CODE_START + reproduce_code(cfg, kind) + CODE_END.rstrip("\n"),
         "",
     ]
+    notes = card_notes(cfg, base, kind, dtype, rules)
+    lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def card_notes(cfg: RunConfig, base: dict, kind: str, dtype: str | None, rules: bool) -> list[str]:
+    """What a reader must know to get predict's summaries from the folder: where the base comes from,
+    dtype, repetition rules, batching."""
+    ev = cfg.eval
     notes = []
     if kind == "adapter" and base["local_folder_only"]:
         notes.append(f"The base is a folder summ built on the training machine ({base.get('built_by', 'a local copy')}). "
@@ -227,8 +236,7 @@ def model_card(cfg: RunConfig, run_dir: str | Path, base: dict, kind: str = "ada
     if ev.num_beams > 1 or ev.do_sample:
         notes.append("predict decodes articles in left-padded batches; beam search on one article at a time can "
                      "differ in the last digits, sampling differs by its random state.")
-    lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
-    return "\n".join(lines)
+    return notes
 
 
 def refresh_model_card(run_dir: str | Path) -> bool:
