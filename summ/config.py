@@ -273,7 +273,7 @@ RETIRED_KEYS = {
     "train.shuffle": ((True,), "training rows are always shuffled (train.length_grouping groups them)"),
     "eval.compile_min_articles": ((200,), "evaluations of fewer than 200 articles run uncompiled"),
     "eval.cache_implementation": (("dynamic",), "engine 'hf' grows its KV cache; engine 'fast' has a static one"),
-    "log.tensorboard": ((True,), "log.trackers lists the trackers: [\"tensorboard\"] by default, [] for none"),
+    "log.tensorboard": ((True, False), "log.trackers lists the trackers: [\"tensorboard\"] by default, [] for none"),
 }
 
 # A config file may carry a "search" section for `run.py tune`; it is not part of a run's config.
@@ -340,6 +340,9 @@ def _paths_from(raw: dict, folder: Path) -> dict:
 
 def config_from_dict(raw: dict, source: str = "<dict>", overrides=()) -> RunConfig:
     raw = json.loads(json.dumps(raw))  # a deep copy that overrides can change freely
+    log = raw.get("log")
+    if isinstance(log, dict) and log.get("tensorboard") is False and "trackers" not in log:
+        log["trackers"] = []  # what `log.tensorboard: false` meant before log.trackers
     # An error names where its value came from: the file, or the --set that replaced it.
     origins = {}
     for item in overrides:
@@ -374,6 +377,7 @@ def _apply_override(raw: dict, item: str) -> str:
         except json.JSONDecodeError:
             value = text.strip()
         check_retired(dotted.strip(), value, where)
+        raw.get(parts[0], {}).pop(parts[1], None)  # the file's value is replaced, as any --set replaces it
         return dotted.strip()
     if key not in fields:
         raise ConfigError(f"{where}: unknown key '{dotted}'; expected one of {sorted(fields)}")

@@ -57,6 +57,21 @@ def is_harmless(key: str) -> bool:
     return key.split(".")[0] in _HARMLESS_SECTIONS or key in _HARMLESS_KEYS
 
 
+# Retired keys that acted only when another key was on: inductor options on compiled layers, graph
+# lengths under CUDA graphs.
+_RETIRED_ONLY_WITH = {"model.compile_options": "model.compile_layers", "train.graph_length_multiple": "train.cuda_graphs"}
+
+
+def retired_key_unchanged(key: str, value, old: dict, new: dict) -> bool:
+    """Whether a retired key's recorded value gives what today's summ does for the new config."""
+    gate = _RETIRED_ONLY_WITH.get(key)
+    if gate is not None and not old.get(gate) and not new.get(gate):
+        return True
+    if key == "model.compile_options":  # today: torch's dropout kernel exactly when the layers run in graphs
+        return value == ({"fallback_random": True} if new.get("train.cuda_graphs") else {})
+    return value in RETIRED_KEYS[key][0]
+
+
 def check_resume(cfg: RunConfig, checkpoint: Path | None, world_size: int, data_fingerprint: str,
                  accept_changes: bool) -> dict:
     """Compare this run with the checkpoint's; refuse a change of the math, the data or its order.
@@ -76,8 +91,7 @@ def check_resume(cfg: RunConfig, checkpoint: Path | None, world_size: int, data_
     new = flat_config(cfg.to_dict())
     # A key that the checkpoint's summ did not have yet compares as its default: what that version did.
     old = {**flat_config(RunConfig().to_dict()), **flat_config(record["config"])}
-    # A retired key at the value that gives today's behaviour changes nothing.
-    old = {k: v for k, v in old.items() if k not in RETIRED_KEYS or v not in RETIRED_KEYS[k][0]}
+    old = {k: v for k, v in old.items() if k not in RETIRED_KEYS or not retired_key_unchanged(k, v, old, new)}
     changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
     reshaped = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k in _SHAPE_KEYS]
     if reshaped:

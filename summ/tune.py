@@ -395,4 +395,9 @@ def write_search_outputs(out_dir: Path, base: dict, search: SearchConfig, rows: 
         # Read back against best.json's own folder (summ.config.load_config): a moved search trains
         # into its own best/, not the folder it was made in.
         best_cfg["log"]["output_dir"] = "best"
+        # Paths the recipe wrote relative to the working directory would be read against this folder.
+        for section, key in (("model", "name_or_path"), ("model", "tokenizer"), ("data", "dataset")):
+            value = best_cfg[section][key]
+            if isinstance(value, str) and value.startswith(("./", "../")):
+                best_cfg[section][key] = str(Path(value).resolve())
         write_json(out_dir / "best.json", {PATHS_RELATIVE_TO_FILE: True, **best_cfg})

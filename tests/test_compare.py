@@ -403,6 +403,24 @@ def test_a_moved_search_folder_reports_and_its_best_json_trains_into_itself(tmp_
     assert not made.exists()
 
 
+def test_best_json_keeps_a_recipe_path_relative_to_the_working_directory_readable(tmp_path, monkeypatch):
+    """A recipe's `./data/...` means the working directory, not the search folder best.json lives in."""
+    from summ.tune import SearchConfig, relative_inside, write_search_outputs
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(FIXTURES / "xsum_tiny", tmp_path / "data")
+    made = tmp_path / "runs" / "sweep"
+    trial_run(made / "trials" / "0", 1e-4, [3.2, 3.0, 2.9])
+    base = json.loads((made / "trials" / "0" / "config.json").read_text())
+    base["data"]["dataset"], base["log"]["output_dir"] = "./data", str(made)
+    row = {"trial_id": "0", "train.lr": 1e-4, "status": "completed", "steps": 30, "best_val_loss": 2.9,
+           "last_val_loss": 2.9, "rougeLsum": None, "wall_s": 60.0, "peak_gib": None,
+           "run_dir": relative_inside(made / "trials" / "0", made)}
+    write_search_outputs(made, base, SearchConfig(space={"train.lr": {"loguniform": [1e-4, 1e-2]}}), [row], row)
+    assert json.loads((made / "best.json").read_text())["data"]["dataset"] == str(tmp_path / "data")
+    assert load_config(made / "best.json").data.dataset == str(tmp_path / "data")
+
+
 def test_an_older_search_folder_with_absolute_paths_still_reads_after_a_move(inputs, tmp_path):
     old = search_folder(tmp_path / "old" / "sweep")  # trial 1 and best_trial written absolute
     moved = tmp_path / "moved"

@@ -168,6 +168,9 @@ def test_retired_settings_at_todays_behaviour_load_as_if_absent(tmp_path):
                       eval={"compile_min_articles": 200, "cache_implementation": "dynamic"})
     assert load_config(write(tmp_path, retired)) == config_from_dict(minimal())
     assert load_config(write(tmp_path, minimal()), ["train.shuffle=true"]) == config_from_dict(minimal())
+    # An old run's value a --set of today's behaviour replaces, and what log.tensorboard=false meant.
+    old_run = write(tmp_path, minimal(eval={"cache_implementation": "static"}, log={"tensorboard": False}))
+    assert load_config(old_run, ["eval.cache_implementation=dynamic"]).log.trackers == ()
     with pytest.raises(ConfigError, match=r"^--set train\.shuffle=false: 'train\.shuffle' is no longer a setting "
                                           r"\(training rows are always shuffled \(train\.length_grouping groups "
                                           r"them\)\); remove it, got False$"):

@@ -8,4 +8,7 @@
   (`train.cuda_graphs`);
 - `step`: the entry point the loop calls, which runs one optimizer step's forward and backward
   through whichever of these the config turns on (and packs rows with `train.packing`).
+
+Imports flow config -> data -> speed.layers -> model -> speed.micro_batch / graphs / step -> training:
+`summ.model` applies the layer levers as it loads a model, the rest acts on a loaded one.
 """

@@ -85,7 +85,9 @@ class StepRunner:
             yield
         except torch.OutOfMemoryError:
             shapes = [(self.graphed.rows, self.graphed.length_for(b)) if self.graphed else tuple(b["input_ids"].shape)
-                      for b in batches] or [(self.graphed.rows, self.graphed.length)]
+                      for b in batches]
+            if not shapes:  # recording graphs ahead: the largest graph
+                shapes = [(self.graphed.rows, self.graphed.length) if self.graphed else (0, 0)]
             rows, length = max(shapes, key=lambda shape: shape[0] * shape[1])
             t, m = self.cfg.train, self.micro_batching
             knobs = [f"set train.micro_batch_tokens below {m.tokens} (the rows per step stay the same)" if m.tokens
