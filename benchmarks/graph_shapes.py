@@ -65,7 +65,7 @@ def measure(args, steps_of: str, graph_rows: int, multiple: int) -> dict:
     host = one_process()
     data = setup_data(cfg, host)
     # As the loop sets graphs up (at most a step's rows per graph); no model: the shapes need none.
-    runner = setup_step_runner(torch.nn.Linear(1, 1), cfg, host, data.train_examples, data.lengths,
+    runner = setup_step_runner(torch.nn.Linear(1, 1), cfg, host, data.train_examples, data.plan.lengths,
                                data.tokenizer.pad_token_id)
     graphed = runner.graphed
     real = graph_tokens = replays = 0

@@ -122,7 +122,7 @@ def main() -> int:
     data = setup_data(cfg, accelerator)
     model, optimizer, _ = setup_model(cfg, accelerator, data.total_steps)
     try:
-        runner = setup_step_runner(model, cfg, accelerator, data.train_examples, data.lengths,
+        runner = setup_step_runner(model, cfg, accelerator, data.train_examples, data.plan.lengths,
                                    data.tokenizer.pad_token_id)
     except OutOfMemory as error:
         print(error, file=sys.stderr)

@@ -72,8 +72,7 @@ def summarize(run: str | Path, articles: str | list[str], *, overrides: dict | l
               trust_remote_code: bool = False) -> str | list[str]:
     """`run.py predict`'s summary of one article (a string) or of each of a list; the model loads at
     each call, so pass many articles at once."""
-    from summ.model import require_adapter
-    from summ.predict import MISSING_ADAPTER_HINT, summarize as generate
+    from summ.predict import summarize as generate
 
     one = isinstance(articles, str)
     texts = [articles] if one else articles
@@ -81,7 +80,6 @@ def summarize(run: str | Path, articles: str | list[str], *, overrides: dict | l
             not all(isinstance(a, str) and a.strip() for a in texts):
         raise DataError("articles: expected a non-empty string or a non-empty list of non-empty strings")
     cfg = _run_config(run, overrides, trust_remote_code)
-    require_adapter(Path(run) / "adapter", MISSING_ADAPTER_HINT)
     summaries = [g.text for g in generate(cfg, run, [a.strip() for a in texts])]
     return summaries[0] if one else summaries
 

@@ -125,7 +125,6 @@ class TrainData:
     fingerprint: str  # of the tokenized training examples: a resume must see the same data
     plan: EpochPlan
     total_steps: int
-    lengths: list[int]  # tokens of each training example
 
 
 def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: bool = False,
@@ -151,7 +150,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, *, accept_changes: 
 
     model, optimizer, scheduler = setup_model(cfg, accelerator, data.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    runner = setup_step_runner(model, cfg, accelerator, data.train_examples, data.lengths, data.tokenizer.pad_token_id)
+    runner = setup_step_runner(model, cfg, accelerator, data.train_examples, data.plan.lengths, data.tokenizer.pad_token_id)
     state = load_state(cfg, run_dir, accelerator, resume_from, changes, model, optimizer, scheduler)
     run_log = RunLog(accelerator, cfg, run_dir, resumed_at=state.step if resume_from is not None else None)
     validate = Validation(model, data, cfg, accelerator, run_log, state, on_validation)
@@ -334,8 +333,7 @@ def setup_data(cfg: RunConfig, accelerator) -> TrainData:
     log.info("%d optimizer steps (%s per epoch)", total_steps, steps_per_epoch)
     return TrainData(tokenizer=tokenizer, train_examples=train_examples, eval_examples=eval_examples,
                      stats={"train": train_stats, "eval": eval_stats},
-                     fingerprint=examples_fingerprint(train_examples), plan=plan, total_steps=total_steps,
-                     lengths=lengths)
+                     fingerprint=examples_fingerprint(train_examples), plan=plan, total_steps=total_steps)
 
 
 def check_even_split(plan: EpochPlan, epochs: int, rows: int) -> None:
