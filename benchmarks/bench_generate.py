@@ -4,7 +4,7 @@
     python benchmarks/bench_generate.py --tiny                                       # CPU, seconds
 
 Each (model, dataset) pair is summarized by each variant, one process per variant, on the same
-articles with the same adapter, through `summ.evaluation.generate_summaries` (what `run.py eval`,
+articles with the same adapter, through `summ.summaries.generate_summaries` (what `run.py eval`,
 training's final evaluation and `predict` call):
 
   plain        engine "hf": `model.generate`, LoRA unmerged, dynamic cache, text stop strings
@@ -102,9 +102,9 @@ def run(args, model_name: str, dataset: str, variant: str) -> dict:
     import torch
     from peft import get_peft_model
 
-    import summ.evaluation as summ_evaluate
+    import summ.summaries as summ_summaries
     from summ.data import Encoder, load_rows
-    from summ.evaluation import generate_summaries
+    from summ.summaries import generate_summaries
     from summ.model import dequantize_4bit, load_base_model, load_tokenizer, peft_lora_config
     from summ.precision import resolve_compute_dtype
 
@@ -132,14 +132,14 @@ def run(args, model_name: str, dataset: str, variant: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     # A variant's eval.compile applies however few articles are measured (an evaluation of fewer than
     # COMPILE_MIN_ARTICLES runs uncompiled: compiling would cost more than it saves there).
-    shipped, summ_evaluate.COMPILE_MIN_ARTICLES = summ_evaluate.COMPILE_MIN_ARTICLES, 1
+    shipped, summ_summaries.COMPILE_MIN_ARTICLES = summ_summaries.COMPILE_MIN_ARTICLES, 1
     try:
         generations, cold = generate_summaries(model, tokenizer, encoder, articles, cfg.eval, device)
         # The plain path compiles nothing: its second pass only shows how far run-to-run noise goes.
         again, warm = generate_summaries(model, tokenizer, encoder, articles, cfg.eval, device) \
             if variant != "plain" or args.plain_twice else (generations, cold)
     finally:
-        summ_evaluate.COMPILE_MIN_ARTICLES = shipped
+        summ_summaries.COMPILE_MIN_ARTICLES = shipped
     return {"model": model_name, "dataset": dataset, "variant": variant, "articles": len(articles),
             "batch_size": cold["batch_size"], "engine": cold["engine"], "compile": cold["compile"],
             "dtype": str(dtype).replace("torch.", ""), "four_bit": four_bit,

@@ -157,9 +157,13 @@ class TrainConfig:
     max_consecutive_bad_steps: int = 10
     save_every: int = 100
     keep_last: int = 2
-    # adapter/ keeps the state of the lowest validation loss seen at a validation (metrics.json's
-    # best_step says which), instead of the last; the last state stays in checkpoints/.
+    # adapter/ keeps the state of the best validation seen (by train.best_metric; metrics.json's
+    # adapter_step and best_validation say which) instead of the last; the last state stays in checkpoints/.
     keep_best: bool = False
+    # What keep_best calls best: "val/loss" (the lowest), or the highest ROUGE of the summaries each
+    # validation generates ("val/rouge1", "val/rouge2", "val/rougeL", "val/rougeLsum"; needs
+    # eval.validation_rouge_rows).
+    best_metric: str = "val/loss"
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,10 @@ class EvalConfig:
     # A validation pass before the first step gives the curve its starting point.
     at_start: bool = True
     at_end: bool = True
+    # The first N articles of data.eval_split summarized at each validation during training, with the
+    # decoding below: val/rouge1, val/rouge2, val/rougeL, val/rougeLsum beside the validation loss (and
+    # a train.best_metric). Each validation then also pays N summaries' generation time. 0: none.
+    validation_rouge_rows: int = 0
     # Generation + ROUGE + error analysis after training (and in `run.py eval`), on data.eval_split.
     generate: bool = True
     # Rows to summarize (None: all of data.eval_split after data.max_eval_rows).
@@ -297,6 +305,7 @@ CHOICES = {
     "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "train.best_metric": ("val/loss", "val/rouge1", "val/rouge2", "val/rougeL", "val/rougeLsum"),
     "eval.engine": ("fast", "hf"),
     "eval.repetition_scope": ("summary", "sequence"),
     "data.prompt_format": ("raw", "chat"),
@@ -530,6 +539,9 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
         fail("model.init", "'pretrained' when model.gguf_file is set")
     if e.top_p > 1:
         fail("eval.top_p", "in (0, 1]")
+    if t.best_metric != "val/loss" and e.validation_rouge_rows == 0:
+        fail("train.best_metric", "'val/loss' unless eval.validation_rouge_rows > 0 (ROUGE needs the summaries "
+             "validation generates)")
     if e.min_new_tokens > e.max_new_tokens:
         fail("eval.min_new_tokens", f"<= eval.max_new_tokens ({e.max_new_tokens})")
     if len(set(log.trackers)) != len(log.trackers) or not set(log.trackers) <= set(TRACKERS):
@@ -570,7 +582,7 @@ def check_ranges(config: RunConfig, fail) -> None:
             fail(key, "> 0 or null")
     for key, value in {"train.weight_decay": t.weight_decay, "train.warmup_steps": t.warmup_steps,
                        "eval.no_repeat_ngram_size": e.no_repeat_ngram_size,
-                       "eval.min_new_tokens": e.min_new_tokens,
+                       "eval.min_new_tokens": e.min_new_tokens, "eval.validation_rouge_rows": e.validation_rouge_rows,
                        "train.max_grad_norm": t.max_grad_norm, "eval.eval_every": e.eval_every,
                        "data.min_article_tokens": d.min_article_tokens}.items():
         if value < 0:

@@ -171,8 +171,12 @@ def model_card(cfg: RunConfig, run_dir: str | Path, base: dict, kind: str = "ada
         f"{metrics.get('steps', 'n/a')} steps of {t.micro_batch_size} x {t.grad_accum_steps} rows; {t.optimizer}, "
         f"lr {t.lr}, {t.lr_scheduler}; prompt `{d.prompt_format}`, max length {d.max_length} tokens |",
         f"| validation loss | {_figure(metrics.get('final_val_loss'))} (perplexity "
-        f"{_figure(metrics.get('final_val_perplexity'), 2)}) |",
+        f"{_figure(metrics.get('final_val_perplexity'), 2)}) at the last step |",
     ]
+    best = metrics.get("best_validation")
+    if kind == "adapter" and best:
+        lines.append(f"| this adapter | the state of step {best['step']}, the best `{best['metric']}` of the run's "
+                     f"validations ({_figure(best['value'])}; `train.keep_best`) |")
     if evaluation:
         rouge = " / ".join(f"{evaluation['rouge'][k]['mean']:.2f}" for k in ("rouge1", "rouge2", "rougeLsum"))
         lines.append(f"| ROUGE-1 / 2 / Lsum | {rouge} on {evaluation['generated_rows']} `{evaluation['split']}` "

@@ -12,7 +12,7 @@ import torch
 
 from summ.config import ConfigError, RunConfig
 from summ.data import DataError, Encoder, read_jsonl
-from summ.evaluation import Generation, generate_summaries
+from summ.summaries import Generation, generate_summaries
 from summ.files import atomic_folder, not_utf8, write_json
 from summ.model import load_for_inference, load_tokenizer
 from summ.model_card import write_model_card

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 _HARMLESS_SECTIONS = ("eval", "log")
 _HARMLESS_KEYS = {
     "train.save_every", "train.keep_last", "train.max_consecutive_bad_steps", "train.keep_best",
+    "train.best_metric",
     "data.strict", "data.max_bad_row_share", "data.eval_split", "data.max_eval_rows",
     # Memory and speed only: recomputing activations gives the same numbers.
     "model.gradient_checkpointing", "model.checkpointed_layers",

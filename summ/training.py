@@ -30,10 +30,12 @@ from summ.optimizer import make_optimizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
 from summ.preemption import StopSignals
 from summ.run_lock import hold_run_folder
+from summ.rouge import ROUGE_KEYS, score_pairs
 from summ.run_record import (RunLog, check_resume, check_trackers, record_resume, save_adapter, write_metrics,
                               write_run_record)
 from summ.speed.graphs import check_graph_launch
 from summ.speed.step import OutOfMemory, setup_step_runner
+from summ.summaries import gather_in_order, generate_summaries
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ class TrainState:
     overflow_steps: int = 0  # fp16 steps the loss scaler skipped (counted in skipped_steps too)
     tokens_seen: int = 0
     peak_memory: dict = field(default_factory=dict)
-    best: dict | None = None  # with train.keep_best: the step and validation loss adapter/ holds
+    best: dict | None = None  # with train.keep_best: the step, metric and value of the state adapter/ holds
     bad_steps_in_row: int = 0  # skipped updates since the last applied one
 
     def advance(self, position_after: tuple[int, int], window_loss: float, applied: bool) -> int:
@@ -89,7 +91,10 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, saved: dict) -> "TrainState":
-        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+        state = cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+        if state.best is not None and "metric" not in state.best:  # saved before train.best_metric
+            state.best = {"step": state.best["step"], "metric": "val/loss", "value": state.best["val/loss"]}
+        return state
 
 
 @dataclass(frozen=True)
@@ -119,8 +124,10 @@ class EpochPlan:
 @dataclass
 class TrainData:
     tokenizer: object
+    encoder: Encoder
     train_examples: list[Example]
     eval_examples: list[Example]
+    rouge_rows: list[dict]  # the validation rows summarized at each validation (eval.validation_rouge_rows)
     stats: dict[str, RowStats]
     fingerprint: str  # of the tokenized training examples: a resume must see the same data
     plan: EpochPlan
@@ -331,7 +338,8 @@ def setup_data(cfg: RunConfig, accelerator) -> TrainData:
         accelerator.print(f"{name} rows: {stats.read} read, {stats.kept} used, {stats.n_skipped} skipped"
                           + (f" {stats.skipped}" if stats.skipped else ""))
     log.info("%d optimizer steps (%s per epoch)", total_steps, steps_per_epoch)
-    return TrainData(tokenizer=tokenizer, train_examples=train_examples, eval_examples=eval_examples,
+    return TrainData(tokenizer=tokenizer, encoder=encoder, train_examples=train_examples, eval_examples=eval_examples,
+                     rouge_rows=eval_rows[:cfg.eval.validation_rouge_rows],
                      stats={"train": train_stats, "eval": eval_stats},
                      fingerprint=examples_fingerprint(train_examples), plan=plan, total_steps=total_steps)
 
@@ -427,8 +435,8 @@ def resume_point(run_dir: Path, resume: bool | str | Path) -> Path | None:
 
 
 class Validation:
-    """Validation loss at a step: logged, checked finite, kept as the best state (train.keep_best) and
-    reported to `on_validation`."""
+    """Validation loss (and ROUGE, with eval.validation_rouge_rows) at a step: logged, checked finite,
+    kept as the best state (train.keep_best) and reported to `on_validation`."""
 
     def __init__(self, model, data: TrainData, cfg: RunConfig, accelerator, run_log: RunLog, state: TrainState,
                  on_validation: Callable[[int, dict], None] | None):
@@ -437,6 +445,8 @@ class Validation:
 
     def __call__(self, step: int) -> None:
         record = run_validation(self.model, self.data, self.cfg, self.accelerator)
+        if self.data.rouge_rows:
+            record.update(validation_rouge(self.model, self.data, self.cfg, self.accelerator))
         self.state.eval_history.append({"step": step, **record})
         self.run_log.write(step, record)
         run_dir = Path(self.cfg.log.output_dir)
@@ -445,15 +455,39 @@ class Validation:
                 f"validation loss is {record['val/loss']} at step {step}; stopping before this state is saved. "
                 f"Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. Try a lower train.lr "
                 f"(now {self.cfg.train.lr:g})")
+        rouge = (", ROUGE-1/2/L/Lsum " + "/".join(f"{record['val/' + k]:.2f}" for k in ROUGE_KEYS)
+                 + f" on {len(self.data.rouge_rows)} articles") if self.data.rouge_rows else ""
         self.accelerator.print(f"step {step}: val loss {record['val/loss']:.4f}, "
-                               f"perplexity {record['val/perplexity']:.2f}")
-        best = self.state.best
-        if self.cfg.train.keep_best and (best is None or record["val/loss"] < best["val/loss"]):
-            self.state.best = {"step": step, "val/loss": record["val/loss"]}
+                               f"perplexity {record['val/perplexity']:.2f}{rouge}")
+        metric = self.cfg.train.best_metric
+        if self.cfg.train.keep_best and improves(record[metric], metric, self.state.best):
+            self.state.best = {"step": step, "metric": metric, "value": record[metric]}
             if self.accelerator.is_main_process:
                 save_adapter(self.accelerator.unwrap_model(self.model), self.data.tokenizer, self.cfg, run_dir)
         if self.on_validation is not None:
             self.on_validation(step, record)
+
+
+def improves(value: float, metric: str, best: dict | None) -> bool:
+    """Whether a validation's `metric` beats the kept best: a lower loss, a higher ROUGE; a tie keeps
+    the earlier state, and a best kept by another metric (changed at a resume) is replaced."""
+    if best is None or best["metric"] != metric:
+        return True
+    return value < best["value"] if metric == "val/loss" else value > best["value"]
+
+
+def validation_rouge(model, data: TrainData, cfg: RunConfig, accelerator) -> dict:
+    """Mean ROUGE (in percent) of the summaries the model writes now for data.rouge_rows, with the run's
+    decoding; each process writes its share. The decode step stays eager: the model is still training."""
+    rows = data.rouge_rows
+    mine = range(accelerator.process_index, len(rows), accelerator.num_processes)
+    with accelerator.autocast():
+        generations, _ = generate_summaries(accelerator.unwrap_model(model), data.tokenizer, data.encoder,
+                                            [rows[i]["article"] for i in mine], cfg.eval, accelerator.device,
+                                            may_compile=False)
+    generations = gather_in_order(accelerator, list(mine), generations, len(rows))
+    scores = score_pairs([g.text for g in generations], [r["summary"] for r in rows])
+    return {f"val/{key}": sum(s[key] for s in scores) / len(scores) for key in ROUGE_KEYS}
 
 
 def run_validation(model, data: TrainData, cfg: RunConfig, accelerator) -> dict:
@@ -511,6 +545,7 @@ def final_metrics(state: TrainState, data: TrainData, params: tuple[int, int]) -
         "eval_history": state.eval_history, "skipped_steps": state.skipped_steps,
         "overflow_steps": state.overflow_steps, "tokens_seen": state.tokens_seen,
         "adapter_step": state.best["step"] if state.best else state.step,
+        "best_validation": state.best,  # with train.keep_best: the step, metric and value adapter/ holds
         "trainable_params": params[0], "total_params": params[1],
         "data": {name: stats.summary() for name, stats in data.stats.items()},
         # Peak GPU memory while training (evaluation peaks are in eval_history).

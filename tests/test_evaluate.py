@@ -8,7 +8,8 @@ import torch
 
 from summ.config import EvalConfig
 from summ.data import Encoder
-from summ.evaluation import Generation, evaluate_run, finish_generation, generate_summaries, template_markers
+from summ.evaluation import evaluate_run, template_markers
+from summ.summaries import Generation, finish_generation, generate_summaries
 from summ.model import load_for_inference, load_tokenizer
 from summ.rouge import ROUGE_KEYS, aggregate, score_pairs
 from summ.training import train

@@ -9,7 +9,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from summ.data import Encoder
-from summ.evaluation import finish_generation
+from summ.summaries import finish_generation
 from summ.generate import CHECK_EVERY, GreedyDecoder, stop_candidates
 from summ.model import load_base_model, load_tokenizer, peft_lora_config
 from summ.repetition import SummaryOnlyRepetition
@@ -139,7 +139,7 @@ def test_batch_size_from_the_memory_budget():
     positions (512 of prompt, 64 new) make 180 MiB per row, plus prefill activations and logits."""
     from transformers import AutoConfig
 
-    from summ.evaluation import rows_that_fit
+    from summ.summaries import rows_that_fit
 
     phi2 = AutoConfig.from_pretrained(FIXTURES / "phi-2")
     per_row = 2 * 32 * 2560 * 576 * 2 + 4 * 512 * 10240 * 2 + 4 * 51200
