@@ -78,7 +78,8 @@ def decoding_label(folder: Path) -> str:
     if g.get("no_repeat_ngram_size"):
         scope = g.get("repetition_scope", "sequence")
         parts.append(f"no repeated {g['no_repeat_ngram_size']}-gram "
-                     + ("in the summary" if scope == "summary" else "(article included, as transformers)"))
+                     + ("in the summary" if scope == "summary" else "(article included, as transformers)")
+                     + (", case ignored" if g.get("no_repeat_ignore_case") else ""))
     if g.get("repetition_penalty", 1.0) != 1.0:
         parts.append(f"repetition penalty {g['repetition_penalty']}")
     low = g.get("min_new_tokens", 0)

@@ -12,6 +12,8 @@
 # beam search, no repeated trigrams over the summary or, as transformers' `generate` does, over
 # article and summary, shorter and longer summaries) and each lever run under LEVER_DECODINGS, the
 # base model zero-shot and LEAD-k, on the same validation rows, POST_PARALLEL evaluations at a time.
+# A decoding name ending in -words (no-repeat-words, beams-2-words) bans repeated trigrams ignoring case.
+# LEVERS="" trains the recipe alone.
 # OUT/<run>/ receives each run's small files (OUT/<run>/<decoding>/ each decoding's), OUT/<name>.log
 # each command's output, OUT/ablation.md the table, OUT/report/ the runs side by side.
 # TINY=1 runs the same sequence at CPU size (a few rows and steps, one run at a time), to check the
@@ -31,7 +33,7 @@ case $SET in
         BART=(--set eval.num_beams=6 --set eval.length_penalty=1.0 --set eval.min_new_tokens=10
               --set eval.max_new_tokens=60 --set eval.no_repeat_ngram_size=3)
         SHORTER=(--set eval.max_new_tokens=40); LONGER=(--set eval.min_new_tokens=10)
-        LEVERS=(${LEVERS:-raw-prompt attention-only one-epoch}) ;;
+        LEVERS=(${LEVERS-raw-prompt attention-only one-epoch}) ;;
   cnn)  CONFIG=configs/smollm2_cnn_dailymail.json; FOLDER=cnn_dailymail
         RAW=(--set 'data.template="Summarize: {article}\n\nSummary: {summary}"'
              --set 'eval.stop_strings=["\n\n", "Summarize:"]')
@@ -39,7 +41,7 @@ case $SET in
         BART=(--set eval.num_beams=4 --set eval.length_penalty=2.0 --set eval.min_new_tokens=55
               --set eval.max_new_tokens=140 --set eval.no_repeat_ngram_size=3)
         SHORTER=(--set eval.max_new_tokens=100); LONGER=(--set eval.min_new_tokens=30)
-        LEVERS=(${LEVERS:-raw-prompt attention-only one-epoch max-length-256}) ;;
+        LEVERS=(${LEVERS-raw-prompt attention-only one-epoch max-length-256}) ;;
   *) echo "usage: $0 DATA OUT xsum|cnn" >&2; exit 2 ;;
 esac
 DECODINGS=(${DECODINGS:-greedy no-repeat-sequence no-repeat-shorter no-repeat-longer beams-2 beams-4 beams-4-lp2 bart})
@@ -91,6 +93,7 @@ decoding() {  # the --set options of one decoding; the repetition rules see the 
     beams-2) printf '%s\n' "${NR[@]}" --set eval.num_beams=2 ;;
     beams-4) printf '%s\n' "${NR[@]}" --set eval.num_beams=4 ;;
     beams-4-lp2) printf '%s\n' "${NR[@]}" --set eval.num_beams=4 --set eval.length_penalty=2.0 ;;
+    *-words) decoding "${1%-words}"; printf '%s\n' --set eval.no_repeat_ignore_case=true ;;  # the ban ignores case
     bart) printf '%s\n' "${BART[@]}" ;;
   esac
 }

@@ -222,6 +222,9 @@ class EvalConfig:
     # n-gram of the article may be copied once, an n-gram of the summary may not come back.
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
+    # The n-gram ban compares tokens by their text, lowercased and without surrounding whitespace, so
+    # "The council" at a line's start repeats " the council" (whose token ids differ).
+    no_repeat_ignore_case: bool = False
     # "summary": the rules above see the generated tokens only. "sequence": transformers' own rule
     # over prompt and summary (every n-gram of the article banned from the summary; on `generate`
     # only), kept to reproduce what `generate(no_repeat_ngram_size=...)` gives a decoder-only model.
@@ -542,6 +545,9 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
     if t.best_metric != "val/loss" and e.validation_rouge_rows == 0:
         fail("train.best_metric", "'val/loss' unless eval.validation_rouge_rows > 0 (ROUGE needs the summaries "
              "validation generates)")
+    if e.no_repeat_ignore_case and (e.no_repeat_ngram_size == 0 or e.repetition_scope != "summary"):
+        fail("eval.no_repeat_ignore_case", "false unless eval.no_repeat_ngram_size > 0 with eval.repetition_scope "
+             "'summary'")
     if e.min_new_tokens > e.max_new_tokens:
         fail("eval.min_new_tokens", f"<= eval.max_new_tokens ({e.max_new_tokens})")
     if len(set(log.trackers)) != len(log.trackers) or not set(log.trackers) <= set(TRACKERS):

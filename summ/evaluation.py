@@ -43,7 +43,8 @@ def decoding_settings(ev: EvalConfig) -> dict:
     return {"max_new_tokens": ev.max_new_tokens, "min_new_tokens": ev.min_new_tokens, "num_beams": ev.num_beams,
             "length_penalty": ev.length_penalty, "do_sample": ev.do_sample,
             "no_repeat_ngram_size": ev.no_repeat_ngram_size, "repetition_penalty": ev.repetition_penalty,
-            "repetition_scope": ev.repetition_scope, "stop_strings": list(ev.stop_strings)}
+            "repetition_scope": ev.repetition_scope, "no_repeat_ignore_case": ev.no_repeat_ignore_case,
+            "stop_strings": list(ev.stop_strings)}
 
 
 def write_evaluation(out_dir: Path, run_dir: Path, metrics: dict, gen_rows: list[dict], generations: list,

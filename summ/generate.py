@@ -94,7 +94,8 @@ class GreedyDecoder:
     """
 
     def __init__(self, model, tokenizer, stop_strings, device: torch.device, compile: str | None = None,
-                 static: bool = False, no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0):
+                 static: bool = False, no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
+                 ngram_classes: torch.Tensor | None = None):
         from transformers import DynamicCache, StaticCache
 
         self.model, self.tokenizer, self.device = model, tokenizer, device
@@ -105,6 +106,7 @@ class GreedyDecoder:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(self.eos[0])
         self.cache_keyword = _cache_keyword(model)
         self.no_repeat_ngram_size, self.repetition_penalty = no_repeat_ngram_size, repetition_penalty
+        self.ngram_classes = None if ngram_classes is None else ngram_classes.to(device)
         # Added to the logits: nothing, or EOS ruled out (before min_new_tokens).
         self.no_bias = torch.zeros(self.vocab_size, device=device)
         self.no_eos = self.no_bias.clone().index_fill_(0, self.eos, float("-inf"))
@@ -125,7 +127,8 @@ class GreedyDecoder:
     def _decode(self, input_ids, position_ids, attention_mask, cache, logit_bias, generated, length):
         # logit_bias is fp32: the rules see fp32 scores, as in `generate`.
         scores = self._forward(input_ids, position_ids, attention_mask, cache) + logit_bias
-        scores = apply_repetition_rules(scores, generated, length, self.no_repeat_ngram_size, self.repetition_penalty)
+        scores = apply_repetition_rules(scores, generated, length, self.no_repeat_ngram_size, self.repetition_penalty,
+                                        self.ngram_classes)
         return scores.argmax(-1)
 
     def _new_cache(self, batch: int, length: int):

@@ -73,6 +73,18 @@ def prompt_ids(article):
 
 _RULES = '''
 
+if IGNORE_CASE:  # n-grams compare tokens by their text, lowercased and stripped: "The" repeats " the"
+    VOCAB, first = model.get_output_embeddings().weight.shape[0], {}
+    CLASSES = list(range(VOCAB))
+    for i, text in enumerate(tokenizer.batch_decode([[i] for i in range(min(len(tokenizer), VOCAB))])):
+        key = text.strip().lower()
+        if key and i not in tokenizer.all_special_ids and "\ufffd" not in key:
+            CLASSES[i] = first.setdefault(key, i)
+    MEMBERS = {}
+    for i, c in enumerate(CLASSES):
+        MEMBERS.setdefault(c, []).append(i)
+
+
 class SummaryOnlyRepetition(LogitsProcessor):
     """summ's repetition rules: they look at the summary's tokens only, never at the article's."""
 
@@ -85,12 +97,12 @@ class SummaryOnlyRepetition(LogitsProcessor):
                 seen = torch.tensor(sorted(set(ids)))
                 s = scores[row, seen]
                 scores[row, seen] = torch.where(s < 0, s * REPETITION_PENALTY, s / REPETITION_PENALTY)
-            n = NO_REPEAT_NGRAM_SIZE
+            n, words = NO_REPEAT_NGRAM_SIZE, [CLASSES[i] for i in ids] if IGNORE_CASE else ids
             if n:
-                last = ids[len(ids) - n + 1:] if n > 1 else []
-                for i in range(len(ids) - n + 1):
-                    if ids[i:i + n - 1] == last:
-                        scores[row, ids[i + n - 1]] = float("-inf")
+                last = words[len(words) - n + 1:] if n > 1 else []
+                for i in range(len(words) - n + 1):
+                    if words[i:i + n - 1] == last:
+                        scores[row, MEMBERS[words[i + n - 1]] if IGNORE_CASE else words[i + n - 1]] = float("-inf")
         return scores
 '''
 
@@ -117,8 +129,8 @@ def reproduce_code(cfg: RunConfig, kind: str) -> str:
     code = ("import json\n\nimport torch\n" + import_line + f"from transformers import {transformers_names}\n\n"
             f'FOLDER = "."  # this folder\n')
     if rules:
-        code += (f"NO_REPEAT_NGRAM_SIZE, REPETITION_PENALTY = {rules['no_repeat_ngram_size']}, "
-                 f"{rules['repetition_penalty']}\n")
+        code += (f"NO_REPEAT_NGRAM_SIZE, REPETITION_PENALTY, IGNORE_CASE = {rules['no_repeat_ngram_size']}, "
+                 f"{rules['repetition_penalty']}, {rules['no_repeat_ignore_case']}\n")
     code += load + _PROMPT + (_RULES if rules else "")
     processor = ",\n                             logits_processor=LogitsProcessorList([SummaryOnlyRepetition(ids.shape[1])])"
     return code + _SUMMARIZE.format(processor=processor if rules else "")
@@ -187,7 +199,8 @@ def model_card(cfg: RunConfig, run_dir: str | Path, base: dict, kind: str = "ada
     lines += [
         f"| decoding | {'beam search, ' + str(ev.num_beams) + ' beams' if ev.num_beams > 1 else 'sampling' if ev.do_sample else 'greedy'}, "
         f"{ev.min_new_tokens}-{ev.max_new_tokens} new tokens, stop strings {json.dumps(list(ev.stop_strings))}"
-        + (f", no repeated {ev.no_repeat_ngram_size}-gram" if ev.no_repeat_ngram_size else "")
+        + (f", no repeated {ev.no_repeat_ngram_size}-gram" + (" (case-insensitive)" if ev.no_repeat_ignore_case else "")
+           if ev.no_repeat_ngram_size else "")
         + (f", repetition penalty {ev.repetition_penalty}" if ev.repetition_penalty != 1.0 else "")
         + (" (in the summary only)" if rules else "") + " |",
         "",

@@ -90,7 +90,8 @@ def summary_only_rules(cfg: RunConfig) -> dict | None:
     ev = cfg.eval
     if ev.repetition_scope != "summary" or (ev.no_repeat_ngram_size == 0 and ev.repetition_penalty == 1.0):
         return None
-    return {"no_repeat_ngram_size": ev.no_repeat_ngram_size, "repetition_penalty": ev.repetition_penalty}
+    return {"no_repeat_ngram_size": ev.no_repeat_ngram_size, "repetition_penalty": ev.repetition_penalty,
+            "no_repeat_ignore_case": ev.no_repeat_ignore_case}
 
 
 def leading_special_tokens(tokenizer) -> str:

@@ -14,7 +14,7 @@ from transformers import LogitsProcessorList
 from summ.config import EvalConfig
 from summ.data import Encoder
 from summ.generate import GreedyDecoder, left_padded, longest_first
-from summ.repetition import SummaryOnlyRepetition
+from summ.repetition import SummaryOnlyRepetition, token_classes
 
 
 @dataclass
@@ -28,6 +28,13 @@ class Generation:
 
 def repetition_rules_on(ev: EvalConfig) -> bool:
     return ev.no_repeat_ngram_size > 0 or ev.repetition_penalty != 1.0
+
+
+def ngram_classes(ev: EvalConfig, model, tokenizer) -> torch.Tensor | None:
+    """The token classes of a case-insensitive ban (eval.no_repeat_ignore_case), or None."""
+    if not (ev.no_repeat_ignore_case and ev.no_repeat_ngram_size > 0):
+        return None
+    return torch.tensor(token_classes(tokenizer, model.get_output_embeddings().weight.shape[0]))
 
 
 def uses_fast_engine(ev: EvalConfig) -> bool:
@@ -92,12 +99,15 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
     model.eval()
     started = time.perf_counter()
     fast, capture = uses_fast_engine(ev), compiled(ev, device, len(articles)) if may_compile else None
+    classes = ngram_classes(ev, model, tokenizer)
     if fast:
         decoder = GreedyDecoder(model, tokenizer, ev.stop_strings, device, compile=capture,
-                                no_repeat_ngram_size=ev.no_repeat_ngram_size, repetition_penalty=ev.repetition_penalty)
+                                no_repeat_ngram_size=ev.no_repeat_ngram_size, repetition_penalty=ev.repetition_penalty,
+                                ngram_classes=classes)
         new_ids = decoder.generate(prompts, ev.max_new_tokens, batch_size, min_new_tokens=min_new_tokens)
     else:
-        new_ids = _generate_with_transformers(model, tokenizer, prompts, ev, device, batch_size, min_new_tokens)
+        new_ids = _generate_with_transformers(model, tokenizer, prompts, ev, device, batch_size, min_new_tokens,
+                                              classes)
     results = [finish_generation(ids, tokenizer, ev.stop_strings) for ids in new_ids]
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -110,7 +120,8 @@ def generate_summaries(model, tokenizer, encoder: Encoder, articles: list[str], 
 
 
 def _generate_with_transformers(model, tokenizer, prompts: list[list[int]], ev: EvalConfig, device: torch.device,
-                                batch_size: int, min_new_tokens: int) -> list[list[int]]:
+                                batch_size: int, min_new_tokens: int,
+                                classes: torch.Tensor | None = None) -> list[list[int]]:
     """New ids per prompt from `model.generate`, longest prompts first in left-padded batches."""
     order = longest_first(prompts)
     pad = tokenizer.pad_token_id
@@ -134,7 +145,8 @@ def _generate_with_transformers(model, tokenizer, prompts: list[list[int]], ev: 
         if summary_rules:
             # Every row (and beam) of a left-padded batch starts its summary at column `width`.
             kwargs["logits_processor"] = LogitsProcessorList(
-                [SummaryOnlyRepetition(width, ev.no_repeat_ngram_size, ev.repetition_penalty)])
+                [SummaryOnlyRepetition(width, ev.no_repeat_ngram_size, ev.repetition_penalty,
+                                       None if classes is None else classes.to(device))])
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
         for r, i in enumerate(rows):
             new_ids[i] = out[r, width:].tolist()

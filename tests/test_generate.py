@@ -12,7 +12,7 @@ from summ.data import Encoder
 from summ.summaries import finish_generation
 from summ.generate import CHECK_EVERY, GreedyDecoder, stop_candidates
 from summ.model import load_base_model, load_tokenizer, peft_lora_config
-from summ.repetition import SummaryOnlyRepetition
+from summ.repetition import SummaryOnlyRepetition, token_classes
 from tests.conftest import FIXTURES, gpu, tiny_config
 
 CPU = torch.device("cpu")
@@ -46,7 +46,7 @@ def lora_model(request, tmp_path_factory):
 
 
 def reference_ids(model, tok, prompts, stop_strings=(), min_new_tokens=0, eos=None, no_repeat_ngram_size=0,
-                  repetition_penalty=1.0) -> list[list[int]]:
+                  repetition_penalty=1.0, classes=None) -> list[list[int]]:
     """`model.generate` on each prompt alone (no padding at all): new ids, padded to NEW. The
     repetition rules run as summ.evaluation hands them to `generate`: over the summary only."""
     rows = []
@@ -55,7 +55,7 @@ def reference_ids(model, tok, prompts, stop_strings=(), min_new_tokens=0, eos=No
         kwargs = dict(stop_strings=list(stop_strings), tokenizer=tok) if stop_strings else {}
         if no_repeat_ngram_size or repetition_penalty != 1.0:
             kwargs["logits_processor"] = LogitsProcessorList(
-                [SummaryOnlyRepetition(len(p), no_repeat_ngram_size, repetition_penalty)])
+                [SummaryOnlyRepetition(len(p), no_repeat_ngram_size, repetition_penalty, classes)])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
                              min_new_tokens=min_new_tokens, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id if eos is None else eos, temperature=None, top_p=None,
@@ -104,6 +104,14 @@ def test_repetition_rules_over_the_summary_give_generates_ids(lora_model, static
         assert decoder.generate(prompts, NEW, batch_size=2) == expected
         if n == 1:
             assert all(len(set(row)) == len(row) for row in expected)
+    # Case-insensitive classes (eval.no_repeat_ignore_case) with every fifth token of the vocabulary
+    # made one class, so that the tiny model's rows meet a class more than once.
+    classes = torch.tensor(token_classes(tok, model.get_output_embeddings().weight.shape[0]))
+    classes[::5] = 0
+    expected = reference_ids(model, tok, prompts, no_repeat_ngram_size=1, classes=classes)
+    assert expected != reference_ids(model, tok, prompts, no_repeat_ngram_size=1)
+    decoder = GreedyDecoder(model, tok, (), CPU, static=static, no_repeat_ngram_size=1, ngram_classes=classes)
+    assert decoder.generate(prompts, NEW, batch_size=2) == expected
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic-cache", "static-cache"])

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from summ.portable import base_model_record
 from summ.predict import summarize
 from summ.sources import random_folder
 from summ.training import train
-from tests.conftest import FIXTURES, tiny_config
+from tests.conftest import FIXTURES, TINY, tiny_config
 
 REPO = Path(__file__).parents[1]
 sys.path.insert(0, str(REPO))
@@ -68,7 +69,8 @@ def runs(tmp_path_factory):
     piece the model writes, is a stop string too."""
     root = tmp_path_factory.mktemp("portable")
     return {"demo": _train(root / "demo", lr=1e-3, stop_strings=["\n", "###"]),
-            "rules": _train(root / "rules", lr=3e-2, stop_strings=["\n", "vole"], no_repeat_ngram_size=2)}
+            "rules": _train(root / "rules", lr=3e-2, stop_strings=["\n", "vole"], no_repeat_ngram_size=2,
+                            no_repeat_ignore_case=True)}
 
 
 def test_a_peft_user_gets_predicts_summaries_from_the_folders_alone(runs, tmp_path, capsys):
@@ -85,7 +87,8 @@ def test_a_peft_user_gets_predicts_summaries_from_the_folders_alone(runs, tmp_pa
     prompts = [Encoder(load_tokenizer(demo_cfg), demo_cfg.data).encode_prompt(a.strip()) for a in ARTICLES]
     assert [len(p) for p in prompts[:2]] == [127] * 2 and len(prompts[2]) < 127
     assert [g.stop_reason for g in expected[str(rules / "adapter")]].count("stop_string") >= 1
-    no_rule = dataclasses.replace(rules_cfg, eval=dataclasses.replace(rules_cfg.eval, no_repeat_ngram_size=0))
+    no_rule = dataclasses.replace(rules_cfg, eval=dataclasses.replace(rules_cfg.eval, no_repeat_ngram_size=0,
+                                                                      no_repeat_ignore_case=False))
     assert [g.text for g in summarize(no_rule, rules, ARTICLES)] != [g.text for g in expected[str(rules / "adapter")]]
 
     articles = tmp_path / "articles.json"
@@ -121,11 +124,11 @@ def test_the_adapter_folder_names_its_base_decoding_and_prompt(runs):
 
     card = (adapter / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: peft\npipeline_tag: text-generation\n")
-    assert "| decoding | greedy, 0-16 new tokens, stop strings [\"\\n\", \"vole\"], no repeated 2-gram (in the " \
-           "summary only) |" in card
+    assert "| decoding | greedy, 0-16 new tokens, stop strings [\"\\n\", \"vole\"], no repeated 2-gram " \
+           "(case-insensitive) (in the summary only) |" in card
     assert "| data | `" + str(FIXTURES / "cnn_tiny") + "`, trained on `train` (8 rows), validated on `validation` " \
            "(4 rows) |" in card
-    assert "NO_REPEAT_NGRAM_SIZE, REPETITION_PENALTY = 2, 1.0" in extract_code(card)
+    assert "NO_REPEAT_NGRAM_SIZE, REPETITION_PENALTY, IGNORE_CASE = 2, 1.0, True" in extract_code(card)
     assert "class SummaryOnlyRepetition" not in extract_code((runs["demo"][1] / "adapter" / "README.md").read_text())
 
 
@@ -176,3 +179,25 @@ def test_export_base_only_copies_the_base_the_adapter_needs(runs, tmp_path, caps
     assert (out / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), run / "adapter")
     assert (out / "tokenizer.json").is_file() and model.peft_config["default"].r == 16
+
+
+def test_the_cards_repetition_processor_is_summs_rule_with_case_ignored():
+    """The card's plain-torch processor (eval.no_repeat_ignore_case) bans what summ's rule bans: after
+    "the council met. The council", every spelling of " met"."""
+    from transformers import AutoTokenizer, LogitsProcessor
+
+    from summ.model_card import _RULES
+    from summ.repetition import SummaryOnlyRepetition, token_classes
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY["phi"]["model"])
+    model = types.SimpleNamespace(get_output_embeddings=lambda: torch.nn.Linear(1, 51200, bias=False))
+    namespace = {"torch": torch, "LogitsProcessor": LogitsProcessor, "model": model, "tokenizer": tokenizer,
+                 "NO_REPEAT_NGRAM_SIZE": 3, "REPETITION_PENALTY": 1.0, "IGNORE_CASE": True}
+    exec(_RULES, namespace)
+    prompt = tokenizer("Article: the council met.\nSummary:")["input_ids"]
+    input_ids = torch.tensor([prompt + tokenizer(" the council met. The council")["input_ids"]])
+    scores = torch.zeros((1, 51200))
+    card = namespace["SummaryOnlyRepetition"](len(prompt))(input_ids, scores.clone())
+    summ_rule = SummaryOnlyRepetition(len(prompt), 3, 1.0, torch.tensor(token_classes(tokenizer, 51200)))
+    assert torch.equal(card, summ_rule(input_ids, scores.clone()))
+    assert tokenizer.convert_tokens_to_ids("Met") in torch.isinf(card[0]).nonzero().flatten().tolist()

@@ -3,9 +3,11 @@ applied to the same tokens, and the difference that matters: an article's n-gram
 
 import pytest
 import torch
-from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+from transformers import AutoTokenizer, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
-from summ.repetition import SummaryOnlyRepetition, ban_repeated_ngrams, penalize_repeated_tokens
+from summ.config import ConfigError
+from summ.repetition import SummaryOnlyRepetition, ban_repeated_ngrams, penalize_repeated_tokens, token_classes
+from tests.conftest import TINY, tiny_config
 
 VOCAB = 12
 
@@ -73,3 +75,28 @@ def test_rows_and_beams_keep_their_own_summaries():
     input_ids = torch.tensor([[0, 1, 4, 5, 4], [1, 1, 6, 7, 6]])
     out = rule(input_ids, torch.zeros((2, VOCAB)))
     assert [torch.isinf(row).nonzero().flatten().tolist() for row in out] == [[5], [7]]
+
+
+def test_ignore_case_classes_join_a_capitalised_word_and_its_lowercase_form():
+    """eval.no_repeat_ignore_case on the Phi-2 tokenizer: after "the council met. The council", " met"
+    and every other spelling of it ("met", " Met") are banned; by token ids nothing is."""
+    tok = AutoTokenizer.from_pretrained(TINY["phi"]["model"])
+    classes = token_classes(tok, 51200)
+    ids = tok(" the council met. The council")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["Ġthe", "Ġcouncil", "Ġmet", ".", "ĠThe", "Ġcouncil"]
+    assert classes[tok.convert_tokens_to_ids("ĠThe")] == classes[ids[0]] == min(ids[0], tok.convert_tokens_to_ids("The"), tok.convert_tokens_to_ids("ĠThe"))
+    eos = tok.eos_token_id
+    assert classes[eos] == eos and classes[51199] == 51199  # special, and past the tokenizer
+    generated, scores = torch.tensor([ids]), torch.zeros((1, 51200))
+    by_class = ban_repeated_ngrams(scores, generated, len(ids), 3, torch.tensor(classes))
+    banned = set(torch.isinf(by_class[0]).nonzero().flatten().tolist())
+    assert {tok.convert_tokens_to_ids(t) for t in ("Ġmet", "met", "ĠMet", "Met")} <= banned
+    assert {tok.decode([i]).strip().lower() for i in banned} == {"met"}
+    assert not torch.isinf(ban_repeated_ngrams(scores, generated, len(ids), 3)).any()
+
+
+def test_ignore_case_needs_the_summary_ban(tmp_path):
+    with pytest.raises(ConfigError, match=r"^tiny: 'eval.no_repeat_ignore_case' must be false unless "
+                                          r"eval.no_repeat_ngram_size > 0 with eval.repetition_scope 'summary', "
+                                          r"got True$"):
+        tiny_config(tmp_path, eval={"no_repeat_ignore_case": True})
