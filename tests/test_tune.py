@@ -145,7 +145,15 @@ def test_two_trials_asha_stops_the_trailing_one_and_best_trains(tmp_path, ray_lo
 
     moved = tmp_path / "elsewhere" / "kept"
     moved.parent.mkdir()
+    from summ import run_lock
+
+    for held in [path for path in run_lock._held if path.startswith(str(out))]:
+        run_lock._held.pop(held).close()  # what the search's process ending does: its folders are free
     shutil.move(out, moved)
+    restored = run_search(base_raw(moved), search, "cfg.json", resume=True)
+    assert [(r["trial_id"], r["status"], r["steps"]) for r in restored["trials"]] == \
+        [(r["trial_id"], r["status"], r["steps"]) for r in result["trials"]]
+    assert str(out) not in (moved / "trials.csv").read_text() + (moved / "search.json").read_text()
     assert cli.main(["report", str(moved), "--out", str(moved / "report")]) == 0
     lines = (moved / "report" / "report.md").read_text().splitlines()
     assert any(line.startswith(f"| {rows[1e-6]['trial_id']} | stopped early | 1e-06 | 1 |") for line in lines)
