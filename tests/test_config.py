@@ -175,3 +175,16 @@ def test_retired_settings_at_todays_behaviour_load_as_if_absent(tmp_path):
                                           r"\(training rows are always shuffled \(train\.length_grouping groups "
                                           r"them\)\); remove it, got False$"):
         load_config(write(tmp_path, minimal()), ["train.shuffle=false"])
+
+
+def test_every_config_key_is_in_the_config_reference():
+    from pathlib import Path
+
+    from summ.config import RunConfig
+
+    reference = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
+    sections = [f.name for f in dataclasses.fields(RunConfig)]
+    missing = [f"{section}.{field.name}" for section in sections
+               for field in dataclasses.fields(getattr(RunConfig(), section))
+               if f"| `{field.name}` |" not in reference.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]]
+    assert missing == []
