@@ -23,7 +23,7 @@ from summ.loss import evaluate_loss
 from summ.model_card import refresh_model_card
 from summ.model import load_for_inference, load_tokenizer
 from summ.precision import mixed_precision_mode, resolve_compute_dtype
-from summ.run_lock import hold_run_folder
+from summ.run_lock import hold_run_output
 from summ.rouge import ROUGE_KEYS, aggregate, score_pairs
 from summ.summaries import Generation, gather_in_order, generate_summaries
 
@@ -88,7 +88,7 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path, *, zero_shot: bool = False
     gen_rows = rows[:ev.generate_rows] if ev.generate_rows else rows
 
     if accelerator.is_main_process:
-        hold_run_folder(run_dir, "evaluation")
+        hold_run_output(run_dir, out_dir.name, "evaluation")
     dtype = resolve_compute_dtype(cfg.quant.compute_dtype, accelerator.device)
     if torch.cuda.is_available():
         # Right after training, the allocator still holds the training step's blocks (as large as

@@ -16,7 +16,7 @@ from summ.data import load_rows
 from summ.files import write_atomic, write_json
 from summ.published import dataset_family
 from summ.rouge import ROUGE_KEYS, aggregate, score_pairs, split_sentences
-from summ.run_lock import hold_run_folder
+from summ.run_lock import hold_run_output
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def evaluate_lead(cfg: RunConfig, run_dir: str | Path, k: int | None = None) -> 
         "rouge": aggregate(scores, n_resamples=cfg.eval.bootstrap_resamples, seed=cfg.train.seed),
     }
 
-    hold_run_folder(run_dir, "LEAD baseline")
+    hold_run_output(run_dir, LEAD_DIR, "LEAD baseline")
     out_dir = Path(run_dir) / LEAD_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "predictions.jsonl", "".join(

@@ -587,6 +587,39 @@ def test_a_second_writer_of_a_run_folder_is_refused_until_the_first_ends(tmp_pat
     assert (folder / "adapter").is_dir() and (folder / "metrics.json").is_file()
 
 
+EVALUATE = ("import sys, time\nfrom summ.run_lock import hold_run_output\n"
+            "hold_run_output(sys.argv[1], 'eval', 'evaluation')\nprint('held', flush=True)\ntime.sleep(120)")
+
+
+def test_evaluations_of_one_run_share_it_and_each_takes_its_own_subfolder(tmp_path):
+    """While another process evaluates a run into eval/, LEAD (lead/) scores beside it; a second
+    evaluation into eval/ and training into the run are refused, naming that evaluation."""
+    import subprocess
+
+    from summ.lead import evaluate_lead
+    from summ.run_lock import RunFolderBusy, hold_run_output
+
+    folder = tmp_path / "run"
+    cfg = tiny_config(folder)
+    evaluation = subprocess.Popen([sys.executable, "-c", EVALUATE, str(folder)], stdout=subprocess.PIPE, text=True,
+                                  cwd=REPO)
+    try:
+        assert evaluation.stdout.readline() == "held\n"
+        evaluate_lead(cfg, folder)
+        assert (folder / "lead" / "eval_metrics.json").is_file()
+        holder = rf"in use by evaluation pid {evaluation.pid} started [0-9-]+ [0-9:]+ .* \(`-c {re.escape(str(folder))}`\)"
+        with pytest.raises(RunFolderBusy, match=rf"^{re.escape(str((folder / 'eval').resolve()))}: {holder}; .* "
+                                                r"evaluation refused$"):
+            hold_run_output(folder, "eval", "evaluation")
+        with pytest.raises(RunFolderBusy, match=rf"^{re.escape(str(folder.resolve()))}: {holder}; .* training refused$"):
+            train(cfg)
+    finally:
+        evaluation.kill()
+        evaluation.wait()
+    train(cfg)  # the evaluation ended: the folder is free, and this process keeps what it held
+    assert (folder / "adapter").is_dir()
+
+
 def test_ctrl_c_outside_training_is_one_line_and_exit_130(finished_run, tmp_path, monkeypatch, capsys):
     import summ.lead
 

@@ -148,7 +148,7 @@ def test_two_trials_asha_stops_the_trailing_one_and_best_trains(tmp_path, ray_lo
     from summ import run_lock
 
     for held in [path for path in run_lock._held if path.startswith(str(out))]:
-        run_lock._held.pop(held).close()  # what the search's process ending does: its folders are free
+        run_lock._held.pop(held)[0].close()  # what the search's process ending does: its folders are free
     shutil.move(out, moved)
     restored = run_search(base_raw(moved), search, "cfg.json", resume=True)
     assert [(r["trial_id"], r["status"], r["steps"]) for r in restored["trials"]] == \
