@@ -64,7 +64,8 @@ def test_evaluate_lead_writes_predictions_and_metrics(tmp_path, arch, k, rows):
     assert metrics == {"baseline": f"lead-{k}", "k": k, "split": "validation", "generated_rows": rows,
                        "rows_skipped": {}, "rouge": aggregate(scores, n_resamples=200, seed=cfg.train.seed)}
     assert json.loads((tmp_path / "run" / "lead" / "eval_metrics.json").read_text()) == metrics
-    assert sorted(p.name for p in (tmp_path / "run" / "lead").iterdir()) == ["eval_metrics.json",
+    # .summ.lock: LEAD holds its subfolder while it writes (evaluations beside it write their own)
+    assert sorted(p.name for p in (tmp_path / "run" / "lead").iterdir()) == [".summ.lock", "eval_metrics.json",
                                                                             "predictions.jsonl"]
 
 
