@@ -251,3 +251,47 @@ def test_graph_shapes_counts_the_padding_of_graphed_steps(tmp_path):
     # The recipe's random 8-row steps each hold a row of 505+ tokens: one graph of 512 at either multiple.
     assert {key: r["graph_tokens"] < results[key]["graph_tokens"] for key, r in finer.items()} == \
         {("8", 2): True, ("8", 8): True, ("recipe", 2): True, ("recipe", 8): False}
+
+
+def _bench_json(folder: Path, command: str, speeds: dict) -> None:
+    folder.mkdir(parents=True)
+    env = {"device": "cpu", "torch": "t", "transformers": "tf", "peft": "p", "accelerate": "a", "bitsandbytes": "b",
+           "date": "d"}
+    runs = {runner: ({"error": "exit code 1"} if tps is None else {"non_pad_tokens_per_s": tps})
+            for runner, tps in speeds.items()}
+    (folder / "bench_train.json").write_text(json.dumps({"environment": env, "command": command,
+                                                         "models": {"phi2": runs}}))
+
+
+def test_before_after_table_shows_every_run_and_the_ratio_of_medians(tmp_path):
+    for i, (recipe, graphs) in enumerate([(100.0, 300.0), (120.0, None), (110.0, 330.0)], start=1):
+        _bench_json(tmp_path / f"before-{i}", "old cmd", {"recipe": recipe, "ours:graphs": graphs})
+    for i, recipe in enumerate([90.0, 80.0, 100.0], start=1):
+        _bench_json(tmp_path / f"after-{i}", "new cmd", {"recipe": recipe, "ours:graphs": 330.0})
+    table = _script("before_after_table").table(tmp_path)
+    assert table.splitlines()[1:] == [
+        "Before: `old cmd`", "After: `new cmd`", "",
+        "| model | runner | before tok/s, each run | after tok/s, each run | after / before (medians) |",
+        "|---|---|---|---|---|",
+        "| phi2 | recipe | 100, 120, 110 | 90, 80, 100 | 0.818 |",  # 90 / 110
+        "| phi2 | ours:graphs | 300, failed, 330 | 330, 330, 330 | 1.048 |"]  # 330 / median(300, 330)
+
+
+@pytest.mark.slow
+def test_before_after_runs_both_trees_in_turn_tiny(tmp_path):
+    """The script a refactor's speed check runs: an archive of the committed tree as "before"."""
+    archive = tmp_path / "before.tgz"
+    subprocess.run(["git", "archive", "--format=tar.gz", "-o", str(archive), "HEAD"], cwd=REPO, check=True)
+    out = tmp_path / "out"
+    env = {**os.environ, "REPEAT": "2", "PYTHON": sys.executable, "BEFORE_EXTRA": "model.gradient_checkpointing=false"}
+    done = subprocess.run(["bash", str(BENCH / "before_after.sh"), str(archive), str(out), "--", "--tiny", "--models",
+                           "tinyllama", "--runners", "recipe", "--steps", "1", "--warmup", "1", "--rows", "8",
+                           "--variant", "recipe:plain"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.stdout.splitlines()[:4] == ["before-1 rc=0", "after-1 rc=0", "before-2 rc=0", "after-2 rc=0"]
+    before = json.loads((out / "before-1" / "bench_train.json").read_text())
+    assert before["command"].endswith("--variant recipe:plain model.gradient_checkpointing=false --out "
+                                      f"{out / 'before-1'}")
+    rows = [line for line in (out / "before_after.md").read_text().splitlines() if line.startswith("| tinyllama")]
+    assert [row.split(" | ")[1] for row in rows] == ["recipe", "recipe:plain"]
