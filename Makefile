@@ -43,7 +43,7 @@ test: install
 
 # The multi-process and longer tests (data parallel on two CPU processes, refused launches, a two-process
 # scaling benchmark, the Ray Tune searches, compiled layers drawing eager dropout masks, a run stopped by a
-# real SIGTERM / SIGINT and resumed).
+# real SIGTERM / SIGINT and resumed, the before/after speed script at tiny size).
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow tests
 
