@@ -5,8 +5,8 @@ checkpoints into a folder that belongs to neither. Whatever writes a run folder 
 a search, a Ray trial) first takes an exclusive lock on `<folder>/.summ.lock`; a second command is
 refused at once with the holder's pid and start time. An evaluation or a LEAD baseline only reads the
 run and writes its own subfolder (eval/, zero_shot/, lead/, the name given): it shares the run
-folder with other evaluations and takes its subfolder alone, so several decodings of one run score
-side by side while training, and a second evaluation into the same subfolder, are refused. The
+folder with other evaluations and takes its subfolder alone: several decodings of one run score
+side by side, while training into it and a second evaluation into the same subfolder are refused. The
 operating system releases a lock when its process ends, however it ends, so a crash never leaves a
 stale lock. A process may take a folder it holds again (training's final evaluation, a resume in the
 same process).
