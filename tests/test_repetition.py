@@ -95,6 +95,16 @@ def test_ignore_case_classes_join_a_capitalised_word_and_its_lowercase_form():
     assert not torch.isinf(ban_repeated_ngrams(scores, generated, len(ids), 3)).any()
 
 
+def test_token_classes_are_computed_once_per_tokenizer():
+    """Every evaluation asks for the classes; decoding the whole vocabulary again would add up to a
+    second to each one. Another tokenizer gets its own."""
+    tok = AutoTokenizer.from_pretrained(TINY["phi"]["model"])
+    assert token_classes(tok, 51200) is token_classes(tok, 51200)
+    other = AutoTokenizer.from_pretrained(TINY["phi"]["model"])
+    assert token_classes(other, 51200) is not token_classes(tok, 51200)
+    assert token_classes(other, 51200) == token_classes(tok, 51200)
+
+
 def test_ignore_case_needs_the_summary_ban(tmp_path):
     with pytest.raises(ConfigError, match=r"^tiny: 'eval.no_repeat_ignore_case' must be false unless "
                                           r"eval.no_repeat_ngram_size > 0 with eval.repetition_scope 'summary', "
