@@ -85,7 +85,7 @@ def variant_config(args, model: str, dataset: str, variant: str):
     sets = list(MODELS[model]) + [
         f"data.dataset={data}", "data.train_split=train", "data.eval_split=validation",
         f"data.max_eval_rows={rows}", f"eval.generate_batch_size={args.batch_size}",
-        "eval.merge_adapter=false", "eval.no_repeat_ngram_size=0"] + VARIANTS[variant]
+        "eval.merge_adapter=false", "eval.no_repeat_ngram_size=0", "eval.no_repeat_ignore_case=false"] + VARIANTS[variant]
     if dataset == "xsum":  # the XSum jsonl files name the fields as the hub dataset does
         sets += ["data.article_field=document", "data.summary_field=summary", "data.id_field=id"]
     else:

@@ -83,7 +83,7 @@ train_run() {
 }
 
 decoding() {  # the --set options of one decoding; the repetition rules see the summary only unless named
-  local NR=(--set eval.no_repeat_ngram_size=3)
+  local NR=(--set eval.no_repeat_ngram_size=3 --set eval.no_repeat_ignore_case=false)  # by token ids, whatever the config ships
   case $1 in
     greedy) printf '%s\n' --set eval.no_repeat_ngram_size=0 ;;
     no-repeat-sequence) printf '%s\n' "${NR[@]}" --set eval.repetition_scope=sequence ;;

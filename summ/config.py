@@ -545,9 +545,11 @@ def validate(config: RunConfig, source: str = "<config>", origins: dict | None =
     if t.best_metric != "val/loss" and e.validation_rouge_rows == 0:
         fail("train.best_metric", "'val/loss' unless eval.validation_rouge_rows > 0 (ROUGE needs the summaries "
              "validation generates)")
-    if e.no_repeat_ignore_case and (e.no_repeat_ngram_size == 0 or e.repetition_scope != "summary"):
-        fail("eval.no_repeat_ignore_case", "false unless eval.no_repeat_ngram_size > 0 with eval.repetition_scope "
-             "'summary'")
+    # With the ban off the key has nothing to act on, so `--set eval.no_repeat_ngram_size=0` alone switches it off;
+    # transformers' processor (scope 'sequence') compares token ids only.
+    if e.no_repeat_ignore_case and e.no_repeat_ngram_size > 0 and e.repetition_scope != "summary":
+        fail("eval.no_repeat_ignore_case", "false with eval.repetition_scope 'sequence' (transformers' ban "
+             "compares token ids)")
     if e.min_new_tokens > e.max_new_tokens:
         fail("eval.min_new_tokens", f"<= eval.max_new_tokens ({e.max_new_tokens})")
     if len(set(log.trackers)) != len(log.trackers) or not set(log.trackers) <= set(TRACKERS):

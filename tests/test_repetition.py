@@ -7,6 +7,7 @@ from transformers import AutoTokenizer, NoRepeatNGramLogitsProcessor, Repetition
 
 from summ.config import ConfigError
 from summ.repetition import SummaryOnlyRepetition, ban_repeated_ngrams, penalize_repeated_tokens, token_classes
+from summ.summaries import ngram_classes
 from tests.conftest import TINY, tiny_config
 
 VOCAB = 12
@@ -106,7 +107,11 @@ def test_token_classes_are_computed_once_per_tokenizer():
 
 
 def test_ignore_case_needs_the_summary_ban(tmp_path):
-    with pytest.raises(ConfigError, match=r"^tiny: 'eval.no_repeat_ignore_case' must be false unless "
-                                          r"eval.no_repeat_ngram_size > 0 with eval.repetition_scope 'summary', "
-                                          r"got True$"):
-        tiny_config(tmp_path, eval={"no_repeat_ignore_case": True})
+    with pytest.raises(ConfigError, match=r"^tiny: 'eval.no_repeat_ignore_case' must be false with "
+                                          r"eval.repetition_scope 'sequence' \(transformers' ban compares token "
+                                          r"ids\), got True$"):
+        tiny_config(tmp_path, eval={"no_repeat_ignore_case": True, "no_repeat_ngram_size": 3,
+                                    "repetition_scope": "sequence"})
+    # The ban switched off: the key acts on nothing, so a config that ships it still turns the ban off with one key.
+    ev = tiny_config(tmp_path, eval={"no_repeat_ignore_case": True, "no_repeat_ngram_size": 0}).eval
+    assert ngram_classes(ev, model=None, tokenizer=None) is None
