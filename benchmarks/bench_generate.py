@@ -85,7 +85,8 @@ def variant_config(args, model: str, dataset: str, variant: str):
     sets = list(MODELS[model]) + [
         f"data.dataset={data}", "data.train_split=train", "data.eval_split=validation",
         f"data.max_eval_rows={rows}", f"eval.generate_batch_size={args.batch_size}",
-        "eval.merge_adapter=false", "eval.no_repeat_ngram_size=0", "eval.no_repeat_ignore_case=false"] + VARIANTS[variant]
+        "eval.merge_adapter=false", "eval.no_repeat_ngram_size=0",
+        "eval.no_repeat_ignore_case=false"] + VARIANTS[variant]
     if dataset == "xsum":  # the XSum jsonl files name the fields as the hub dataset does
         sets += ["data.article_field=document", "data.summary_field=summary", "data.id_field=id"]
     else:
@@ -148,7 +149,8 @@ def run(args, model_name: str, dataset: str, variant: str) -> dict:
             "dtype": str(dtype).replace("torch.", ""), "four_bit": four_bit,
             "dequantized_4bit": cfg.quant.enabled and not four_bit,
             "max_new_tokens": cfg.eval.max_new_tokens, "stop_strings": list(cfg.eval.stop_strings),
-            "no_repeat_ngram_size": cfg.eval.no_repeat_ngram_size, "no_repeat_ignore_case": cfg.eval.no_repeat_ignore_case,
+            "no_repeat_ngram_size": cfg.eval.no_repeat_ngram_size,
+            "no_repeat_ignore_case": cfg.eval.no_repeat_ignore_case,
             "cold": cold, "warm": warm, "second_pass_identical": sum(a == b for a, b in zip(generations, again)),
             "stop_reasons": {k: sum(g.stop_reason == k for g in generations) for k in ("eos", "stop_string",
                                                                                       "max_new_tokens")},
@@ -187,8 +189,8 @@ def main() -> int:
         model, dataset = pair.split(":")
         for variant in args.variants:
             four_bit_model = model != "smollm2"
-            if (variant in ("fast-merged", "fast-merged-no-repeat", "fast-merged-no-repeat-words", "beams-merged") and four_bit_model) or \
-                    (variant == "fast-dequant-merged" and not four_bit_model):
+            merged = variant in ("fast-merged", "fast-merged-no-repeat", "fast-merged-no-repeat-words", "beams-merged")
+            if (merged and four_bit_model) or (variant == "fast-dequant-merged" and not four_bit_model):
                 continue  # a 4-bit base merges only once dequantized; smollm2 is not 4-bit
             proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", model, dataset, variant],
                                   capture_output=True, text=True)
