@@ -189,8 +189,9 @@ def main() -> int:
         model, dataset = pair.split(":")
         for variant in args.variants:
             four_bit_model = model != "smollm2"
-            merged = variant in ("fast-merged", "fast-merged-no-repeat", "fast-merged-no-repeat-words", "beams-merged")
-            if (merged and four_bit_model) or (variant == "fast-dequant-merged" and not four_bit_model):
+            dequantizes = "eval.dequantize_for_generation=true" in VARIANTS[variant]
+            merges = "eval.merge_adapter=true" in VARIANTS[variant] and not dequantizes
+            if (merges and four_bit_model) or (dequantizes and not four_bit_model):
                 continue  # a 4-bit base merges only once dequantized; smollm2 is not 4-bit
             proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", model, dataset, variant],
                                   capture_output=True, text=True)
